@@ -1,0 +1,69 @@
+"""Shared test helpers: exactness assertions used by the op-rule, fuzz and zoo tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import torchslim as tp
+from torchslim.verify import random_selections
+
+
+def randomize_constant_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give zero- or constant-initialised tensors (heads, BN scales, layer scales) random values
+    so that a mapping error cannot hide behind a zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if not tensor.is_floating_point() or tensor.numel() < 2:
+                continue
+            if float(tensor.max() - tensor.min()) == 0.0:
+                noise = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype)
+                tensor.copy_(0.5 + noise if float(tensor.max()) > 0 else 0.1 * (noise - 0.5))
+            elif float(tensor.abs().max()) < 1e-4:
+                tensor.mul_(1e4)
+    return model
+
+
+def build(model: nn.Module, inputs: Any, **kwargs: Any) -> tp.DependencyGraph:
+    return tp.DependencyGraph().build_dependency(model.eval(), example_inputs=inputs, **kwargs)
+
+
+def assert_exact(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    ratio: float = 0.3,
+    min_groups: int = 1,
+    per_group: bool = True,
+    graph: Optional[tp.DependencyGraph] = None,
+) -> tp.DependencyGraph:
+    """Prune a random ``ratio`` of every prunable group and check the exactness guarantee:
+    every group without a channel-mixing op matches its zero-masked original; pruning all of
+    them together keeps the forward running with the original output shapes."""
+    graph = graph or build(model, inputs)
+    selections = random_selections(graph, ratio=ratio, seed=0)
+    assert len(selections) >= min_groups, f"only {len(selections)} prunable groups"
+    report = tp.verify(graph, inputs, selections, per_group=per_group)
+    assert report.ok, str(report)
+    pruned = copy.deepcopy(graph)
+    reference_shapes = [t.shape for t in _outputs(graph.model, inputs)]
+    for group, idxs in selections:
+        pruned.group_like(group).prune(idxs)
+    assert [t.shape for t in _outputs(pruned.model, inputs)] == reference_shapes
+    return graph
+
+
+def _outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    from torchslim.graph.capture import iter_tensors
+
+    with torch.no_grad():
+        out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    return list(iter_tensors(out))
+
+
+def group_sizes(graph: tp.DependencyGraph) -> list[int]:
+    return sorted(g.size for g in graph.get_all_groups(root_module_types=(nn.Module,)))

@@ -1,0 +1,34 @@
+"""torchslim: structural and unstructured pruning for PyTorch, on an exact dependency graph.
+
+``import torchslim as tp`` gives the familiar API: ``tp.DependencyGraph``, ``tp.prune_*``
+functions, ``tp.strategy``, ``tp.utils.count_ops_and_params`` and ``tp.verify``.
+"""
+
+from torchslim import graph, ops, pruning, strategy, utils
+from torchslim.graph.dependency import Dependency, DependencyGraph, Group, GroupItem, Node
+from torchslim.ops import register_rule, rule_for
+from torchslim.pruning.functions import *  # noqa: F403
+from torchslim.pruning.functions import BasePruningFunc, register_pruner
+from torchslim.verify import VerifyReport, random_selections, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasePruningFunc",
+    "Dependency",
+    "DependencyGraph",
+    "Group",
+    "GroupItem",
+    "Node",
+    "VerifyReport",
+    "graph",
+    "ops",
+    "pruning",
+    "random_selections",
+    "register_pruner",
+    "register_rule",
+    "rule_for",
+    "strategy",
+    "utils",
+    "verify",
+]

@@ -1,0 +1,185 @@
+"""Turning a finished trace into coupled groups.
+
+After the forward pass every parameter dimension is expanded into terms of primitive atom
+classes. Classes that were created together or coupled position by position form a *coupling*
+(one union-find component over atom families): removing class ``i`` of a coupling removes, in
+every parameter dim, each position whose term contains ``i``. Deferred size checks are
+evaluated here by perturbation: each tracked int argument is re-evaluated with a few classes of
+each coupling removed and compared with the size the layouts predict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from torchslim.graph.atoms import NO_ATOM, AtomTable
+from torchslim.graph.capture import TensorRef, TraceState
+from torchslim.graph.layout import DimLayout
+from torchslim.graph.symbolic import evaluate, symbols
+
+
+@dataclass
+class ParamDim:
+    """One dimension of one parameter or buffer, with the class term of each position."""
+
+    ref: TensorRef
+    dim: int
+    terms: np.ndarray  # [n, p] class roots, NO_ATOM padded
+
+    @property
+    def label(self) -> str:
+        return f"{self.ref.qualified}[dim {self.dim}]"
+
+    def positions_of(self, classes: np.ndarray) -> np.ndarray:
+        """Positions removed when ``classes`` are removed."""
+        if self.terms.shape[1] == 0 or classes.size == 0:
+            return np.zeros(0, np.int64)
+        return np.nonzero(np.isin(self.terms, classes).any(axis=1))[0]
+
+
+@dataclass
+class Coupling:
+    """A set of atom classes that index the same channels across many layers."""
+
+    id: int
+    classes: list[int] = field(default_factory=list)
+    members: list[ParamDim] = field(default_factory=list)
+    frozen: dict[int, str] = field(default_factory=dict)
+    mixing: set[str] = field(default_factory=set)
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class Analysis:
+    """Couplings, their members and their frozen classes, computed once after tracing."""
+
+    def __init__(self, state: TraceState) -> None:
+        self.table: AtomTable = state.table
+        table = self.table
+        n = len(table)
+        roots = table.roots(np.arange(n, dtype=np.int64)) if n else np.zeros(0, np.int64)
+        defined = np.array(sorted(table.definition), dtype=np.int64)
+        primitive = ~np.isin(roots, defined)
+        families = np.asarray(table.family_of, dtype=np.int64)
+        links = _UnionFind(len(table.families))
+        if n:
+            pairs = np.unique(
+                np.stack([families[primitive], families[roots[primitive]]], axis=1), axis=0
+            )
+            for a, b in pairs:
+                links.union(int(a), int(b))
+        self._coupling_of_family = np.array(
+            [links.find(f) for f in range(len(table.families))], np.int64
+        )
+        self._expanded: dict[int, np.ndarray] = {}
+        self.param_dims: list[ParamDim] = []
+        for tensor_id, layout in state.param_layouts.items():
+            ref = state.refs[tensor_id]
+            for d, dim in enumerate(layout):
+                self.param_dims.append(ParamDim(ref, d, self.expand(dim)))
+        self._evaluate_checks(state)
+        self.couplings = self._collect()
+        self._expanded.clear()
+
+    def expand(self, dim: DimLayout) -> np.ndarray:
+        cached = self._expanded.get(id(dim))
+        if cached is None:
+            cached = self.table.expand_rows(dim.atoms)
+            self._expanded[id(dim)] = cached
+        return cached
+
+    def coupling_of(self, cls: int) -> int:
+        return int(self._coupling_of_family[self.table.family_of[cls]])
+
+    def _classes_by_coupling(self, terms: list[np.ndarray]) -> dict[int, np.ndarray]:
+        present = np.unique(np.concatenate([t.reshape(-1) for t in terms]))
+        present = present[present != NO_ATOM]
+        owners = self._coupling_of_family[self.table.family_of[present]]
+        return {int(k): present[owners == k] for k in np.unique(owners)}
+
+    def _evaluate_checks(self, state: TraceState) -> None:
+        """Freeze couplings whose removal would make a tracked size argument wrong."""
+        for check in state.checks:
+            target = self.table.expand_rows(check.atoms)
+            keys: list[DimLayout] = symbols(check.expr)
+            sym_terms = {id(k): self.expand(k) for k in keys}
+            involved = self._classes_by_coupling([target, *sym_terms.values()])
+            for coupling, classes in involved.items():
+                for removed in _perturbations(classes):
+                    expected = _surviving(target, removed)
+                    sizes = {key: _surviving(terms, removed) for key, terms in sym_terms.items()}
+                    got = evaluate(check.expr, lambda k, sizes=sizes: sizes[id(k)])
+                    if got != expected:
+                        reason = (
+                            f"size argument {got} != {expected} after pruning, in {check.where}"
+                        )
+                        self._freeze_coupling(coupling, reason)
+                        break
+
+    def _freeze_coupling(self, coupling: int, reason: str) -> None:
+        members = np.nonzero(self._coupling_of_family[self.table.family_of] == coupling)[0]
+        self.table.freeze_many(members, reason)
+
+    def _collect(self) -> dict[int, Coupling]:
+        couplings: dict[int, Coupling] = {}
+        seen: dict[int, set[int]] = {}
+        for member in self.param_dims:
+            for coupling, classes in self._classes_by_coupling([member.terms]).items():
+                entry = couplings.setdefault(coupling, Coupling(coupling))
+                entry.members.append(member)
+                known = seen.setdefault(coupling, set())
+                order = _first_appearance(member.terms, classes)
+                entry.classes.extend(c for c in order if c not in known)
+                known.update(order)
+        for entry in couplings.values():
+            for cls in entry.classes:
+                root = self.table.find(cls)
+                if root in self.table.frozen:
+                    entry.frozen[cls] = self.table.frozen[root]
+                entry.mixing.update(self.table.mixing.get(root, ()))
+        return couplings
+
+
+def _first_appearance(terms: np.ndarray, classes: np.ndarray) -> list[int]:
+    flat = terms.reshape(-1)
+    mask = np.isin(flat, classes)
+    values = flat[mask]
+    _, first = np.unique(values, return_index=True)
+    return [int(values[i]) for i in sorted(first)]
+
+
+def _perturbations(classes: np.ndarray) -> list[np.ndarray]:
+    if classes.size <= 1:
+        return [classes]
+    return [classes[:1], classes[-1:], classes[::2]]
+
+
+def _surviving(terms: np.ndarray, removed: np.ndarray) -> int:
+    if terms.shape[1] == 0:
+        return terms.shape[0]
+    return int(terms.shape[0] - np.isin(terms, removed).any(axis=1).sum())
+
+
+def frozen_reason(coupling: Coupling, classes: Optional[list[int]] = None) -> Optional[str]:
+    """The first reason why any of ``classes`` (default: all) cannot be removed."""
+    for cls in classes if classes is not None else coupling.classes:
+        if cls in coupling.frozen:
+            return coupling.frozen[cls]
+    return None

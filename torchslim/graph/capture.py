@@ -1,0 +1,282 @@
+"""Recording one forward pass: every torch call, with exact arguments and the module running it.
+
+A :class:`torch.overrides.TorchFunctionMode` sees ``F.conv2d``, ``torch.cat(dim=-1)`` and
+``x.view(...)`` with their real arguments, needs no autograd, and works unchanged on ``meta`` and
+fake tensors. Module pre/post hooks keep the stack of modules executing, so every op knows where
+it was called. Each call is handed to its op rule (see :mod:`torchslim.ops`) right away, which
+updates the dimension layouts; calls with no rule freeze everything they touch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from torchslim.graph.atoms import AtomTable
+from torchslim.graph.layout import DimLayout, TensorLayout, opaque, unify
+from torchslim.graph.symbolic import TrackedInt, TrackedShape, expr_of, is_literal
+
+_PASSTHROUGH = {
+    torch.Tensor.dim,
+    torch.Tensor.ndimension,
+    torch.Tensor.numel,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
+    torch.Tensor.element_size,
+    torch.Tensor.get_device,
+    torch.Tensor.__format__,
+    torch.Tensor.__repr__,
+    torch.Tensor.__hash__,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.data_ptr,
+    torch.Tensor.is_contiguous,
+    torch.Tensor.stride,
+    torch.Tensor.storage_offset,
+    torch.Tensor.untyped_storage,
+    torch.Tensor.__array__,
+    torch.is_tensor,
+    torch.is_floating_point,
+    torch.numel,
+    torch.Tensor.__reduce_ex__,
+    torch.Tensor.__deepcopy__,
+}
+_PROPERTY_PASSTHROUGH = {
+    "dtype",
+    "device",
+    "is_cuda",
+    "is_meta",
+    "is_sparse",
+    "is_quantized",
+    "requires_grad",
+    "ndim",
+    "layout",
+    "is_leaf",
+    "grad_fn",
+    "names",
+    "is_nested",
+    "itemsize",
+    "nbytes",
+}
+
+
+@dataclass
+class TensorRef:
+    """A parameter or buffer of the model, by owner and attribute name."""
+
+    module_name: str
+    module: nn.Module
+    name: str
+    tensor: torch.Tensor
+    is_buffer: bool
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.module_name}.{self.name}" if self.module_name else self.name
+
+
+@dataclass
+class SizeCheck:
+    """An int argument that must keep matching the surviving size of some positions."""
+
+    expr: Any
+    atoms: np.ndarray
+    where: str
+
+
+@dataclass
+class Unsupported:
+    """An op with no rule: what it was, where it ran, and how many tensors it touched."""
+
+    op: str
+    module: str
+
+
+@dataclass
+class TraceState:
+    """Everything the rules build while the forward runs."""
+
+    model: nn.Module
+    table: AtomTable = field(default_factory=AtomTable)
+    layouts: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    refs: dict[int, TensorRef] = field(default_factory=dict)
+    param_layouts: dict[int, TensorLayout] = field(default_factory=dict)
+    module_stack: list[str] = field(default_factory=list)
+    checks: list[SizeCheck] = field(default_factory=list)
+    unsupported: list[Unsupported] = field(default_factory=list)
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        for module_name, module in self.model.named_modules(remove_duplicate=False):
+            for name, tensor in module.named_parameters(recurse=False):
+                self.refs.setdefault(
+                    id(tensor), TensorRef(module_name, module, name, tensor, False)
+                )
+            for name, tensor in module.named_buffers(recurse=False):
+                if tensor is not None:
+                    self.refs.setdefault(
+                        id(tensor), TensorRef(module_name, module, name, tensor, True)
+                    )
+
+    @property
+    def module_path(self) -> str:
+        return self.module_stack[-1] if self.module_stack else "<model>"
+
+    def layout(self, tensor: torch.Tensor) -> TensorLayout:
+        """The layout of a tensor, creating one for parameters and unknown constants."""
+        known = self.layouts.get(tensor)
+        if known is not None:
+            return known
+        ref = self.refs.get(id(tensor))
+        if ref is not None and ref.tensor is tensor:
+            layout = self.param_layouts.get(id(tensor))
+            if layout is None:
+                layout = [
+                    DimLayout(
+                        self.table.new_family(size, "param", f"{ref.qualified} dim {d}")[:, None]
+                    )
+                    for d, size in enumerate(tensor.shape)
+                ]
+                self.param_layouts[id(tensor)] = layout
+            return layout
+        reason = f"a tensor constant used in {self.module_path}"
+        layout = [opaque(size, reason) for size in tensor.shape]
+        self.layouts[tensor] = layout
+        return layout
+
+    def set_layout(self, tensor: torch.Tensor, layout: TensorLayout) -> None:
+        if len(layout) != tensor.dim():
+            raise AssertionError(f"layout rank {len(layout)} != tensor rank {tensor.dim()}")
+        for dim, size in zip(layout, tensor.shape):
+            if dim.size != size:
+                raise AssertionError(f"layout size {dim.size} != tensor size {size}")
+        if id(tensor) in self.param_layouts:
+            for mine, theirs in zip(self.param_layouts[id(tensor)], layout):
+                unify(self.table, mine, theirs, "an in-place update of a parameter")
+            return
+        self.layouts[tensor] = layout
+
+    def tracked_sizes(self, tensor: torch.Tensor) -> TrackedShape:
+        layout = self.layout(tensor)
+        return TrackedShape(
+            TrackedInt(size, ("dim", dim)) for size, dim in zip(tensor.shape, layout)
+        )
+
+    def require_size(self, value: Any, atoms: np.ndarray, where: str) -> None:
+        """Record that ``value`` must equal the number of surviving rows of ``atoms``."""
+        if atoms.shape[1] == 0:
+            return
+        if is_literal(value):
+            self.table.freeze_many(atoms, f"hard-coded size {int(value)} in {where}")
+        else:
+            self.checks.append(SizeCheck(expr_of(value), atoms, where))
+
+
+def iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested tuples, lists, dicts and dataclass-like outputs."""
+    if _depth > 20:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from iter_tensors(value, _depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from iter_tensors(value, _depth + 1)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for name in obj.__dataclass_fields__:
+            yield from iter_tensors(getattr(obj, name, None), _depth + 1)
+
+
+class Recorder(TorchFunctionMode):
+    """Hands every torch call made during the forward to its op rule."""
+
+    def __init__(self, state: TraceState, lookup: Callable[[Any], Optional[Callable]]) -> None:
+        super().__init__()
+        self.state = state
+        self.lookup = lookup
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        owner = getattr(func, "__self__", None)
+        if owner is torch._C.TensorBase.shape or func in (torch.Tensor.size, torch.Tensor.__len__):
+            return self._sizes(func, args)
+        if func in _PASSTHROUGH or getattr(owner, "__name__", None) in _PROPERTY_PASSTHROUGH:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.state.calls += 1
+        from torchslim.ops.registry import OpContext, apply_rule
+
+        apply_rule(OpContext(self.state, func, args, kwargs, out), self.lookup(func))
+        return out
+
+    def _sizes(self, func, args):
+        sizes = self.state.tracked_sizes(args[0])
+        if func is torch.Tensor.__len__:
+            return sizes[0]
+        if func is torch.Tensor.size and len(args) > 1:
+            return sizes[args[1]]
+        return sizes
+
+
+def _module_hooks(model: nn.Module, stack: list[str]) -> list[Any]:
+    handles = []
+    for name, module in model.named_modules():
+
+        def pre(_module, _args, name=name):
+            stack.append(name or "<model>")
+
+        def post(_module, _args, _out):
+            stack.pop()
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post, always_call=True))
+    return handles
+
+
+def run_traced(
+    state: TraceState,
+    lookup: Callable[[Any], Optional[Callable]],
+    call: Callable[[], Any],
+    training: bool = False,
+) -> Any:
+    """Run ``call()`` (the forward) under the recorder without autograd.
+
+    The model's train/eval flags, its buffers (BatchNorm statistics move in train mode) and the
+    global RNG state are restored afterwards, so tracing leaves no trace on the model.
+    """
+    model = state.model
+    modes = {m: m.training for m in model.modules()}
+    saved = {
+        name: buffer.clone()
+        for name, buffer in model.named_buffers()
+        if training and buffer is not None and buffer.device.type != "meta"
+    }
+    rng = torch.random.get_rng_state()
+    handles = _module_hooks(model, state.module_stack)
+    try:
+        model.train(training)
+        with torch.no_grad(), Recorder(state, lookup):
+            return call()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])
+        torch.random.set_rng_state(rng)
+        state.module_stack.clear()

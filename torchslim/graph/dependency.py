@@ -1,0 +1,509 @@
+"""The public dependency graph: build it from one forward pass, get coupled groups, prune them.
+
+The API follows the one users know (``DependencyGraph().build_dependency``,
+``get_pruning_group``, ``get_all_groups``, ``Group.prune``, iteration as ``(dep, idxs)``); the
+groups underneath come from the exact index-space analysis in :mod:`.analysis`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.graph.analysis import Analysis, Coupling, ParamDim
+from torchslim.graph.capture import TraceState, Unsupported, iter_tensors, run_traced
+from torchslim.graph.layout import opaque
+from torchslim.ops import lookup
+from torchslim.pruning import functions as F
+from torchslim.pruning.functions import BasePruningFunc
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A module of the model, named by its qualified path."""
+
+    module: nn.Module
+    name: str
+
+    def __str__(self) -> str:
+        return self.name or "<model>"
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """Pruning ``source`` triggers ``handler`` on ``target`` (on the positions given with it)."""
+
+    trigger: Callable
+    handler: Callable
+    source: Node
+    target: Node
+
+    def __call__(self, idxs: Sequence[int]) -> Any:
+        return self.handler(self.target.module, idxs)
+
+    def __str__(self) -> str:
+        return (
+            f"{_fn_name(self.trigger)} on {self.source} => {_fn_name(self.handler)} on "
+            f"{self.target} ({type(self.target.module).__name__})"
+        )
+
+
+def _fn_name(fn: Callable) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+@dataclass
+class GroupItem:
+    """One dependency of a group with the positions it removes there."""
+
+    dep: Dependency
+    idxs: list[int]
+    root_idxs: list[int]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.dep, self.idxs))
+
+
+class Group:
+    """A set of coupled channels across layers, with the indices to remove from each.
+
+    ``idxs`` index the group's channels: for a plain layer these are its output channels; for a
+    dim built from factors (attention heads, channel-shuffle groups) one index is one factor
+    value. Iterating yields ``(dep, idxs)`` pairs with positions in each layer's own dim.
+    """
+
+    def __init__(self, graph: DependencyGraph, coupling: Coupling, root: ParamDim, idxs: list[int]):
+        self._graph = graph
+        self.coupling = coupling
+        self.root = root
+        self.idxs = sorted(set(int(i) for i in idxs))
+        self._items: Optional[list[GroupItem]] = None
+
+    @property
+    def size(self) -> int:
+        """Number of channels (index values) in the whole group."""
+        return len(self._graph._live_classes(self.coupling))
+
+    @property
+    def items(self) -> list[GroupItem]:
+        if self._items is None:
+            self._items = self._graph._items(self.coupling, self.root, self.idxs)
+        return self._items
+
+    def __iter__(self) -> Iterator[GroupItem]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> GroupItem:
+        return self.items[k]
+
+    @property
+    def mixing(self) -> set[str]:
+        """Reasons why pruning this group is not exactly equivalent (normalisations...)."""
+        return set(self.coupling.mixing)
+
+    @property
+    def prunable_idxs(self) -> list[int]:
+        """Group indices that may be removed (not frozen by an op, input or output)."""
+        classes = self._graph._live_classes(self.coupling)
+        return [i for i, c in enumerate(classes) if c not in self.coupling.frozen]
+
+    def refusal(self, idxs: Optional[Sequence[int]] = None) -> Optional[str]:
+        """Why these indices cannot be removed, or ``None`` if they can."""
+        return self._graph._refusal(self.coupling, self.idxs if idxs is None else idxs)
+
+    def prune(self, idxs: Optional[Sequence[int]] = None, record_history: bool = True) -> None:
+        """Remove ``idxs`` (default: the indices the group was created with) everywhere."""
+        if idxs is not None:
+            self.idxs = sorted(set(int(i) for i in idxs))
+            self._items = None
+        self._graph._prune(self)
+
+    def removed_positions(self, idxs: Sequence[int]) -> list[tuple[ParamDim, np.ndarray]]:
+        """For every coupled parameter dim, the positions removing ``idxs`` would delete."""
+        live = self._graph._live_classes(self.coupling)
+        removed = np.array([live[i] for i in idxs], np.int64)
+        found = [(m, m.positions_of(removed)) for m in self.coupling.members]
+        return [(m, p) for m, p in found if p.size]
+
+    def has_dep(self, dep: Dependency) -> bool:
+        return any(item.dep == dep for item in self.items)
+
+    def has_pruning_op(self, dep: Dependency, idxs: Sequence[int]) -> bool:
+        return any(item.dep == dep and set(idxs) <= set(item.idxs) for item in self.items)
+
+    def details(self) -> str:
+        lines = ["-" * 32, " " * 10 + "Pruning Group", "-" * 32]
+        for k, item in enumerate(self.items):
+            tag = " (Pruning Root)" if k == 0 else ""
+            lines.append(f"[{k}] {item.dep}, idxs ({len(item.idxs)})={item.idxs}{tag}")
+        if self.mixing:
+            lines.append("not exactly equivalent: " + "; ".join(sorted(self.mixing)))
+        lines.append("-" * 32)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.details()
+
+    exec = prune
+
+
+PruningPlan = Group
+
+
+class DependencyGraph:
+    """Which parameters of a model are coupled, found from one traced forward pass."""
+
+    def __init__(self) -> None:
+        self.model: Optional[nn.Module] = None
+        self.analysis: Optional[Analysis] = None
+        self.customized_pruners: dict[Any, BasePruningFunc] = {}
+        self.ignored_params: list[nn.Parameter] = []
+        self._removed: dict[int, set[int]] = {}
+        self._unsupported: list[Unsupported] = []
+        self._calls = 0
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------------- building
+
+    def build_dependency(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        forward_fn: Optional[ForwardFn] = None,
+        output_transform: Optional[Callable[[Any], Any]] = None,
+        unwrapped_parameters: Any = None,
+        customized_pruners: Optional[dict[Any, BasePruningFunc]] = None,
+        ignored_params: Optional[Iterable[nn.Parameter]] = None,
+        verbose: bool = True,
+        trace_train_mode: bool = True,
+    ) -> DependencyGraph:
+        """Trace ``model`` on ``example_inputs`` and compute its coupled groups.
+
+        The forward runs in eval mode, then (``trace_train_mode``) once more in train mode so
+        branches that only run while training (auxiliary heads) are coupled too; a train-mode
+        forward that fails (e.g. a detector that wants targets) is skipped and noted.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.customized_pruners = dict(customized_pruners or {})
+        self.ignored_params = list(ignored_params or [])
+        state = TraceState(model)
+        inputs = list(iter_tensors(example_inputs))
+        if not inputs:
+            raise ValueError("example_inputs must contain at least one tensor")
+        for tensor in inputs:
+            state.layouts[tensor] = [opaque(s, "a model input") for s in tensor.shape]
+
+        def call() -> Any:
+            if forward_fn is not None:
+                return forward_fn(model, example_inputs)
+            if isinstance(example_inputs, dict):
+                return model(**example_inputs)
+            if isinstance(example_inputs, (tuple, list)):
+                return model(*example_inputs)
+            return model(example_inputs)
+
+        try:
+            outputs = run_traced(state, lookup, call)
+        except Exception as error:
+            raise RuntimeError(
+                f"the model's forward failed on the example inputs while tracing: {error}"
+            ) from error
+        self._freeze_outputs(state, outputs, output_transform)
+        self.notes = []
+        if trace_train_mode:
+            try:
+                outputs = run_traced(state, lookup, call, training=True)
+                self._freeze_outputs(state, outputs, output_transform)
+            except Exception as error:
+                self.notes.append(f"train-mode forward skipped: {type(error).__name__}: {error}")
+        self._unsupported = state.unsupported
+        self._calls = state.calls
+        self.analysis = Analysis(state)
+        self._removed = {}
+        return self
+
+    @staticmethod
+    def _freeze_outputs(state: TraceState, outputs: Any, transform: Optional[Callable]) -> None:
+        if transform is not None:
+            outputs = transform(outputs)
+        for tensor in iter_tensors(outputs):
+            for dim in state.layout(tensor):
+                state.table.freeze_many(dim.atoms, "a model output")
+
+    @property
+    def calls(self) -> int:
+        """Number of torch calls recorded while tracing."""
+        return self._calls
+
+    def unsupported(self) -> list[Unsupported]:
+        """Ops met while tracing that have no rule (the channels they touch are frozen)."""
+        unique: dict[tuple[str, str], Unsupported] = {}
+        for entry in self._unsupported:
+            unique.setdefault((entry.op, entry.module), entry)
+        return list(unique.values())
+
+    def _require(self) -> Analysis:
+        if self.analysis is None:
+            raise RuntimeError("call build_dependency(model, example_inputs) first")
+        return self.analysis
+
+    # ------------------------------------------------------------------------ handlers
+
+    def get_pruner_of_module(self, module: nn.Module) -> Optional[BasePruningFunc]:
+        custom = self.customized_pruners.get(module) or self.customized_pruners.get(type(module))
+        return custom or F.get_pruner(module)
+
+    def _handler(self, member: ParamDim) -> tuple[Optional[Callable], Optional[str]]:
+        """The pruning function for a parameter dim, and its role ("out"/"in"/"param")."""
+        module = member.ref.module
+        pruner = self.get_pruner_of_module(module)
+        if pruner is None:
+            return _ParameterHandler(member.ref.name, member.dim), "param"
+        role = pruner.param_roles(module).get((member.ref.name, member.dim))
+        if role == "out":
+            return pruner.prune_out_channels, role
+        if role == "in":
+            return pruner.prune_in_channels, role
+        return None, None
+
+    # -------------------------------------------------------------------------- groups
+
+    def _live_classes(self, coupling: Coupling) -> list[int]:
+        removed = self._removed.get(coupling.id, set())
+        return [c for c in coupling.classes if c not in removed]
+
+    def _members(self, module: nn.Module, role: Optional[str]) -> list[ParamDim]:
+        analysis = self._require()
+        found = []
+        for member in analysis.param_dims:
+            if member.ref.module is module and member.terms.shape[1] > 0:
+                _, member_role = self._handler(member)
+                if role is None or member_role == role:
+                    found.append(member)
+        return found
+
+    def _couplings_of(self, member: ParamDim) -> list[Coupling]:
+        analysis = self._require()
+        ids = []
+        for cls in np.unique(member.terms):
+            if cls >= 0:
+                cid = analysis.coupling_of(int(cls))
+                if cid not in ids:
+                    ids.append(cid)
+        return [analysis.couplings[c] for c in ids if c in analysis.couplings]
+
+    def get_pruning_group(
+        self, module: nn.Module, pruning_fn: Callable, idxs: Sequence[int]
+    ) -> Group:
+        """The group that removing channels ``idxs`` of ``module`` (via ``pruning_fn``) triggers."""
+        role = "out" if self.is_out_channel_pruning_fn(pruning_fn) else "in"
+        members = self._members(module, role) or self._members(module, None)
+        if not members:
+            raise ValueError(
+                f"{type(module).__name__} is not a traced layer with prunable channels"
+            )
+        root = members[0]
+        idxs = _as_index_list(idxs)
+        if any(i < 0 or i >= root.terms.shape[0] for i in idxs):
+            raise ValueError(
+                f"indices {idxs} out of range for {root.label} of size {root.terms.shape[0]}"
+            )
+        rows = root.terms[idxs]
+        classes = np.unique(rows[rows >= 0])
+        candidates = self._couplings_of(root)
+        by_coupling = {c.id: [k for k in classes if k in set(c.classes)] for c in candidates}
+        chosen = [c for c in candidates if by_coupling[c.id]]
+        prunable = [c for c in chosen if not any(k in c.frozen for k in by_coupling[c.id])]
+        coupling = (prunable or chosen or candidates)[0]
+        live = self._live_classes(coupling)
+        selected = [live.index(k) for k in by_coupling.get(coupling.id, []) if k in live]
+        return Group(self, coupling, root, selected)
+
+    get_pruning_plan = get_pruning_group
+
+    def get_all_groups(
+        self,
+        ignored_layers: Iterable[nn.Module] = (),
+        root_module_types: Sequence[type] = (nn.modules.conv._ConvNd, nn.Linear),
+    ) -> Iterator[Group]:
+        """Each prunable group once, rooted at the first layer of ``root_module_types``."""
+        self._require()
+        ignored = {id(m) for m in ignored_layers}
+        visited: set[int] = set()
+        for _, module in self.model.named_modules():
+            if not isinstance(module, tuple(root_module_types)) or id(module) in ignored:
+                continue
+            for root in self._members(module, "out"):
+                for coupling in self._couplings_of(root):
+                    if coupling.id in visited:
+                        continue
+                    visited.add(coupling.id)
+                    if self._touches_ignored_out(coupling, ignored):
+                        continue
+                    live = self._live_classes(coupling)
+                    group = Group(self, coupling, root, list(range(len(live))))
+                    if group.prunable_idxs and self._structural_refusal(coupling) is None:
+                        yield group
+
+    def _touches_ignored_out(self, coupling: Coupling, ignored: set[int]) -> bool:
+        for member in coupling.members:
+            if id(member.ref.module) in ignored and self._handler(member)[1] == "out":
+                return True
+        return False
+
+    def all_groups(self) -> list[Group]:
+        """Every coupling with at least one prunable dependency, prunable or refused."""
+        analysis = self._require()
+        groups = []
+        for coupling in analysis.couplings.values():
+            handled = [m for m in coupling.members if self._handler(m)[1] is not None]
+            if handled:
+                root = next((m for m in handled if self._handler(m)[1] == "out"), handled[0])
+                groups.append(Group(self, coupling, root, []))
+        return groups
+
+    def group_like(self, group: Group) -> Group:
+        """The same group in this graph (e.g. a deep copy of the graph ``group`` came from)."""
+        analysis = self._require()
+        coupling = analysis.couplings[group.coupling.id]
+        root = next(m for m in coupling.members if m.label == group.root.label)
+        return Group(self, coupling, root, group.idxs)
+
+    # ------------------------------------------------------------------------- checking
+
+    def _structural_refusal(self, coupling: Coupling) -> Optional[str]:
+        """Why no index of this group can be pruned, whatever the indices."""
+        for member in coupling.members:
+            handler, _ = self._handler(member)
+            if handler is None:
+                return f"{member.label} has no pruning function"
+        return None
+
+    def _refusal(self, coupling: Coupling, idxs: Sequence[int]) -> Optional[str]:
+        live = self._live_classes(coupling)
+        for i in idxs:
+            if not 0 <= i < len(live):
+                return f"index {i} out of range for a group of {len(live)} channels"
+            if live[i] in coupling.frozen:
+                return coupling.frozen[live[i]]
+        structural = self._structural_refusal(coupling)
+        if structural is not None:
+            return structural
+        removed = np.array([live[i] for i in idxs], np.int64)
+        for member in coupling.members:
+            n = member.terms.shape[0]
+            if n and member.positions_of(removed).size >= n:
+                return f"pruning would remove every channel of {member.label}"
+        return None
+
+    def check_pruning_group(self, group: Group) -> bool:
+        """True if the group can be pruned: nothing frozen, and no layer left empty."""
+        return group.refusal() is None
+
+    @staticmethod
+    def is_out_channel_pruning_fn(fn: Callable) -> bool:
+        name = _fn_name(getattr(fn, "__func__", fn))
+        return "out" in name or name in ("prune_conv", "prune_linear", "prune_batchnorm")
+
+    # -------------------------------------------------------------------------- pruning
+
+    def _items(self, coupling: Coupling, root: ParamDim, idxs: Sequence[int]) -> list[GroupItem]:
+        live = self._live_classes(coupling)
+        removed = np.array([live[i] for i in idxs if 0 <= i < len(live)], np.int64)
+        index_of = {c: i for i, c in enumerate(live)}
+        by_dep: dict[Dependency, GroupItem] = {}
+        source = Node(root.ref.module, root.ref.module_name)
+        root_handler, _ = self._handler(root)
+        ordered = [root] + [m for m in coupling.members if m is not root]
+        for member in ordered:
+            handler, _ = self._handler(member)
+            if handler is None:
+                continue
+            positions = _role_positions(member, member.positions_of(removed))
+            target = Node(member.ref.module, member.ref.module_name)
+            dep = Dependency(root_handler or handler, handler, source, target)
+            if dep in by_dep:
+                continue
+            rows = member.terms[member.positions_of(removed)]
+            root_idxs = [index_of.get(int(next(iter(r[r >= 0]), -1)), -1) for r in rows]
+            by_dep[dep] = GroupItem(dep, [int(p) for p in positions], root_idxs)
+        return list(by_dep.values())
+
+    def _prune(self, group: Group) -> None:
+        reason = group.refusal()
+        if reason is not None:
+            raise ValueError(f"cannot prune this group: {reason}")
+        live = self._live_classes(group.coupling)
+        removed = np.array([live[i] for i in group.idxs], np.int64)
+        for item in group.items:
+            if item.idxs:
+                item.dep(item.idxs)
+        self._drop_classes(removed)
+        self._removed.setdefault(group.coupling.id, set()).update(int(c) for c in removed)
+        group._items = None
+
+    def _drop_classes(self, removed: np.ndarray) -> None:
+        """Keep every member's terms in step with the pruned tensors."""
+        for member in self._require().param_dims:
+            gone = member.positions_of(removed)
+            if gone.size:
+                member.terms = np.delete(member.terms, gone, axis=0)
+
+
+class _ParameterHandler:
+    """Prunes one dim of a parameter that no layer-specific function knows about."""
+
+    def __init__(self, name: str, dim: int) -> None:
+        self.name = name
+        self.dim = dim
+        self.__name__ = "prune_parameter_out_channels"
+
+    def __call__(self, module: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        tensor = getattr(module, self.name)
+        keep = sorted(set(range(tensor.shape[self.dim])) - set(int(i) for i in idxs))
+        F.slice_parameter(module, self.name, self.dim, keep)
+        return module
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ParameterHandler) and (self.name, self.dim) == (
+            other.name,
+            other.dim,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.dim))
+
+
+def _role_positions(member: ParamDim, positions: np.ndarray) -> np.ndarray:
+    """Positions in a parameter dim, as the layer's handler counts channels.
+
+    A grouped convolution's weight dim 1 holds one group's worth of channels (inputs, or outputs
+    when transposed); its handler counts channels of the whole layer: the same offsets in every
+    group.
+    """
+    module = member.ref.module
+    if (
+        not isinstance(module, nn.modules.conv._ConvNd)
+        or module.groups == 1
+        or (member.ref.name, member.dim) != ("weight", 1)
+    ):
+        return positions
+    width = module.weight.shape[1]
+    return np.concatenate([positions + g * width for g in range(module.groups)])
+
+
+def _as_index_list(idxs: Union[Sequence[int], torch.Tensor, np.ndarray]) -> list[int]:
+    if isinstance(idxs, torch.Tensor):
+        idxs = idxs.tolist()
+    return sorted(set(int(i) for i in idxs))

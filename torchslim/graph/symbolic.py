@@ -1,0 +1,119 @@
+"""Integers that remember which tensor sizes they were computed from.
+
+While tracing, ``x.size()`` and ``x.shape`` return :class:`TrackedInt` values. Arithmetic on them
+keeps an expression tree, so when ``x.view(b, c // g, g)`` is recorded we know that ``c // g``
+will follow the channel count after pruning while the literal ``g`` will not. Any int that lost
+its history (``int(c / 2)``, a config value) is a literal, the safe assumption.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+Expr = Any  # ("lit", int) | ("dim", key) | (op_name, Expr, Expr) | ("neg", Expr)
+
+_BINARY: dict[str, Callable[[int, int], int]] = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "floordiv": operator.floordiv,
+    "mod": operator.mod,
+    "pow": operator.pow,
+}
+
+
+def expr_of(value: Any) -> Expr:
+    """Expression for an int argument: tracked history, or a literal."""
+    if isinstance(value, TrackedInt):
+        return value.expr
+    return ("lit", int(value))
+
+
+def is_literal(value: Any) -> bool:
+    return not isinstance(value, TrackedInt)
+
+
+def evaluate(expr: Expr, dim_size: Callable[[Any], int]) -> int:
+    """Evaluate an expression with ``dim_size(key)`` giving each tensor dim's size."""
+    kind = expr[0]
+    if kind == "lit":
+        return expr[1]
+    if kind == "dim":
+        return dim_size(expr[1])
+    if kind == "neg":
+        return -evaluate(expr[1], dim_size)
+    lhs, rhs = evaluate(expr[1], dim_size), evaluate(expr[2], dim_size)
+    if kind in ("floordiv", "mod") and rhs == 0:
+        return -(2**62)
+    return _BINARY[kind](lhs, rhs)
+
+
+def symbols(expr: Expr) -> list[Any]:
+    """All dim keys an expression reads."""
+    kind = expr[0]
+    if kind == "lit":
+        return []
+    if kind == "dim":
+        return [expr[1]]
+    return [key for sub in expr[1:] for key in symbols(sub)]
+
+
+def _binary(name: str, reflected: bool = False) -> Callable[[TrackedInt, Any], Any]:
+    fn = _BINARY[name]
+
+    def method(self: TrackedInt, other: Any) -> Any:
+        if not isinstance(other, int) or isinstance(other, bool):
+            return fn(other, int(self)) if reflected else fn(int(self), other)
+        lhs, rhs = (other, self) if reflected else (self, other)
+        value = fn(int(lhs), int(rhs))
+        if not isinstance(value, int):
+            return value
+        return TrackedInt(value, (name, expr_of(lhs), expr_of(rhs)))
+
+    return method
+
+
+class TrackedInt(int):
+    """An ``int`` carrying the expression it was computed from."""
+
+    expr: Expr
+
+    def __new__(cls, value: int, expr: Expr) -> TrackedInt:
+        obj = super().__new__(cls, value)
+        obj.expr = expr
+        return obj
+
+    __add__ = _binary("add")
+    __radd__ = _binary("add", reflected=True)
+    __sub__ = _binary("sub")
+    __rsub__ = _binary("sub", reflected=True)
+    __mul__ = _binary("mul")
+    __rmul__ = _binary("mul", reflected=True)
+    __floordiv__ = _binary("floordiv")
+    __rfloordiv__ = _binary("floordiv", reflected=True)
+    __mod__ = _binary("mod")
+    __rmod__ = _binary("mod", reflected=True)
+    __pow__ = _binary("pow")
+
+    def __neg__(self) -> TrackedInt:
+        return TrackedInt(-int(self), ("neg", self.expr))
+
+    def __pos__(self) -> TrackedInt:
+        return self
+
+    def __repr__(self) -> str:
+        return repr(int(self))
+
+    def __reduce__(self) -> tuple:
+        return (int, (int(self),))
+
+
+class TrackedShape(tuple):
+    """What ``tensor.shape`` returns while tracing: a tuple of :class:`TrackedInt`."""
+
+    def numel(self) -> int:
+        total = 1
+        for size in self:
+            total *= size
+        return total

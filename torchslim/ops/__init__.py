@@ -1,0 +1,16 @@
+"""Op rules: how channel positions flow through each torch op (see :mod:`.registry`)."""
+
+from torchslim.ops import elementwise, layers, shape, tensor_math
+from torchslim.ops.registry import OpContext, callables, lookup, register_rule, rule_for
+
+__all__ = [
+    "OpContext",
+    "callables",
+    "elementwise",
+    "layers",
+    "lookup",
+    "register_rule",
+    "rule_for",
+    "shape",
+    "tensor_math",
+]

@@ -1,0 +1,179 @@
+"""Ops that carry parameters: convolutions, linear maps, normalisations, embeddings, PReLU,
+and ``nn.MultiheadAttention``'s fused forward."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from torchslim.graph.layout import DimLayout, merge
+from torchslim.ops.registry import OpContext, rule_for
+
+
+def _owner(ctx: OpContext, tensor: Optional[torch.Tensor]) -> Optional[nn.Module]:
+    """The module a parameter belongs to, if it is one of the model's parameters."""
+    if tensor is None:
+        return None
+    ref = ctx.state.refs.get(id(tensor))
+    return ref.module if ref is not None and ref.tensor is tensor else None
+
+
+def _unify_vector(ctx: OpContext, vector: Optional[torch.Tensor], dim: DimLayout) -> None:
+    if vector is not None and vector.dim() == 1 and vector.shape[0] == dim.size:
+        ctx.unify(ctx.layout(vector)[0], dim)
+
+
+def _spatial_out(ctx: OpContext, batch: list[DimLayout], channels: DimLayout) -> None:
+    out = ctx.out
+    n_spatial = out.dim() - len(batch) - 1
+    spatial = [ctx.opaque(s, "a spatial dim") for s in out.shape[out.dim() - n_spatial :]]
+    ctx.set_out(out, batch + [channels] + spatial)
+
+
+@rule_for("conv1d", "conv2d", "conv3d")
+def conv_rule(ctx: OpContext) -> None:
+    x, weight = ctx.args[0], ctx.args[1]
+    bias = ctx.arg(2, "bias", None)
+    groups = int(ctx.arg(6, "groups", 1))
+    xl, wl = ctx.layout(x), ctx.layout(weight)
+    batch = xl[:1] if x.dim() == weight.dim() else []
+    channels = xl[len(batch)]
+    if groups == 1:
+        ctx.unify(wl[1], channels)
+    else:
+        g_in, per_group_in = ctx.split(channels, [groups, channels.size // groups])
+        g_out, _ = ctx.split(wl[0], [groups, wl[0].size // groups])
+        ctx.unify(g_in, g_out)
+        ctx.unify(wl[1], per_group_in)
+        if not isinstance(_owner(ctx, weight), nn.modules.conv._ConvNd):
+            ctx.freeze(g_out, "literal groups of a functional convolution")
+    _unify_vector(ctx, bias, wl[0])
+    _spatial_out(ctx, batch, wl[0])
+
+
+@rule_for("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def conv_transpose_rule(ctx: OpContext) -> None:
+    x, weight = ctx.args[0], ctx.args[1]
+    bias = ctx.arg(2, "bias", None)
+    groups = int(ctx.arg(6, "groups", 1))
+    xl, wl = ctx.layout(x), ctx.layout(weight)
+    batch = xl[:1] if x.dim() == weight.dim() else []
+    channels = xl[len(batch)]
+    ctx.unify(wl[0], channels)
+    if groups == 1:
+        out_channels = wl[1]
+    else:
+        g_in, _ = ctx.split(channels, [groups, channels.size // groups])
+        out_channels = merge([g_in, wl[1]])
+        if not isinstance(_owner(ctx, weight), nn.modules.conv._ConvNd):
+            ctx.freeze(g_in, "literal groups of a functional convolution")
+    if bias is not None:
+        ctx.unify(ctx.layout(bias)[0], out_channels)
+    _spatial_out(ctx, batch, out_channels)
+
+
+@rule_for("linear")
+def linear_rule(ctx: OpContext) -> None:
+    x, weight = ctx.args[0], ctx.args[1]
+    bias = ctx.arg(2, "bias", None)
+    xl, wl = ctx.layout(x), ctx.layout(weight)
+    ctx.unify(wl[-1], xl[-1])
+    out_features = wl[0] if weight.dim() == 2 else ctx.opaque(1)
+    if bias is not None and bias.dim() == 1:
+        ctx.unify(ctx.layout(bias)[0], out_features)
+    ctx.set_out(ctx.out, list(xl[:-1]) + ([out_features] if weight.dim() == 2 else []))
+
+
+def _per_channel_norm(ctx: OpContext, vectors: list[Optional[torch.Tensor]]) -> None:
+    x = ctx.args[0]
+    xl = ctx.layout(x)
+    channels = xl[1] if x.dim() > 1 else xl[0]
+    for vector in vectors:
+        _unify_vector(ctx, vector, channels)
+    ctx.set_out(ctx.out, list(xl))
+
+
+@rule_for("batch_norm")
+def batch_norm_rule(ctx: OpContext) -> None:
+    names = ["running_mean", "running_var", "weight", "bias"]
+    _per_channel_norm(ctx, [ctx.arg(i + 1, n, None) for i, n in enumerate(names)])
+
+
+@rule_for("instance_norm")
+def instance_norm_rule(ctx: OpContext) -> None:
+    names = ["running_mean", "running_var", "weight", "bias"]
+    _per_channel_norm(ctx, [ctx.arg(i + 1, n, None) for i, n in enumerate(names)])
+
+
+def _trailing_norm(ctx: OpContext, shape_arg: str, weight_index: int, label: str) -> None:
+    """LayerNorm / RMSNorm: weights over the trailing dims, statistics mix those channels."""
+    x = ctx.args[0]
+    xl = list(ctx.layout(x))
+    shape = list(ctx.arg(1, shape_arg))
+    weight = ctx.arg(weight_index, "weight", None)
+    bias = ctx.arg(weight_index + 1, "bias", None) if label == "LayerNorm" else None
+    trailing = xl[len(xl) - len(shape) :]
+    owner = _owner(ctx, weight)
+    for size, dim in zip(shape, trailing):
+        if owner is None or not hasattr(owner, "normalized_shape"):
+            ctx.require_size(size, dim)
+        ctx.mixing(dim, f"{label} statistics")
+    for vector in (weight, bias):
+        if vector is not None:
+            for a, b in zip(ctx.layout(vector), trailing[len(trailing) - vector.dim() :]):
+                ctx.unify(a, b)
+    ctx.set_out(ctx.out, xl)
+
+
+@rule_for("layer_norm")
+def layer_norm_rule(ctx: OpContext) -> None:
+    _trailing_norm(ctx, "normalized_shape", 2, "LayerNorm")
+
+
+@rule_for("rms_norm")
+def rms_norm_rule(ctx: OpContext) -> None:
+    _trailing_norm(ctx, "normalized_shape", 2, "RMSNorm")
+
+
+@rule_for("group_norm")
+def group_norm_rule(ctx: OpContext) -> None:
+    x = ctx.args[0]
+    groups = ctx.arg(1, "num_groups")
+    xl = list(ctx.layout(x))
+    channels = xl[1]
+    outer, _ = ctx.split(channels, [int(groups), channels.size // int(groups)])
+    ctx.freeze(outer, "the number of GroupNorm groups")
+    ctx.mixing(channels, "GroupNorm statistics")
+    for vector in (ctx.arg(2, "weight", None), ctx.arg(3, "bias", None)):
+        _unify_vector(ctx, vector, channels)
+    ctx.set_out(ctx.out, xl)
+
+
+@rule_for("embedding")
+def embedding_rule(ctx: OpContext) -> None:
+    indices, weight = ctx.args[0], ctx.args[1]
+    wl = ctx.layout(weight)
+    ctx.freeze(wl[0], "embedding rows are looked up by token id")
+    ctx.set_out(ctx.out, list(ctx.layout(indices)) + [wl[1]])
+
+
+@rule_for("prelu")
+def prelu_rule(ctx: OpContext) -> None:
+    x, weight = ctx.args[0], ctx.args[1]
+    xl = ctx.layout(x)
+    if weight.numel() > 1:
+        ctx.unify(ctx.layout(weight)[0], xl[1] if x.dim() > 1 else xl[0])
+    ctx.set_out(ctx.out, list(xl))
+
+
+@rule_for("multi_head_attention_forward")
+def multi_head_attention_rule(ctx: OpContext) -> None:
+    """``nn.MultiheadAttention`` derives its head size from the input width: keep it whole."""
+    why = "nn.MultiheadAttention ties its width to its fused projections"
+    for tensor in ctx.input_tensors():
+        for dim in ctx.layout(tensor):
+            ctx.freeze(dim, why)
+    for tensor in ctx.output_tensors():
+        ctx.set_out(tensor, [ctx.opaque(s, why) for s in tensor.shape])

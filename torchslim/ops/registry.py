@@ -1,0 +1,173 @@
+"""The op-rule registry: for each torch callable, how channel positions flow through it.
+
+A rule receives an :class:`OpContext` after the op has run, with the real arguments and output,
+and states relations between the layouts of inputs and outputs (same positions, products,
+factorisations, sums). A call with no rule, or whose rule fails, is *never* assumed element-wise:
+everything it touches is frozen, and the op and module are reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from torchslim.graph.capture import TraceState, Unsupported, iter_tensors
+from torchslim.graph.layout import DimLayout, TensorLayout, opaque, split, unify
+
+Rule = Callable[["OpContext"], None]
+_RULES: dict[Any, Rule] = {}
+_MISSING = object()
+_NAMESPACES = (torch, torch.Tensor, torch.nn.functional, torch.special, torch.linalg, torch.fft)
+
+
+def callables(*names: str) -> list[Any]:
+    """Every torch object with one of these names in the usual namespaces (torch, Tensor, F)."""
+    found = []
+    for name in names:
+        for space in _NAMESPACES:
+            obj = getattr(space, name, None)
+            if obj is not None and obj not in found:
+                found.append(obj)
+    return found
+
+
+def register_rule(funcs: Iterable[Any], rule: Rule) -> None:
+    """Register ``rule`` for each callable (also the way users add rules for custom ops).
+
+    A string names a custom operator by its qualified name, e.g. ``"torchvision::roi_align"``.
+    """
+    for func in funcs:
+        _RULES[func] = rule
+
+
+def rule_for(*names: str) -> Callable[[Rule], Rule]:
+    """Decorator: register a rule for every torch callable with one of these names."""
+
+    def decorate(rule: Rule) -> Rule:
+        register_rule(callables(*names), rule)
+        return rule
+
+    return decorate
+
+
+def lookup(func: Any) -> Optional[Rule]:
+    rule = _RULES.get(func)
+    if rule is None:
+        owner = getattr(func, "__self__", None)
+        if type(owner).__name__ == "getset_descriptor":
+            rule = _RULES.get(owner)
+        else:
+            rule = _RULES.get(getattr(func, "_qualified_op_name", None))
+    return rule
+
+
+def op_name(func: Any) -> str:
+    owner = getattr(func, "__self__", None)
+    if type(owner).__name__ == "getset_descriptor":
+        return f"Tensor.{owner.__name__}"
+    name = getattr(func, "__name__", None) or repr(func)
+    qual = getattr(func, "__qualname__", "") or ""
+    module = getattr(func, "__module__", "") or ""
+    if qual.startswith(("TensorBase.", "Tensor.")):
+        return f"Tensor.{name}"
+    if module.startswith("torch.nn.functional") or module == "torch._C._nn":
+        return f"F.{name}"
+    if module.startswith("torch") or qual.startswith("_VariableFunctionsClass"):
+        return f"torch.{name}"
+    return f"{module}.{name}" if module else name
+
+
+class OpContext:
+    """One recorded call, with helpers the rules use to state layout relations."""
+
+    def __init__(self, state: TraceState, func: Any, args: tuple, kwargs: dict, out: Any):
+        self.state = state
+        self.table = state.table
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self.out = out
+        self.name = op_name(func)
+        self.module = state.module_path
+        self.where = f"{self.name} in {self.module}"
+
+    def arg(self, index: int, name: str, default: Any = _MISSING) -> Any:
+        if index < len(self.args):
+            return self.args[index]
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if default is _MISSING:
+            raise TypeError(f"{self.name}: missing argument {name!r}")
+        return default
+
+    def layout(self, tensor: torch.Tensor) -> TensorLayout:
+        return self.state.layout(tensor)
+
+    def set_out(self, tensor: torch.Tensor, layout: TensorLayout) -> None:
+        self.state.set_layout(tensor, layout)
+
+    def unify(self, a: DimLayout, b: DimLayout) -> None:
+        unify(self.table, a, b, self.where)
+
+    def split(self, dim: DimLayout, sizes: list[int]) -> list[DimLayout]:
+        return split(self.table, dim, sizes, self.where)
+
+    def opaque(self, size: int, why: str = "") -> DimLayout:
+        return opaque(size, why or f"computed by {self.where}")
+
+    def require_size(self, value: Any, dim: DimLayout) -> None:
+        """The int ``value`` is used as the size of ``dim`` (view shapes, split sizes, ...)."""
+        self.state.require_size(value, dim.atoms, self.where)
+
+    def freeze(self, dim: DimLayout, why: str) -> None:
+        self.table.freeze_many(dim.atoms, f"{why} ({self.where})")
+
+    def mixing(self, dim: DimLayout, why: str) -> None:
+        """Channels of ``dim`` are mixed by a normalisation or reduction: not exactly prunable."""
+        if not dim.is_opaque:
+            self.table.mark_mixing(dim.atoms[dim.atoms >= 0], f"{why} ({self.where})")
+
+    def input_tensors(self) -> list[torch.Tensor]:
+        return list(iter_tensors((self.args, self.kwargs)))
+
+    def output_tensors(self) -> list[torch.Tensor]:
+        return list(iter_tensors(self.out))
+
+
+def apply_rule(ctx: OpContext, rule: Optional[Rule]) -> None:
+    """Run the rule; with no rule, a failing rule, or outputs left without layout: freeze."""
+    outputs = ctx.output_tensors()
+    if rule is None:
+        if outputs:
+            refuse(ctx, f"unsupported op {ctx.name} in module {ctx.module}")
+        return
+    try:
+        rule(ctx)
+    except Exception as error:  # a rule that cannot handle these arguments must not guess
+        refuse(ctx, f"op {ctx.name} in module {ctx.module} not understood ({error})")
+        return
+    if any(ctx.state.layouts.get(t) is None and id(t) not in ctx.state.refs for t in outputs):
+        refuse(ctx, f"op {ctx.name} in module {ctx.module} produced an output without a rule")
+
+
+def refuse(ctx: OpContext, reason: str) -> None:
+    """Freeze every channel an op touches and give its outputs fixed-size layouts."""
+    ctx.state.unsupported.append(Unsupported(ctx.name, ctx.module))
+    inputs = ctx.input_tensors()
+    outputs = ctx.output_tensors()
+    for tensor in inputs:
+        for dim in ctx.layout(tensor):
+            ctx.table.freeze_many(dim.atoms, reason)
+    for tensor in outputs:
+        if any(tensor is t for t in inputs):
+            continue
+        ctx.state.layouts[tensor] = [opaque(size, reason) for size in tensor.shape]
+
+
+def dims_of(layout: TensorLayout, dims: Iterable[int]) -> list[DimLayout]:
+    return [layout[d] for d in dims]
+
+
+def normalize_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim

@@ -1,0 +1,464 @@
+"""Layer pruning functions: physically remove channels and keep every attribute consistent.
+
+Each supported layer type has one :class:`BasePruningFunc` that says which tensor dims are its
+output and input channels (:meth:`~BasePruningFunc.param_roles`) and how to fix its attributes
+after slicing (``out_channels``, ``num_features``, ``normalized_shape``, ``groups`` ...). All
+slicing goes through :func:`slice_parameter`. The module-level ``prune_*`` names are the API
+users know (``tp.prune_conv_out_channels(model.conv1, idxs=[2, 6, 9])``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+Indices = Union[Sequence[int], np.ndarray, torch.Tensor, range]
+
+
+def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> None:
+    """Replace parameter or buffer ``name`` of ``module`` by its slice along ``dim``.
+
+    Parameters become new ``nn.Parameter`` objects with the same ``requires_grad``; buffers stay
+    buffers with the same persistence.
+    """
+    tensor = getattr(module, name)
+    index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
+    data = tensor.detach().index_select(dim, index).contiguous()
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, name, nn.Parameter(data, requires_grad=tensor.requires_grad))
+    elif name in module._buffers:
+        module._buffers[name] = data
+    else:
+        setattr(module, name, data)
+
+
+def normalise_indices(layer: nn.Module, idxs: Indices, total: int) -> list[int]:
+    """Sorted unique ints, range-checked; refuses to remove every channel."""
+    if isinstance(idxs, torch.Tensor):
+        idxs = idxs.flatten().tolist()
+    unique = sorted({int(i) for i in idxs})
+    kind = type(layer).__name__
+    for i in unique:
+        if not 0 <= i < total:
+            raise ValueError(f"{kind}: channel index {i} out of range [0, {total})")
+    if total and len(unique) >= total:
+        raise ValueError(f"{kind}: pruning would remove all {total} channels")
+    return unique
+
+
+def keep_indices(total: int, removed: Sequence[int]) -> list[int]:
+    gone = set(removed)
+    return [i for i in range(total) if i not in gone]
+
+
+class BasePruningFunc:
+    """Prunes one layer type along its output or input channels.
+
+    Subclasses list their tensors' channel dims in :meth:`param_roles` and fix attributes in
+    :meth:`sync`; custom layers can subclass this and be registered with :func:`register_pruner`.
+    """
+
+    TARGET_MODULES: tuple[type, ...] = ()
+
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+        """``(tensor_name, dim) -> "out" | "in"`` for the tensors this layer has."""
+        return {}
+
+    def get_out_channels(self, layer: nn.Module) -> Optional[int]:
+        return self._size(layer, "out")
+
+    def get_in_channels(self, layer: nn.Module) -> Optional[int]:
+        return self._size(layer, "in")
+
+    def _size(self, layer: nn.Module, role: str) -> Optional[int]:
+        for (name, dim), r in self.param_roles(layer).items():
+            if r == role:
+                return getattr(layer, name).shape[dim]
+        return None
+
+    def _prune_role(self, layer: nn.Module, role: str, idxs: Indices) -> nn.Module:
+        total = self._size(layer, role)
+        if total is None:
+            return layer
+        keep = keep_indices(total, normalise_indices(layer, idxs, total))
+        for (name, dim), r in self.param_roles(layer).items():
+            if r == role:
+                slice_parameter(layer, name, dim, keep)
+        self.sync(layer)
+        return layer
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        return self._prune_role(layer, "out", idxs)
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        return self._prune_role(layer, "in", idxs)
+
+    def sync(self, layer: nn.Module) -> None:
+        """Update the layer's attributes from its sliced tensors."""
+
+    def __call__(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        return self.prune_out_channels(layer, idxs)
+
+
+def _present(layer: nn.Module, roles: dict[tuple[str, int], str]) -> dict[tuple[str, int], str]:
+    return {key: role for key, role in roles.items() if getattr(layer, key[0], None) is not None}
+
+
+class ConvPruner(BasePruningFunc):
+    """Conv1/2/3d and ConvTranspose1/2/3d, grouped and depthwise included.
+
+    A grouped convolution's weight holds one group's worth of input channels (transposed: of
+    output channels). Channels are removed either as the same offsets in every group (``groups``
+    stays) or as whole groups (``groups`` shrinks, the group's inputs and outputs go together);
+    anything else would change which inputs a group sees and is refused.
+    """
+
+    TARGET_MODULES = (nn.modules.conv._ConvNd,)
+
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+        out_dim, in_dim = (1, 0) if layer.transposed else (0, 1)
+        roles = {("weight", out_dim): "out", ("bias", 0): "out", ("weight", in_dim): "in"}
+        return _present(layer, roles)
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        return self._prune(layer, normalise_indices(layer, idxs, layer.out_channels), "out")
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        return self._prune(layer, normalise_indices(layer, idxs, layer.in_channels), "in")
+
+    def _prune(self, layer: nn.Module, removed: list[int], role: str) -> nn.Module:
+        if not removed:
+            return layer
+        total = layer.out_channels if role == "out" else layer.in_channels
+        groups = layer.groups
+        per_group = total // groups
+        # weight dim holding this role, and whether it stores one group's worth (per group)
+        dim = {("out", False): 0, ("in", False): 1, ("out", True): 1, ("in", True): 0}[
+            (role, layer.transposed)
+        ]
+        per_group_dim = (role == "in") != layer.transposed
+        if groups > 1:
+            whole, offsets = _classify_group_removal(layer, removed, per_group, groups)
+            if whole:
+                return self._remove_groups(layer, whole)
+            removed_in_dim = offsets if per_group_dim else removed
+            width = per_group if per_group_dim else total
+        else:
+            removed_in_dim, width = removed, total
+        slice_parameter(layer, "weight", dim, keep_indices(width, removed_in_dim))
+        if role == "out" and layer.bias is not None:
+            slice_parameter(layer, "bias", 0, keep_indices(total, removed))
+        if role == "out":
+            layer.out_channels -= len(removed)
+        else:
+            layer.in_channels -= len(removed)
+        return layer
+
+    @staticmethod
+    def _remove_groups(layer: nn.Module, blocks: list[int]) -> nn.Module:
+        """Remove whole groups, their input and output channels at once.
+
+        The graph calls this from both the output and the input side of a group; the second
+        call finds the group already gone, which :func:`_classify_group_removal` cannot see, so
+        whole-group removal is keyed on the weight's dim 0 and applied once per call.
+        """
+        groups = layer.groups
+        rows_per_group = layer.weight.shape[0] // groups
+        gone = set(blocks)
+        kept = [b for b in range(groups) if b not in gone]
+        rows = [b * rows_per_group + i for b in kept for i in range(rows_per_group)]
+        slice_parameter(layer, "weight", 0, rows)
+        if layer.bias is not None:
+            out_per = layer.out_channels // groups
+            slice_parameter(
+                layer, "bias", 0, [b * out_per + i for b in kept for i in range(out_per)]
+            )
+        layer.out_channels = layer.out_channels // groups * len(kept)
+        layer.in_channels = layer.in_channels // groups * len(kept)
+        layer.groups = len(kept)
+        return layer
+
+
+def _classify_group_removal(
+    layer: nn.Module, removed: list[int], per_group: int, groups: int
+) -> tuple[list[int], list[int]]:
+    """Whole groups ``(blocks, [])`` or the same offsets in every group ``([], offsets)``."""
+    by_block: dict[int, set[int]] = {}
+    for i in removed:
+        by_block.setdefault(i // per_group, set()).add(i % per_group)
+    if all(len(offsets) == per_group for offsets in by_block.values()):
+        return sorted(by_block), []
+    if len(by_block) == groups and len({frozenset(v) for v in by_block.values()}) == 1:
+        return [], sorted(next(iter(by_block.values())))
+    raise ValueError(
+        f"{type(layer).__name__} with groups={groups}: remove whole groups of {per_group} "
+        "channels, or the same offsets in every group"
+    )
+
+
+class LinearPruner(BasePruningFunc):
+    TARGET_MODULES = (nn.Linear,)
+
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+        return _present(layer, {("weight", 0): "out", ("bias", 0): "out", ("weight", 1): "in"})
+
+    def sync(self, layer: nn.Module) -> None:
+        layer.out_features, layer.in_features = layer.weight.shape
+
+
+class _SameWidthPruner(BasePruningFunc):
+    """Layers whose input and output widths are the same channels (norms, PReLU)."""
+
+    NAMES: tuple[str, ...] = ("weight", "bias", "running_mean", "running_var")
+
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+        roles = {}
+        for name in self.NAMES:
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.numel() > 1:
+                roles[(name, tensor.dim() - 1)] = "out"
+        return roles
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        return self.prune_out_channels(layer, idxs)
+
+    def get_in_channels(self, layer: nn.Module) -> Optional[int]:
+        return self.get_out_channels(layer)
+
+
+class BatchNormPruner(_SameWidthPruner):
+    TARGET_MODULES = (nn.modules.batchnorm._NormBase,)
+
+    def sync(self, layer: nn.Module) -> None:
+        width = self.get_out_channels(layer)
+        if width is not None and hasattr(layer, "num_features"):
+            layer.num_features = width
+
+
+class LayerNormPruner(_SameWidthPruner):
+    """LayerNorm, RMSNorm and RMSNorm-like layers: only the last normalised dim is pruned."""
+
+    TARGET_MODULES = (nn.LayerNorm, nn.RMSNorm)
+
+    def sync(self, layer: nn.Module) -> None:
+        width = self.get_out_channels(layer)
+        if width is None:
+            return
+        shape = getattr(layer, "normalized_shape", None)
+        if isinstance(shape, (tuple, list)) and shape:
+            layer.normalized_shape = (*tuple(shape)[:-1], width)
+        if isinstance(getattr(layer, "hidden_size", None), int):
+            layer.hidden_size = width
+
+
+class GroupNormPruner(_SameWidthPruner):
+    TARGET_MODULES = (nn.GroupNorm,)
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        remaining = layer.num_channels - len(normalise_indices(layer, idxs, layer.num_channels))
+        if remaining % layer.num_groups:
+            raise ValueError(
+                f"GroupNorm: {remaining} channels are not divisible by num_groups={layer.num_groups}"
+            )
+        return super().prune_out_channels(layer, idxs)
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.num_channels
+
+    def sync(self, layer: nn.Module) -> None:
+        if layer.weight is not None:
+            layer.num_channels = layer.weight.shape[0]
+
+
+class PReLUPruner(_SameWidthPruner):
+    TARGET_MODULES = (nn.PReLU,)
+    NAMES = ("weight",)
+
+    def sync(self, layer: nn.Module) -> None:
+        layer.num_parameters = layer.weight.numel()
+
+
+class EmbeddingPruner(BasePruningFunc):
+    """The embedding dim is the output; token rows are looked up by id and never pruned."""
+
+    TARGET_MODULES = (nn.Embedding,)
+
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+        return {("weight", 1): "out"}
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        return self.prune_out_channels(layer, idxs)
+
+    def sync(self, layer: nn.Module) -> None:
+        layer.embedding_dim = layer.weight.shape[1]
+
+
+class MultiheadAttentionPruner(BasePruningFunc):
+    """``nn.MultiheadAttention``: its embedding dim is both the input width and, because its
+    forward derives ``head_dim = embed_dim // num_heads``, the projections' inner width.
+
+    Removing embedding channels ``idxs`` therefore removes the same positions from the inputs,
+    from q, k and v and from the output projection; ``idxs`` must be whole heads (``num_heads``
+    shrinks) or the same offsets in every head (``head_dim`` shrinks).
+    """
+
+    TARGET_MODULES = (nn.MultiheadAttention,)
+
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+        name = "in_proj_weight" if layer._qkv_same_embed_dim else "q_proj_weight"
+        return {(name, 1): "in"}
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.embed_dim
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.embed_dim
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        return self.prune_out_channels(layer, idxs)
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        removed = normalise_indices(layer, idxs, layer.embed_dim)
+        if not removed:
+            return layer
+        heads, width = layer.num_heads, layer.embed_dim
+        whole, _ = _classify_group_removal(layer, removed, width // heads, heads)
+        keep = keep_indices(width, removed)
+        rows = keep + [width + i for i in keep] + [2 * width + i for i in keep]
+        if layer._qkv_same_embed_dim:
+            slice_parameter(layer, "in_proj_weight", 0, rows)
+            slice_parameter(layer, "in_proj_weight", 1, keep)
+        else:
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                slice_parameter(layer, name, 0, keep)
+            slice_parameter(layer, "q_proj_weight", 1, keep)
+        if layer.in_proj_bias is not None:
+            slice_parameter(layer, "in_proj_bias", 0, rows)
+        for name in ("bias_k", "bias_v"):
+            if getattr(layer, name) is not None:
+                slice_parameter(layer, name, 2, keep)
+        _LINEAR.prune_out_channels(layer.out_proj, removed)
+        _LINEAR.prune_in_channels(layer.out_proj, removed)
+        layer.num_heads = heads - len(whole)
+        layer.embed_dim = len(keep)
+        if layer._qkv_same_embed_dim:
+            layer.kdim = layer.vdim = len(keep)
+        layer.head_dim = layer.embed_dim // layer.num_heads
+        return layer
+
+
+class _ParameterPruner(BasePruningFunc):
+    """A bare ``nn.Parameter``: ``prune_parameter_out_channels(param, idxs)`` returns a new one."""
+
+    def prune_out_channels(self, layer: nn.Parameter, idxs: Indices, dim: int = 0) -> nn.Parameter:
+        keep = keep_indices(layer.shape[dim], normalise_indices(layer, idxs, layer.shape[dim]))
+        data = layer.detach().index_select(dim, torch.as_tensor(keep, device=layer.device))
+        return nn.Parameter(data.contiguous(), requires_grad=layer.requires_grad)
+
+    def prune_in_channels(self, layer: nn.Parameter, idxs: Indices) -> nn.Parameter:
+        return self.prune_out_channels(layer, idxs, dim=1)
+
+
+_CONV = ConvPruner()
+_LINEAR = LinearPruner()
+_BATCHNORM = BatchNormPruner()
+_LAYERNORM = LayerNormPruner()
+_GROUPNORM = GroupNormPruner()
+_PRELU = PReLUPruner()
+_EMBEDDING = EmbeddingPruner()
+_MHA = MultiheadAttentionPruner()
+_PARAMETER = _ParameterPruner()
+
+PRUNERS: dict[type, BasePruningFunc] = {}
+
+
+def register_pruner(module_type: type, pruner: BasePruningFunc) -> None:
+    """Use ``pruner`` for layers of ``module_type`` (and subclasses without their own)."""
+    PRUNERS[module_type] = pruner
+
+
+for _pruner in (_CONV, _LINEAR, _BATCHNORM, _LAYERNORM, _GROUPNORM, _PRELU, _EMBEDDING, _MHA):
+    for _type in _pruner.TARGET_MODULES:
+        register_pruner(_type, _pruner)
+
+
+def _frozen_batchnorm() -> Optional[type]:
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+    except ImportError:
+        return None
+    return FrozenBatchNorm2d
+
+
+def _is_rmsnorm_like(module: nn.Module) -> bool:
+    """A leaf layer whose only parameter is a 1-D ``weight`` (HF LlamaRMSNorm and friends)."""
+    params = dict(module.named_parameters(recurse=False))
+    return (
+        not list(module.children())
+        and list(params) == ["weight"]
+        and params["weight"].dim() == 1
+        and "norm" in type(module).__name__.lower()
+    )
+
+
+def get_pruner(module: nn.Module) -> Optional[BasePruningFunc]:
+    """The pruning function for a layer: by exact type, then by base class, then by shape."""
+    pruner = PRUNERS.get(type(module))
+    if pruner is not None:
+        return pruner
+    frozen = _frozen_batchnorm()
+    if frozen is not None and isinstance(module, frozen):
+        return _BATCHNORM
+    for base in type(module).__mro__[1:]:
+        if base in PRUNERS:
+            return PRUNERS[base]
+    if _is_rmsnorm_like(module):
+        return _LAYERNORM
+    return None
+
+
+prune_conv_out_channels = _CONV.prune_out_channels
+prune_conv_in_channels = _CONV.prune_in_channels
+prune_depthwise_conv_out_channels = _CONV.prune_out_channels
+prune_depthwise_conv_in_channels = _CONV.prune_in_channels
+prune_batchnorm_out_channels = _BATCHNORM.prune_out_channels
+prune_batchnorm_in_channels = _BATCHNORM.prune_in_channels
+prune_instancenorm_out_channels = _BATCHNORM.prune_out_channels
+prune_instancenorm_in_channels = _BATCHNORM.prune_in_channels
+prune_linear_out_channels = _LINEAR.prune_out_channels
+prune_linear_in_channels = _LINEAR.prune_in_channels
+prune_prelu_out_channels = _PRELU.prune_out_channels
+prune_prelu_in_channels = _PRELU.prune_in_channels
+prune_layernorm_out_channels = _LAYERNORM.prune_out_channels
+prune_layernorm_in_channels = _LAYERNORM.prune_in_channels
+prune_rmsnorm_out_channels = _LAYERNORM.prune_out_channels
+prune_rmsnorm_in_channels = _LAYERNORM.prune_in_channels
+prune_groupnorm_out_channels = _GROUPNORM.prune_out_channels
+prune_groupnorm_in_channels = _GROUPNORM.prune_in_channels
+prune_embedding_out_channels = _EMBEDDING.prune_out_channels
+prune_embedding_in_channels = _EMBEDDING.prune_in_channels
+prune_multihead_attention_out_channels = _MHA.prune_out_channels
+prune_multihead_attention_in_channels = _MHA.prune_in_channels
+prune_parameter_out_channels = _PARAMETER.prune_out_channels
+prune_parameter_in_channels = _PARAMETER.prune_in_channels
+prune_conv = prune_conv_out_channels
+prune_linear = prune_linear_out_channels
+prune_batchnorm = prune_batchnorm_out_channels
+
+__all__ = [
+    "PRUNERS",
+    "BasePruningFunc",
+    "get_pruner",
+    "register_pruner",
+    "slice_parameter",
+    *[name for name in dir() if name.startswith("prune_")],
+]
