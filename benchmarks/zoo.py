@@ -123,9 +123,8 @@ def _zero_like_tp(
             out = graph.is_out_channel_pruning_fn(dep.handler)
             if isinstance(layer, (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear)):
                 dim = 0 if out else 1
-                if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
-                    if not out:
-                        continue
+                if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1 and not out:
+                    continue
                 layer.weight.index_fill_(dim, index, 0)
                 if out and layer.bias is not None:
                     layer.bias.index_fill_(0, index, 0)

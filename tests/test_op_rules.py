@@ -6,6 +6,8 @@ against the zero-masked original (float64, relative error < 1e-6), group by grou
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,6 +214,39 @@ def test_grouped_query_attention_couples_each_kv_head_with_its_query_heads():
 def test_default_attention_scale_is_reported_as_not_exact():
     graph = build(Heads(scale=False), TOKENS)
     assert any("attention scale" in " ".join(g.mixing) for g in graph.all_groups())
+
+
+class SizeAsValue(nn.Module):
+    """A channel count turned into a value: the result depends on how many channels remain."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        channels = x.shape[1]
+        if self.how == "pow":
+            x = x * channels**-0.5
+        elif self.how == "sqrt":
+            x = x / math.sqrt(channels)
+        elif self.how == "tensor":
+            x = x / torch.sqrt(torch.tensor(channels, dtype=x.dtype))
+        else:
+            x = x / channels
+        return self.head(x)
+
+
+@pytest.mark.parametrize("how", ["pow", "sqrt", "tensor", "divide"])
+def test_a_channel_count_used_as_a_value_is_reported_as_not_exact(how):
+    graph = build(SizeAsValue(how), IMG)
+    (group,) = [g for g in graph.all_groups() if g.root.label == "conv.weight[dim 0]"]
+    assert any("channel count used as a value" in reason for reason in group.mixing)
+    report = tp.verify(graph, IMG, [(group, [0, 3])])
+    assert report.ok and not report.checks[0].exact_expected
+    assert report.checks[0].max_rel_error > 1e-3
 
 
 class Shuffle(nn.Module):

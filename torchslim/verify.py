@@ -20,8 +20,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from torchslim.graph.capture import iter_tensors
+from torchslim.graph.capture import call_forward, iter_tensors
 from torchslim.graph.dependency import DependencyGraph, Group
 
 Selection = Union[Group, tuple[Group, Sequence[int]]]
@@ -174,16 +175,24 @@ def _to_double(obj: Any) -> Any:
     return obj
 
 
+class _Float64Mode(TorchFunctionMode):
+    """Keeps a forward in float64 where models hard-code ``x.float()`` (RAFT's coordinate grids)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.float:
+            func = torch.Tensor.double
+        return func(*args, **(kwargs or {}))
+
+
 def _run(model: nn.Module, inputs: Any, forward_fn) -> list[torch.Tensor]:
-    with torch.no_grad():
-        if forward_fn is not None:
-            out = forward_fn(model, inputs)
-        elif isinstance(inputs, dict):
-            out = model(**inputs)
-        elif isinstance(inputs, (tuple, list)):
-            out = model(*inputs)
-        else:
-            out = model(inputs)
+    """Forward in float64, factories included (``torch.linspace`` inside a model's forward)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad(), _Float64Mode():
+            out = call_forward(model, inputs, forward_fn)
+    finally:
+        torch.set_default_dtype(default)
     return [t.detach() for t in iter_tensors(out)]
 
 

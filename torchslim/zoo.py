@@ -108,9 +108,8 @@ def _detection_dense_forward(model: nn.Module, inputs: Any) -> dict[str, torch.T
         out.update({f"rpn_deltas{i}": t for i, t in enumerate(deltas)})
         heads = model.roi_heads
         height, width = batch.tensors.shape[-2:]
-        boxes = [
-            torch.tensor([[4.0, 4.0, width / 2, height / 2], [8.0, 2.0, width - 4, height - 8]])
-        ]
+        corners = [[4.0, 4.0, width / 2, height / 2], [8.0, 2.0, width - 4, height - 8]]
+        boxes = [torch.tensor(corners, dtype=batch.tensors.dtype, device=batch.tensors.device)]
         sizes = batch.image_sizes[:1]
         pooled = heads.box_roi_pool(features, boxes, sizes)
         scores, regression = heads.box_predictor(heads.box_head(pooled))

@@ -20,7 +20,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from torchslim.graph.atoms import AtomTable
 from torchslim.graph.layout import DimLayout, TensorLayout, opaque, unify
-from torchslim.graph.symbolic import TrackedInt, TrackedShape, expr_of, is_literal
+from torchslim.graph.symbolic import (
+    VALUE_USE_LISTENERS,
+    TrackedInt,
+    TrackedShape,
+    expr_of,
+    is_literal,
+    symbols,
+)
 
 _PASSTHROUGH = {
     torch.Tensor.dim,
@@ -172,6 +179,13 @@ class TraceState:
             TrackedInt(size, ("dim", dim)) for size, dim in zip(tensor.shape, layout)
         )
 
+    def value_use(self, expr: Any, where: str) -> None:
+        """A channel count became a value (a scale, a fill): pruning that dim changes results."""
+        for key in symbols(expr):
+            if isinstance(key, DimLayout) and not key.is_opaque:
+                reason = f"a channel count used as a value in {where}"
+                self.table.mark_mixing(key.atoms[key.atoms >= 0], reason)
+
     def require_size(self, value: Any, atoms: np.ndarray, where: str) -> None:
         """Record that ``value`` must equal the number of surviving rows of ``atoms``."""
         if atoms.shape[1] == 0:
@@ -230,7 +244,8 @@ class Recorder(TorchFunctionMode):
         return sizes
 
 
-def _module_hooks(model: nn.Module, stack: list[str]) -> list[Any]:
+def module_stack_hooks(model: nn.Module, stack: list[str]) -> list[Any]:
+    """Hooks that keep ``stack`` equal to the names of the modules currently running."""
     handles = []
     for name, module in model.named_modules():
 
@@ -243,6 +258,19 @@ def _module_hooks(model: nn.Module, stack: list[str]) -> list[Any]:
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post, always_call=True))
     return handles
+
+
+def call_forward(
+    model: nn.Module, example_inputs: Any, forward_fn: Optional[Callable] = None
+) -> Any:
+    """Run the model the way users pass inputs: ``forward_fn``, a dict, a tuple/list or a tensor."""
+    if forward_fn is not None:
+        return forward_fn(model, example_inputs)
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
 
 
 def run_traced(
@@ -264,12 +292,18 @@ def run_traced(
         if training and buffer is not None and buffer.device.type != "meta"
     }
     rng = torch.random.get_rng_state()
-    handles = _module_hooks(model, state.module_stack)
+    handles = module_stack_hooks(model, state.module_stack)
+
+    def listener(expr: Any) -> None:
+        state.value_use(expr, state.module_path)
+
+    VALUE_USE_LISTENERS.append(listener)
     try:
         model.train(training)
         with torch.no_grad(), Recorder(state, lookup):
             return call()
     finally:
+        VALUE_USE_LISTENERS.remove(listener)
         for handle in handles:
             handle.remove()
         for module, mode in modes.items():

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from torchslim.graph.analysis import Analysis, Coupling, ParamDim
-from torchslim.graph.capture import TraceState, Unsupported, iter_tensors, run_traced
+from torchslim.graph.capture import (
+    TraceState,
+    Unsupported,
+    call_forward,
+    iter_tensors,
+    run_traced,
+)
 from torchslim.graph.layout import opaque
 from torchslim.ops import lookup
 from torchslim.pruning import functions as F
@@ -205,13 +211,7 @@ class DependencyGraph:
             state.layouts[tensor] = [opaque(s, "a model input") for s in tensor.shape]
 
         def call() -> Any:
-            if forward_fn is not None:
-                return forward_fn(model, example_inputs)
-            if isinstance(example_inputs, dict):
-                return model(**example_inputs)
-            if isinstance(example_inputs, (tuple, list)):
-                return model(*example_inputs)
-            return model(example_inputs)
+            return call_forward(model, example_inputs, forward_fn)
 
         try:
             outputs = run_traced(state, lookup, call)
@@ -431,6 +431,8 @@ class DependencyGraph:
             if handler is None:
                 continue
             positions = _role_positions(member, member.positions_of(removed))
+            if positions.size == 0 and member is not root:
+                continue
             target = Node(member.ref.module, member.ref.module_name)
             dep = Dependency(root_handler or handler, handler, source, target)
             if dep in by_dep:

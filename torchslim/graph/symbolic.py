@@ -20,7 +20,17 @@ _BINARY: dict[str, Callable[[int, int], int]] = {
     "floordiv": operator.floordiv,
     "mod": operator.mod,
     "pow": operator.pow,
+    "truediv": operator.truediv,
 }
+
+#: Called with an expression whenever a tracked size turns into a value that is not a size (a
+#: float such as ``c ** -0.5`` or ``math.sqrt(c)``): pruning that dim changes the value.
+VALUE_USE_LISTENERS: list[Callable[[Expr], None]] = []
+
+
+def report_value_use(expr: Expr) -> None:
+    for listener in VALUE_USE_LISTENERS:
+        listener(expr)
 
 
 def expr_of(value: Any) -> Expr:
@@ -64,10 +74,12 @@ def _binary(name: str, reflected: bool = False) -> Callable[[TrackedInt, Any], A
 
     def method(self: TrackedInt, other: Any) -> Any:
         if not isinstance(other, int) or isinstance(other, bool):
+            report_value_use(self.expr)
             return fn(other, int(self)) if reflected else fn(int(self), other)
         lhs, rhs = (other, self) if reflected else (self, other)
         value = fn(int(lhs), int(rhs))
         if not isinstance(value, int):
+            report_value_use((name, expr_of(lhs), expr_of(rhs)))
             return value
         return TrackedInt(value, (name, expr_of(lhs), expr_of(rhs)))
 
@@ -95,6 +107,12 @@ class TrackedInt(int):
     __mod__ = _binary("mod")
     __rmod__ = _binary("mod", reflected=True)
     __pow__ = _binary("pow")
+    __truediv__ = _binary("truediv")
+    __rtruediv__ = _binary("truediv", reflected=True)
+
+    def __float__(self) -> float:
+        report_value_use(self.expr)
+        return float(int(self))
 
     def __neg__(self) -> TrackedInt:
         return TrackedInt(-int(self), ("neg", self.expr))

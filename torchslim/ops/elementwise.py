@@ -197,6 +197,7 @@ BINARY = [
 
 def same_layout(ctx: OpContext) -> None:
     """Unary ops and conversions: the output has the first input's layout."""
+    ctx.sizes_used_as_values((ctx.args[1:], ctx.kwargs))
     source = ctx.args[0]
     out = ctx.out
     if isinstance(out, torch.Tensor) and out.shape == source.shape:
@@ -210,6 +211,7 @@ def broadcast(ctx: OpContext) -> None:
     out = ctx.out
     if not isinstance(out, torch.Tensor):
         raise ValueError("element-wise op without a tensor output")
+    ctx.sizes_used_as_values((ctx.args, ctx.kwargs))
     operands = [t for t in ctx.input_tensors() if t.dim() > 0]
     ndim = out.dim()
     result = []

@@ -14,6 +14,7 @@ import torch
 
 from torchslim.graph.capture import TraceState, Unsupported, iter_tensors
 from torchslim.graph.layout import DimLayout, TensorLayout, opaque, split, unify
+from torchslim.graph.symbolic import TrackedInt
 
 Rule = Callable[["OpContext"], None]
 _RULES: dict[Any, Rule] = {}
@@ -127,6 +128,17 @@ class OpContext:
         """Channels of ``dim`` are mixed by a normalisation or reduction: not exactly prunable."""
         if not dim.is_opaque:
             self.table.mark_mixing(dim.atoms[dim.atoms >= 0], f"{why} ({self.where})")
+
+    def sizes_used_as_values(self, values: Any) -> None:
+        """Tracked sizes passed as scalars (``x / c``, ``torch.tensor(c)``) make results depend on
+        the channel count: the dims they come from are reported as not exactly prunable."""
+        if isinstance(values, TrackedInt):
+            self.state.value_use(values.expr, self.where)
+        elif isinstance(values, (list, tuple)):
+            for value in values:
+                self.sizes_used_as_values(value)
+        elif isinstance(values, dict):
+            self.sizes_used_as_values(list(values.values()))
 
     def input_tensors(self) -> list[torch.Tensor]:
         return list(iter_tensors((self.args, self.kwargs)))

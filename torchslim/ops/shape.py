@@ -507,6 +507,7 @@ def _factory_dims(ctx: OpContext, sizes: Sequence[Any]) -> TensorLayout:
 def factory_rule(ctx: OpContext) -> None:
     if ctx.name.endswith("full"):
         sizes = list(ctx.arg(0, "size"))
+        ctx.sizes_used_as_values(ctx.arg(1, "fill_value"))
     elif ctx.name.endswith("randint"):
         sizes = list(
             ctx.args[-1] if isinstance(ctx.args[-1], (tuple, list)) else ctx.kwargs["size"]
@@ -520,6 +521,7 @@ def factory_rule(ctx: OpContext) -> None:
 def new_factory_rule(ctx: OpContext) -> None:
     if ctx.name.endswith("new_full"):
         sizes = list(ctx.arg(1, "size"))
+        ctx.sizes_used_as_values(ctx.arg(2, "fill_value"))
     else:
         sizes = _shape_args(ctx.args[1:]) if ctx.args[1:] else list(ctx.kwargs["size"])
     ctx.set_out(ctx.out, _factory_dims(ctx, sizes))
@@ -530,6 +532,8 @@ def new_factory_rule(ctx: OpContext) -> None:
 )
 def constant_factory_rule(ctx: OpContext) -> None:
     out = ctx.out
+    if not ctx.name.endswith("arange"):
+        ctx.sizes_used_as_values((ctx.args, ctx.kwargs))
     if ctx.name.endswith("arange") and out.dim() == 1:
         args = [a for a in ctx.args if isinstance(a, (int, float))]
         if len(args) == 1:

@@ -236,12 +236,20 @@ class _SameWidthPruner(BasePruningFunc):
 
 
 class BatchNormPruner(_SameWidthPruner):
+    """BatchNorm, InstanceNorm (also without affine parameters or statistics), FrozenBatchNorm."""
+
     TARGET_MODULES = (nn.modules.batchnorm._NormBase,)
 
-    def sync(self, layer: nn.Module) -> None:
+    def get_out_channels(self, layer: nn.Module) -> Optional[int]:
+        return getattr(layer, "num_features", None) or super().get_out_channels(layer)
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
         width = self.get_out_channels(layer)
-        if width is not None and hasattr(layer, "num_features"):
-            layer.num_features = width
+        removed = normalise_indices(layer, idxs, width) if width else []
+        super().prune_out_channels(layer, removed)
+        if hasattr(layer, "num_features"):
+            layer.num_features = width - len(removed)
+        return layer
 
 
 class LayerNormPruner(_SameWidthPruner):
@@ -308,7 +316,8 @@ class MultiheadAttentionPruner(BasePruningFunc):
 
     Removing embedding channels ``idxs`` therefore removes the same positions from the inputs,
     from q, k and v and from the output projection; ``idxs`` must be whole heads (``num_heads``
-    shrinks) or the same offsets in every head (``head_dim`` shrinks).
+    shrinks) or the same offsets in every head (``head_dim`` shrinks, with the query rescaled so
+    attention scores do not change).
     """
 
     TARGET_MODULES = (nn.MultiheadAttention,)
@@ -353,7 +362,23 @@ class MultiheadAttentionPruner(BasePruningFunc):
         if layer._qkv_same_embed_dim:
             layer.kdim = layer.vdim = len(keep)
         layer.head_dim = layer.embed_dim // layer.num_heads
+        if layer.head_dim != width // heads:
+            _keep_attention_scale(layer, layer.head_dim / (width // heads))
         return layer
+
+
+def _keep_attention_scale(layer: nn.MultiheadAttention, ratio: float) -> None:
+    """The forward scales scores by ``head_dim ** -0.5``; a smaller ``head_dim`` would change
+    every score, so the query projection absorbs the difference and scores stay the same."""
+    factor = ratio**0.5
+    width = layer.embed_dim
+    with torch.no_grad():
+        if layer._qkv_same_embed_dim:
+            layer.in_proj_weight[:width].mul_(factor)
+        else:
+            layer.q_proj_weight.mul_(factor)
+        if layer.in_proj_bias is not None:
+            layer.in_proj_bias[:width].mul_(factor)
 
 
 class _ParameterPruner(BasePruningFunc):

@@ -1,0 +1,176 @@
+"""Counting multiply-accumulates (MACs) and parameters from one forward pass.
+
+MACs are counted per torch call (``F.conv2d``, ``F.linear``, ``matmul``, ``einsum``,
+``scaled_dot_product_attention``, ...) with a :class:`TorchFunctionMode`, not per module type, so
+grouped and transposed convolutions, attention written with ``@`` and layers nobody registered
+are all counted from their real shapes. Element-wise ops, norms and pooling are not MACs and
+are left out. Works on ``meta`` tensors, so LLM-sized models can be counted without memory.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from torchslim.graph.capture import call_forward, module_stack_hooks
+
+MacRule = Callable[[tuple, dict, Any], int]
+
+
+def _arg(args: tuple, kwargs: dict, position: int, name: str) -> Any:
+    return args[position] if len(args) > position else kwargs[name]
+
+
+def _conv(args: tuple, kwargs: dict, out: torch.Tensor) -> int:
+    weight = _arg(args, kwargs, 1, "weight")
+    return out.numel() * math.prod(weight.shape[1:])
+
+
+def _conv_transpose(args: tuple, kwargs: dict, out: torch.Tensor) -> int:
+    source, weight = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
+    return source.numel() * math.prod(weight.shape[1:])
+
+
+def _linear(args: tuple, kwargs: dict, out: torch.Tensor) -> int:
+    return out.numel() * _arg(args, kwargs, 1, "weight").shape[-1]
+
+
+def _product_with(position: int, name: str) -> MacRule:
+    """Matrix products: every output element sums over the left operand's last dim."""
+
+    def rule(args: tuple, kwargs: dict, out: torch.Tensor) -> int:
+        left = _arg(args, kwargs, position, name)
+        return out.numel() * (left.shape[-1] if left.dim() else 1)
+
+    return rule
+
+
+def _addbmm(args: tuple, kwargs: dict, out: torch.Tensor) -> int:
+    batch = _arg(args, kwargs, 1, "batch1")
+    return out.numel() * batch.shape[0] * batch.shape[-1]
+
+
+def _bilinear(args: tuple, kwargs: dict, out: torch.Tensor) -> int:
+    weight = _arg(args, kwargs, 2, "weight")
+    return out.numel() * weight.shape[1] * weight.shape[2]
+
+
+def _einsum(args: tuple, kwargs: dict, out: torch.Tensor) -> int:
+    equation = args[0]
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    inputs = equation.replace(" ", "").split("->")[0].split(",")
+    sizes: dict[str, int] = {}
+    for labels, operand in zip(inputs, operands):
+        explicit = labels.replace("...", "")
+        offset = operand.dim() - len(explicit) if "..." in labels else 0
+        start = labels.find("...") if "..." in labels else len(labels)
+        for position, label in enumerate(explicit):
+            dim = position if position < start else position + offset
+            sizes[label] = max(sizes.get(label, 1), operand.shape[dim])
+    output_labels = re.sub(r"[^A-Za-z]", "", equation.split("->")[1]) if "->" in equation else ""
+    broadcast = out.numel() // max(1, math.prod(sizes.get(label, 1) for label in output_labels))
+    return math.prod(sizes.values()) * max(1, broadcast)
+
+
+def _attention(args: tuple, kwargs: dict, out: torch.Tensor) -> int:
+    query, key, value = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+    rows = math.prod(query.shape[:-1])
+    return rows * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+
+
+def _multi_head_attention(args: tuple, kwargs: dict, out: Any) -> int:
+    """``F.multi_head_attention_forward``: its inner calls are hidden from a mode, so add them up."""
+    query, key, value = args[:3]
+    embed = query.shape[-1]
+    rows = math.prod(query.shape[:-1])
+    keys = math.prod(key.shape[:-1])
+    projections = rows * embed * embed * 2 + keys * embed * (key.shape[-1] + value.shape[-1])
+    batch = rows // query.shape[0]
+    return projections + batch * query.shape[0] * key.shape[0] * embed * 2
+
+
+MAC_RULES: dict[Any, MacRule] = {
+    F.multi_head_attention_forward: _multi_head_attention,
+    F.conv1d: _conv,
+    F.conv2d: _conv,
+    F.conv3d: _conv,
+    F.conv_transpose1d: _conv_transpose,
+    F.conv_transpose2d: _conv_transpose,
+    F.conv_transpose3d: _conv_transpose,
+    F.linear: _linear,
+    F.bilinear: _bilinear,
+    torch.einsum: _einsum,
+    F.scaled_dot_product_attention: _attention,
+    torch.addbmm: _addbmm,
+    torch.Tensor.addbmm: _addbmm,
+}
+for _name in ("matmul", "mm", "bmm", "__matmul__", "mv", "inner"):
+    for _owner in (torch, torch.Tensor):
+        if hasattr(_owner, _name):
+            MAC_RULES[getattr(_owner, _name)] = _product_with(0, "input")
+MAC_RULES[torch.Tensor.__rmatmul__] = _product_with(1, "other")
+for _name in ("addmm", "baddbmm", "addmv"):
+    for _owner in (torch, torch.Tensor):
+        MAC_RULES[getattr(_owner, _name)] = _product_with(1, "mat1")
+
+
+class _MacCounter(TorchFunctionMode):
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.per_module: dict[str, int] = defaultdict(int)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        rule = MAC_RULES.get(func)
+        if rule is not None:
+            self.per_module[self.stack[-1] if self.stack else ""] += int(rule(args, kwargs, out))
+        return out
+
+
+def count_ops_and_params(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+    layer_wise: bool = False,
+) -> Union[tuple[int, int], tuple[int, int, dict[str, int], dict[str, int]]]:
+    """Return ``(macs, params)`` of one forward pass on ``example_inputs``.
+
+    With ``layer_wise=True`` also return two dicts keyed by module name: the MACs each module
+    ran itself (not its children) and the parameters it owns directly. Shared parameters are
+    counted once. The forward runs in eval mode without autograd; the model's modes are restored.
+    """
+    stack: list[str] = []
+    counter = _MacCounter(stack)
+    modes = {module: module.training for module in model.modules()}
+    handles = module_stack_hooks(model, stack)
+    try:
+        model.eval()
+        with torch.no_grad(), counter:
+            call_forward(model, example_inputs, forward_fn)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    params = sum(p.numel() for p in model.parameters())
+    macs = sum(counter.per_module.values())
+    if not layer_wise:
+        return macs, params
+    seen: set[int] = set()
+    layer_params: dict[str, int] = {}
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        layer_params[name or "<model>"] = sum(p.numel() for p in own)
+    return macs, params, dict(counter.per_module), layer_params
