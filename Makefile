@@ -27,7 +27,8 @@ zoo: $(STAMP)
 	$(PY) -m pytest -q -m zoo --zoo-all
 
 bench: $(STAMP)
-	$(PY) benchmarks/zoo.py
+	$(PY) -m pip install --quiet -c constraints.txt torch-pruning
+	$(PY) benchmarks/zoo.py --markdown benchmarks/results/zoo.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

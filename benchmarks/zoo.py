@@ -33,7 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torchslim as ts  # noqa: E402
 from torchslim.graph.capture import iter_tensors  # noqa: E402
 from torchslim.verify import random_selections  # noqa: E402
-from torchslim.zoo import ZooModel, build_torchvision, torchvision_names  # noqa: E402
+from torchslim.zoo import (  # noqa: E402
+    ZooModel,
+    build_torchvision,
+    randomize_constant_parameters,
+    torchvision_names,
+)
 
 RATIO = 0.3
 SEED = 0
@@ -219,6 +224,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for kind, name in entries:
         torch.manual_seed(0)
         zoo = build_torchvision(name, kind)
+        randomize_constant_parameters(zoo.model)
         ours = _guarded(bench_torchslim, zoo)
         peer = _guarded(bench_torch_pruning, zoo)
         if ours.build == ours.build and peer.build == peer.build:

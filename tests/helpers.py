@@ -12,22 +12,6 @@ import torchslim as tp
 from torchslim.verify import random_selections
 
 
-def randomize_constant_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give zero- or constant-initialised tensors (heads, BN scales, layer scales) random values
-    so that a mapping error cannot hide behind a zero."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            if not tensor.is_floating_point() or tensor.numel() < 2:
-                continue
-            if float(tensor.max() - tensor.min()) == 0.0:
-                noise = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype)
-                tensor.copy_(0.5 + noise if float(tensor.max()) > 0 else 0.1 * (noise - 0.5))
-            elif float(tensor.abs().max()) < 1e-4:
-                tensor.mul_(1e4)
-    return model
-
-
 def build(model: nn.Module, inputs: Any, **kwargs: Any) -> tp.DependencyGraph:
     return tp.DependencyGraph().build_dependency(model.eval(), example_inputs=inputs, **kwargs)
 

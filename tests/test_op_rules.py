@@ -27,7 +27,7 @@ def conv_bn(cin: int, cout: int, **kwargs) -> nn.Sequential:
 
 
 def randomized(model: nn.Module) -> nn.Module:
-    from tests.helpers import randomize_constant_parameters
+    from torchslim.zoo import randomize_constant_parameters
 
     return randomize_constant_parameters(model.eval())
 

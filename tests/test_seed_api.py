@@ -9,7 +9,7 @@ import torch
 from torchvision.models import resnet18
 
 import torchslim as tp
-from tests.helpers import randomize_constant_parameters
+from torchslim.zoo import randomize_constant_parameters
 
 
 @pytest.fixture

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import torchslim as tp
-from tests.helpers import randomize_constant_parameters
 from torchslim.graph.capture import iter_tensors
 from torchslim.verify import random_selections
-from torchslim.zoo import build_torchvision, torchvision_names
+from torchslim.zoo import build_torchvision, randomize_constant_parameters, torchvision_names
 
 SLICE = {
     "resnet18",

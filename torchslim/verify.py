@@ -43,6 +43,13 @@ class GroupCheck:
     def ok(self) -> bool:
         return not self.exact_expected or self.max_rel_error <= self.tolerance
 
+    @property
+    def status(self) -> str:
+        """``ok`` (exact), ``FAIL`` (should be exact and is not) or ``mixing`` (not by design)."""
+        if not self.ok:
+            return "FAIL"
+        return "ok" if self.exact_expected else "mixing"
+
 
 @dataclass
 class VerifyReport:
@@ -62,8 +69,7 @@ class VerifyReport:
     def __str__(self) -> str:
         lines = [f"{'group':<48} {'removed':>7} {'rel.err':>10}  status"]
         for c in self.checks:
-            status = "ok" if c.ok and c.exact_expected else "FAIL" if not c.ok else "mixing"
-            lines.append(f"{c.group[:48]:<48} {c.removed:>7} {c.max_rel_error:>10.2e}  {status}")
+            lines.append(f"{c.group[:48]:<48} {c.removed:>7} {c.max_rel_error:>10.2e}  {c.status}")
             if c.mixing and not c.exact_expected:
                 lines.append(f"{'':<48}   not equivalent by design: {'; '.join(c.mixing)}")
         return "\n".join(lines)

@@ -61,10 +61,26 @@ def example_inputs(kind: str, name: str, batch: int = 1) -> Any:
         return tuple(frames)
     if kind == "video":
         long = name.startswith(("mvit", "s3d"))
-        frames, size = (16, 224) if name.startswith("mvit") else (16 if long else 4, 112)
+        frames, size = (16, 224) if long else (4, 112)
         return torch.randn(batch, 3, frames, size, size, generator=generator)
     size = _image_size(name)
     return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def randomize_constant_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give zero- or constant-initialised tensors (heads, BN scales, layer scales) random values
+    so that a mapping error cannot hide behind a zero (zoo checks and benchmarks)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if not tensor.is_floating_point() or tensor.numel() < 2:
+                continue
+            if float(tensor.max() - tensor.min()) == 0.0:
+                noise = torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype)
+                tensor.copy_(0.5 + noise if float(tensor.max()) > 0 else 0.1 * (noise - 0.5))
+            elif float(tensor.abs().max()) < 1e-4:
+                tensor.mul_(1e4)
+    return model
 
 
 def build_torchvision(name: str, kind: Optional[str] = None, seed: int = 0) -> ZooModel:
