@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchslim as ts  # noqa: E402
 from torchslim.graph.capture import iter_tensors  # noqa: E402
-from torchslim.verify import random_selections  # noqa: E402
+from torchslim.verify import random_selections, relative_error, run_float64  # noqa: E402
 from torchslim.zoo import (  # noqa: E402
     ZooModel,
     build_torchvision,
@@ -62,24 +62,6 @@ def _run(zoo: ZooModel, model: nn.Module, dense: bool) -> list[torch.Tensor]:
         else:
             out = model(zoo.inputs)
     return [t.detach() for t in iter_tensors(out)]
-
-
-def _rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(a, b):
-        if x.is_floating_point() and x.numel():
-            worst = max(worst, float((x - y).abs().max()) / max(float(x.abs().max()), 1e-30))
-    return worst
-
-
-def _double(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.double() if obj.is_floating_point() else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_double(v) for v in obj)
-    return obj
 
 
 def bench_torchslim(zoo: ZooModel) -> Result:
@@ -123,7 +105,12 @@ def _zero_like_tp(
     targets = dict(model.named_modules())
     with torch.no_grad():
         for dep, idxs in items:
-            layer = targets[modules[id(dep.target.module)]]
+            name = modules.get(id(dep.target.module))
+            if name is None:  # a parameter-free op node of the peer's graph, or a bare parameter
+                if isinstance(dep.target.module, nn.Parameter):
+                    return False
+                continue
+            layer = targets[name]
             index = torch.as_tensor(idxs, dtype=torch.long)
             out = graph.is_out_channel_pruning_fn(dep.handler)
             if isinstance(layer, (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear)):
@@ -192,7 +179,10 @@ def bench_torch_pruning(zoo: ZooModel) -> Result:
         return result
     if exact_possible:
         try:
-            error = _rel_error(_run(zoo, reference.double(), True), _run(zoo, model.double(), True))
+            forward = zoo.dense_forward
+            error = relative_error(
+                run_float64(reference, zoo.inputs, forward), run_float64(model, zoo.inputs, forward)
+            )
             result.exact = error < 1e-6
         except Exception as failure:
             result.exact = False

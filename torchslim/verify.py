@@ -162,10 +162,10 @@ def _check(graph, example_inputs, pairs, forward_fn, tolerance) -> GroupCheck:
     pruned_graph = copy.deepcopy(graph)
     for group, idxs in pairs:
         pruned_graph.group_like(group).prune(idxs)
-    inputs = _to_double(copy.deepcopy(example_inputs))
-    expected = _run(reference.double().eval(), inputs, forward_fn)
-    actual = _run(pruned_graph.model.double().eval(), inputs, forward_fn)
-    error = _relative_error(expected, actual)
+    inputs = copy.deepcopy(example_inputs)
+    expected = run_float64(reference, inputs, forward_fn)
+    actual = run_float64(pruned_graph.model, inputs, forward_fn)
+    error = relative_error(expected, actual)
     mixing = sorted(set().union(*(g.mixing for g, _ in pairs)))
     removed = sum(len(idxs) for _, idxs in pairs)
     return GroupCheck(_label(pairs), removed, error, not mixing, mixing, tolerance)
@@ -190,8 +190,10 @@ class _Float64Mode(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _run(model: nn.Module, inputs: Any, forward_fn) -> list[torch.Tensor]:
-    """Forward in float64, factories included (``torch.linspace`` inside a model's forward)."""
+def run_float64(model: nn.Module, inputs: Any, forward_fn=None) -> list[torch.Tensor]:
+    """Output tensors of the model and inputs cast to float64, factories inside the forward too."""
+    model = model.double().eval()
+    inputs = _to_double(inputs)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -202,7 +204,8 @@ def _run(model: nn.Module, inputs: Any, forward_fn) -> list[torch.Tensor]:
     return [t.detach() for t in iter_tensors(out)]
 
 
-def _relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+def relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+    """Worst ``max|a - b| / max|a|`` over output tensors; ``inf`` if shapes or counts differ."""
     if len(expected) != len(actual):
         return float("inf")
     worst = 0.0

@@ -106,7 +106,11 @@ class AtomTable:
         return self._flag[roots]
 
     def union_many(self, xs: np.ndarray, ys: np.ndarray) -> None:
-        """Merge the classes of ``xs[i]`` and ``ys[i]`` for every ``i``."""
+        """Merge the classes of ``xs[i]`` and ``ys[i]`` for every ``i``.
+
+        Pairs whose classes carry product definitions go one by one through :meth:`union`;
+        the rest are linked in bulk, then frozen and mixing marks move to the new roots.
+        """
         xs = np.asarray(xs, np.int64)
         ys = np.asarray(ys, np.int64)
         while xs.size:
@@ -115,14 +119,23 @@ class AtomTable:
             if not differ.any():
                 return
             xs, ys, rx, ry = xs[differ], ys[differ], rx[differ], ry[differ]
-            special = self._special(rx) | self._special(ry)
-            for a, b in zip(rx[special], ry[special]):
+            defined = self._defined[rx] | self._defined[ry]
+            for a, b in zip(rx[defined], ry[defined]):
                 self.union(int(a), int(b))
-            plain = ~special
-            lo = np.minimum(rx[plain], ry[plain])
-            hi = np.maximum(rx[plain], ry[plain])
-            self._parent[hi] = lo
-            xs, ys = xs[plain], ys[plain]
+            hi, first = np.unique(np.maximum(rx[~defined], ry[~defined]), return_index=True)
+            self._parent[hi] = np.minimum(rx[~defined], ry[~defined])[first]
+            marked = hi[self._flag[hi]]
+            if marked.size:
+                for old, new in zip(marked.tolist(), self._roots(marked).tolist()):
+                    self._move_marks(old, new)
+            xs, ys = xs[~defined], ys[~defined]
+
+    def _move_marks(self, old: int, new: int) -> None:
+        self._flag[new] = True
+        if old in self.frozen:
+            self.frozen.setdefault(new, self.frozen.pop(old))
+        if old in self.mixing:
+            self.mixing.setdefault(new, set()).update(self.mixing.pop(old))
 
     def union(self, a: int, b: int) -> None:
         """Merge two atom classes; their definitions must then agree factor by factor."""
@@ -132,11 +145,8 @@ class AtomTable:
         if ra > rb:
             ra, rb = rb, ra
         self._parent[rb] = ra
-        self._flag[ra] |= self._flag[rb]
-        if rb in self.frozen:
-            self.frozen.setdefault(ra, self.frozen.pop(rb))
-        if rb in self.mixing:
-            self.mixing.setdefault(ra, set()).update(self.mixing.pop(rb))
+        if self._flag[rb]:
+            self._move_marks(rb, ra)
         def_b = self.definition.pop(rb, None)
         if def_b is None:
             return

@@ -121,6 +121,7 @@ class TraceState:
     module_stack: list[str] = field(default_factory=list)
     checks: list[SizeCheck] = field(default_factory=list)
     unsupported: list[Unsupported] = field(default_factory=list)
+    ran: set[int] = field(default_factory=set)
     calls: int = 0
 
     def __post_init__(self) -> None:
@@ -244,13 +245,18 @@ class Recorder(TorchFunctionMode):
         return sizes
 
 
-def module_stack_hooks(model: nn.Module, stack: list[str]) -> list[Any]:
-    """Hooks that keep ``stack`` equal to the names of the modules currently running."""
+def module_stack_hooks(
+    model: nn.Module, stack: list[str], ran: Optional[set[int]] = None
+) -> list[Any]:
+    """Hooks that keep ``stack`` equal to the names of the modules currently running (and add
+    the ``id`` of every module that runs to ``ran``)."""
     handles = []
+    ran = set() if ran is None else ran
     for name, module in model.named_modules():
 
-        def pre(_module, _args, name=name):
+        def pre(module, _args, name=name):
             stack.append(name or "<model>")
+            ran.add(id(module))
 
         def post(_module, _args, _out):
             stack.pop()
@@ -292,7 +298,7 @@ def run_traced(
         if training and buffer is not None and buffer.device.type != "meta"
     }
     rng = torch.random.get_rng_state()
-    handles = module_stack_hooks(model, state.module_stack)
+    handles = module_stack_hooks(model, state.module_stack, state.ran)
 
     def listener(expr: Any) -> None:
         state.value_use(expr, state.module_path)

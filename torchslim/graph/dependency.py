@@ -194,9 +194,10 @@ class DependencyGraph:
     ) -> DependencyGraph:
         """Trace ``model`` on ``example_inputs`` and compute its coupled groups.
 
-        The forward runs in eval mode, then (``trace_train_mode``) once more in train mode so
-        branches that only run while training (auxiliary heads) are coupled too; a train-mode
-        forward that fails (e.g. a detector that wants targets) is skipped and noted.
+        The forward runs in eval mode. If layers with parameters did not run (auxiliary heads
+        that only run while training) and ``trace_train_mode`` is set, it runs once more in
+        train mode so they are coupled too; a train-mode forward that fails (e.g. a detector
+        that wants targets) is skipped and noted.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -221,7 +222,7 @@ class DependencyGraph:
             ) from error
         self._freeze_outputs(state, outputs, output_transform)
         self.notes = []
-        if trace_train_mode:
+        if trace_train_mode and _layers_not_run(model, state.ran):
             try:
                 outputs = run_traced(state, lookup, call, training=True)
                 self._freeze_outputs(state, outputs, output_transform)
@@ -485,6 +486,14 @@ class _ParameterHandler:
 
     def __hash__(self) -> int:
         return hash((self.name, self.dim))
+
+
+def _layers_not_run(model: nn.Module, ran: set[int]) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if id(module) not in ran and next(module.parameters(recurse=False), None) is not None
+    ]
 
 
 def _role_positions(member: ParamDim, positions: np.ndarray) -> np.ndarray:

@@ -212,7 +212,7 @@ def unify(table: AtomTable, a: DimLayout, b: DimLayout, where: str) -> None:
 
 
 def _union_columns(table: AtomTable, x: np.ndarray, y: np.ndarray, where: str) -> None:
-    pairs = np.unique(np.stack([x, y], axis=1), axis=0)
+    pairs = np.stack([x, y], axis=1)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     loose = (pairs[:, 0] == NO_ATOM) | (pairs[:, 1] == NO_ATOM)
     if loose.any():
