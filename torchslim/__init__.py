@@ -4,9 +4,10 @@
 functions, ``tp.strategy``, ``tp.utils.count_ops_and_params`` and ``tp.verify``.
 """
 
-from torchslim import graph, ops, pruning, strategy, utils
+from torchslim import graph, importance, ops, pruner, pruning, strategy, utils
 from torchslim.graph.dependency import Dependency, DependencyGraph, Group, GroupItem, Node
 from torchslim.ops import register_rule, rule_for
+from torchslim.persistence import CheckpointError, apply_plan, load_pruned, save_pruned
 from torchslim.pruning.functions import *  # noqa: F403
 from torchslim.pruning.functions import BasePruningFunc, register_pruner
 from torchslim.verify import VerifyReport, random_selections, verify
@@ -14,6 +15,10 @@ from torchslim.verify import VerifyReport, random_selections, verify
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "apply_plan",
+    "load_pruned",
+    "save_pruned",
     "BasePruningFunc",
     "Dependency",
     "DependencyGraph",
@@ -22,7 +27,9 @@ __all__ = [
     "Node",
     "VerifyReport",
     "graph",
+    "importance",
     "ops",
+    "pruner",
     "pruning",
     "random_selections",
     "register_pruner",

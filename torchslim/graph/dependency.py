@@ -28,6 +28,7 @@ from torchslim.pruning import functions as F
 from torchslim.pruning.functions import BasePruningFunc
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+HISTORY_ATTRIBUTE = "_torchslim_history"
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class Group:
         if idxs is not None:
             self.idxs = sorted(set(int(i) for i in idxs))
             self._items = None
-        self._graph._prune(self)
+        self._graph._prune(self, record_history)
 
     def removed_positions(self, idxs: Sequence[int]) -> list[tuple[ParamDim, np.ndarray]]:
         """For every coupled parameter dim, the positions removing ``idxs`` would delete."""
@@ -139,6 +140,30 @@ class Group:
         removed = np.array([live[i] for i in idxs], np.int64)
         found = [(m, m.positions_of(removed)) for m in self.coupling.members]
         return [(m, p) for m, p in found if p.size]
+
+    def index_maps(self) -> list[tuple[ParamDim, np.ndarray]]:
+        """For every coupled parameter dim, the group index of each of its positions (-1 where a
+        position belongs to no channel of this group). Importance criteria score positions and
+        add them up per group index with this map."""
+        live = np.asarray(self._graph._live_classes(self.coupling), np.int64)
+        order = np.argsort(live)
+        sorted_live = live[order]
+        maps = []
+        for member in self.coupling.members:
+            terms = member.terms
+            if terms.shape[1] == 0 or not live.size:
+                continue
+            slot = np.clip(np.searchsorted(sorted_live, terms), 0, live.size - 1)
+            hit = sorted_live[slot] == terms
+            index = np.where(hit, order[slot], -1)
+            first = np.where(hit.any(axis=1), index.max(axis=1, initial=-1), -1)
+            if (first >= 0).any():
+                maps.append((member, first))
+        return maps
+
+    def handler_role(self, member: ParamDim) -> Optional[str]:
+        """``"out"``, ``"in"`` or ``"param"``: how this member's layer is pruned."""
+        return self._graph._handler(member)[1]
 
     def has_dep(self, dep: Dependency) -> bool:
         return any(item.dep == dep for item in self.items)
@@ -174,6 +199,7 @@ class DependencyGraph:
         self.customized_pruners: dict[Any, BasePruningFunc] = {}
         self.ignored_params: list[nn.Parameter] = []
         self._removed: dict[int, set[int]] = {}
+        self.history: list[dict[str, Any]] = []
         self._unsupported: list[Unsupported] = []
         self._calls = 0
         self.notes: list[str] = []
@@ -270,7 +296,7 @@ class DependencyGraph:
         module = member.ref.module
         pruner = self.get_pruner_of_module(module)
         if pruner is None:
-            return _ParameterHandler(member.ref.name, member.dim), "param"
+            return F.ParameterHandler(member.ref.name, member.dim), "param"
         role = pruner.param_roles(module).get((member.ref.name, member.dim))
         if role == "out":
             return pruner.prune_out_channels, role
@@ -443,49 +469,54 @@ class DependencyGraph:
             by_dep[dep] = GroupItem(dep, [int(p) for p in positions], root_idxs)
         return list(by_dep.values())
 
-    def _prune(self, group: Group) -> None:
+    def _prune(self, group: Group, record_history: bool = True) -> None:
         reason = group.refusal()
         if reason is not None:
             raise ValueError(f"cannot prune this group: {reason}")
         live = self._live_classes(group.coupling)
         removed = np.array([live[i] for i in group.idxs], np.int64)
+        operations = []
         for item in group.items:
             if item.idxs:
                 item.dep(item.idxs)
-        self._drop_classes(removed)
+                operations.append(_operation(item))
+        if record_history:
+            step = {"group": group.root.label, "idxs": list(group.idxs), "ops": operations}
+            self.history.append(step)
+            _model_history(self.model).append(step)
+        self._drop_classes(group.coupling, removed)
         self._removed.setdefault(group.coupling.id, set()).update(int(c) for c in removed)
         group._items = None
 
-    def _drop_classes(self, removed: np.ndarray) -> None:
-        """Keep every member's terms in step with the pruned tensors."""
-        for member in self._require().param_dims:
+    @staticmethod
+    def _drop_classes(coupling: Coupling, removed: np.ndarray) -> None:
+        """Keep the members' terms in step with the pruned tensors (only members of the
+        coupling can hold its classes)."""
+        for member in coupling.members:
             gone = member.positions_of(removed)
             if gone.size:
                 member.terms = np.delete(member.terms, gone, axis=0)
 
 
-class _ParameterHandler:
-    """Prunes one dim of a parameter that no layer-specific function knows about."""
+def _operation(item: GroupItem) -> dict[str, Any]:
+    """One pruning call as plain data, enough to replay it on a fresh model."""
+    handler = item.dep.handler
+    op: dict[str, Any] = {"module": item.dep.target.name, "idxs": [int(i) for i in item.idxs]}
+    if isinstance(handler, F.ParameterHandler):
+        op.update(role="param", param=handler.name, dim=handler.dim)
+    else:
+        op["role"] = "out" if DependencyGraph.is_out_channel_pruning_fn(handler) else "in"
+    return op
 
-    def __init__(self, name: str, dim: int) -> None:
-        self.name = name
-        self.dim = dim
-        self.__name__ = "prune_parameter_out_channels"
 
-    def __call__(self, module: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        tensor = getattr(module, self.name)
-        keep = sorted(set(range(tensor.shape[self.dim])) - set(int(i) for i in idxs))
-        F.slice_parameter(module, self.name, self.dim, keep)
-        return module
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ParameterHandler) and (self.name, self.dim) == (
-            other.name,
-            other.dim,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.dim))
+def _model_history(model: nn.Module) -> list[dict[str, Any]]:
+    """The pruning steps applied to ``model``, kept on the model so that it can be saved with
+    its plan (:func:`torchslim.save_pruned`) without the graph that pruned it."""
+    history = model.__dict__.get(HISTORY_ATTRIBUTE)
+    if history is None:
+        history = []
+        model.__dict__[HISTORY_ATTRIBUTE] = history
+    return history
 
 
 def _layers_not_run(model: nn.Module, ran: set[int]) -> list[str]:

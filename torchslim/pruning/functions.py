@@ -393,6 +393,31 @@ class _ParameterPruner(BasePruningFunc):
         return self.prune_out_channels(layer, idxs, dim=1)
 
 
+class ParameterHandler:
+    """Prunes one dim of a module's parameter that no layer-specific function knows about
+    (a layer scale, a positional embedding): ``handler(module, idxs)``."""
+
+    def __init__(self, name: str, dim: int) -> None:
+        self.name = name
+        self.dim = dim
+        self.__name__ = "prune_parameter_out_channels"
+
+    def __call__(self, module: nn.Module, idxs: Indices) -> nn.Module:
+        tensor = getattr(module, self.name)
+        removed = normalise_indices(tensor, idxs, tensor.shape[self.dim])
+        slice_parameter(module, self.name, self.dim, keep_indices(tensor.shape[self.dim], removed))
+        return module
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ParameterHandler) and (self.name, self.dim) == (
+            other.name,
+            other.dim,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.dim))
+
+
 _CONV = ConvPruner()
 _LINEAR = LinearPruner()
 _BATCHNORM = BatchNormPruner()
@@ -481,6 +506,7 @@ prune_batchnorm = prune_batchnorm_out_channels
 
 __all__ = [
     "PRUNERS",
+    "ParameterHandler",
     "BasePruningFunc",
     "get_pruner",
     "register_pruner",

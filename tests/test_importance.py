@@ -1,0 +1,156 @@
+"""Importance criteria on a hand-computable group: conv(1->3) -> BN(3) -> conv(3->2).
+
+Channel k of the group owns conv0's filter k (one weight), BN scale k, and conv2's input
+column k (two weights). Every expected number below is worked out by hand from those values.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as tp
+from torchslim.importance import lamp, normalize, reduce_layers
+
+CONV0 = [1.0, 2.0, 3.0]
+GAMMA = [0.5, -4.0, 1.0]
+CONV2 = [[1.0, 1.0, 1.0], [1.0, -1.0, 2.0]]  # column k = input channel k
+
+
+def tiny() -> nn.Sequential:
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 1, bias=False), nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1, bias=False)
+    ).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor(CONV0).view(3, 1, 1, 1))
+        model[1].weight.copy_(torch.tensor(GAMMA))
+        model[2].weight.copy_(torch.tensor(CONV2).view(2, 3, 1, 1))
+    return model
+
+
+@pytest.fixture
+def group():
+    model = tiny()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 1, 4, 4))
+    return graph.get_pruning_group(model[0], tp.prune_conv_out_channels, [0])
+
+
+def close(actual, expected):
+    assert torch.allclose(actual, torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+
+
+def test_magnitude_l1_mean_over_layers(group):
+    # channel 0: |1| + |0.5| + (|1| + |1|) = 3.5 over 3 layers
+    imp = tp.importance.MagnitudeImportance(p=1, normalizer=None)
+    close(imp(group), [3.5 / 3, 8 / 3, 7 / 3])
+
+
+@pytest.mark.parametrize(
+    ("reduction", "expected"),
+    [
+        ("sum", [3.25, 22.0, 15.0]),  # 1 + 0.25 + 2;  4 + 16 + 2;  9 + 1 + 5
+        ("max", [2.0, 16.0, 9.0]),
+        ("prod", [0.5, 128.0, 45.0]),
+        ("first", [1.0, 4.0, 9.0]),
+    ],
+)
+def test_magnitude_l2_group_reductions(group, reduction, expected):
+    imp = tp.importance.MagnitudeImportance(p=2, group_reduction=reduction, normalizer=None)
+    close(imp(group), expected)
+
+
+def test_normalizers():
+    scores = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    close(normalize(scores, "mean"), [0.375, 0.75, 1.875])
+    close(normalize(scores, "max"), [0.2, 0.4, 1.0])
+    close(normalize(scores, "sum"), [0.125, 0.25, 0.625])
+    close(normalize(scores, "standardization"), [0.0, 0.25, 1.0])
+    std = (26 / 9) ** 0.5  # population std of 1, 2, 5 around their mean 8/3
+    close(normalize(scores, "gaussian"), [(1 - 8 / 3) / std, (2 - 8 / 3) / std, (5 - 8 / 3) / std])
+    close(lamp(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)), [1.0, 1 / 6, 2 / 5])
+    close(reduce_layers([scores, scores], None), [2.0, 4.0, 10.0])
+
+
+def test_bn_scale_group_norm_and_lamp(group):
+    close(tp.importance.BNScaleImportance()(group), [0.5, 4.0, 1.0])
+    close(tp.importance.GroupNormImportance(normalizer=None)(group), [3.25**0.5, 22**0.5, 15**0.5])
+    close(tp.importance.LAMPImportance(group_reduction="first")(group), [1 / 14, 4 / 13, 1.0])
+
+
+def test_fpgm_sums_distances_between_slices(group):
+    # conv0 filters 1, 2, 3: distance sums 3, 2, 3. conv2 columns (1, 1), (1, -1), (1, 2):
+    # distances 2, 1, 3 -> sums 3, 5, 4. The BN scale (1-D) is skipped. Mean of the two layers.
+    close(tp.importance.FPGMImportance(normalizer=None)(group), [3.0, 3.5, 3.5])
+
+
+def test_bn_scale_skips_groups_without_normalisation():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 2))
+    group = graph.get_pruning_group(model[0], tp.prune_linear_out_channels, [0])
+    assert tp.importance.BNScaleImportance()(group) is None
+
+
+def _backward(model: nn.Module, x: torch.Tensor) -> None:
+    model.zero_grad()
+    model(x).sum().backward()
+
+
+def test_taylor_uses_weight_times_gradient_for_every_layer_kind(group):
+    model = group.root.ref.module  # conv0; find the whole model through the graph
+    graph_model = group._graph.model
+    x = torch.ones(1, 1, 1, 1)
+    _backward(graph_model, x)
+    # with eval BN: y = sum_k c2[:, k] * (gamma_k * (w_k x - 0) / sqrt(1 + eps) + 0)
+    eps = graph_model[1].eps
+    inv = 1 / (1 + eps) ** 0.5
+    column = [sum(col) for col in zip(*CONV2)]  # d(sum y)/d(bn_out_k) = column sums 2, 0, 3
+    conv0 = [abs(CONV0[k] * column[k] * GAMMA[k] * inv) for k in range(3)]
+    bn = [abs(GAMMA[k] * column[k] * CONV0[k] * inv) for k in range(3)]
+    bn_out = [GAMMA[k] * CONV0[k] * inv for k in range(3)]
+    conv2 = [abs(CONV2[0][k] * bn_out[k]) + abs(CONV2[1][k] * bn_out[k]) for k in range(3)]
+    expected = [(conv0[k] + bn[k] + conv2[k]) / 3 for k in range(3)]
+    close(tp.importance.TaylorImportance(normalizer=None)(group), expected)
+    assert model is graph_model[0]
+
+
+def test_hessian_averages_squared_gradients_over_batches(group):
+    model = group._graph.model
+    imp = tp.importance.HessianImportance(normalizer=None, group_reduction="first")
+    grads = []
+    for scale in (1.0, 3.0):
+        _backward(model, torch.full((1, 1, 1, 1), scale))
+        grads.append(model[0].weight.grad.view(-1).clone())
+        imp.accumulate_grad(model)
+    fisher = (grads[0] ** 2 + grads[1] ** 2) / 2
+    expected = 0.5 * torch.tensor(CONV0) ** 2 * fisher
+    close(imp(group), expected.tolist())
+    imp.accumulate_grad(model)  # a third batch equal to the second changes the mean
+    fisher3 = (grads[0] ** 2 + 2 * grads[1] ** 2) / 3
+    close(imp(group), (0.5 * torch.tensor(CONV0) ** 2 * fisher3).tolist())
+    imp.zero_grad()
+    assert imp(group) is None
+
+
+def test_activation_importance_averages_output_magnitudes(group):
+    model = group._graph.model
+    imp = tp.importance.ActivationImportance(normalizer=None)
+    with imp.record(model):
+        model(torch.full((1, 1, 2, 2), 1.0))
+        model(torch.full((1, 1, 2, 2), -3.0))
+    # conv0 output channel k is w_k * x: mean |.| over the two batches = 2 * |w_k|
+    close(imp(group), [2.0, 4.0, 6.0])
+
+
+def test_random_importance_is_seeded(group):
+    torch.manual_seed(1)
+    first = tp.importance.RandomImportance()(group)
+    torch.manual_seed(1)
+    assert torch.equal(first, tp.importance.RandomImportance()(group)) and first.numel() == 3
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="group_reduction"):
+        tp.importance.MagnitudeImportance(group_reduction="median")
+    with pytest.raises(ValueError, match="normalizer"):
+        tp.importance.MagnitudeImportance(normalizer="l2")
+    with pytest.raises(ValueError, match="p must be positive"):
+        tp.importance.MagnitudeImportance(p=0)

@@ -1,0 +1,145 @@
+"""The one mechanism every importance criterion shares.
+
+A criterion scores *positions* of one parameter dim (one conv filter, one BN scale, one input
+column of the next layer). :meth:`GroupImportance.__call__` adds position scores up per group
+index with :meth:`Group.index_maps` (so a head's 64 positions make one head score), reduces the
+per-layer vectors of the group to one (``mean``, ``sum``, ``max``, ``prod``, ``first``) and
+normalises the result. Lower scores are pruned first.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.graph.analysis import ParamDim
+from torchslim.graph.dependency import Group
+
+REDUCTIONS = ("mean", "sum", "max", "prod", "first")
+NORMALIZERS = ("mean", "max", "sum", "standardization", "gaussian", "lamp")
+Normalizer = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class Importance:
+    """Anything that maps a group to one score per group index (or ``None``: skip the group)."""
+
+    def __call__(self, group: Group) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+
+class GroupImportance(Importance):
+    """Score positions of every coupled parameter dim, then reduce onto the group's channels.
+
+    Subclasses implement :meth:`position_scores`. ``bias`` includes 1-D bias vectors,
+    ``include_buffers`` running statistics; by default both are left out.
+    """
+
+    def __init__(
+        self,
+        group_reduction: Optional[str] = "mean",
+        normalizer: Normalizer = "mean",
+        bias: bool = False,
+        include_buffers: bool = False,
+    ) -> None:
+        if group_reduction is not None and group_reduction not in REDUCTIONS:
+            raise ValueError(f"group_reduction must be one of {REDUCTIONS} or None")
+        if isinstance(normalizer, str) and normalizer not in NORMALIZERS:
+            raise ValueError(f"normalizer must be one of {NORMALIZERS}, a callable or None")
+        self.group_reduction = group_reduction
+        self.normalizer = normalizer
+        self.bias = bias
+        self.include_buffers = include_buffers
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        """One non-negative score per position of ``tensor`` along ``member.dim`` (or None)."""
+        raise NotImplementedError
+
+    def accepts(self, group: Group, member: ParamDim) -> bool:
+        """Whether a coupled parameter dim takes part in the score."""
+        if member.ref.is_buffer and not self.include_buffers:
+            return False
+        tensor = getattr(member.ref.module, member.ref.name)
+        if member.ref.name == "bias" and tensor.dim() == 1 and not self.bias:
+            return False
+        return group.handler_role(member) is not None
+
+    @torch.no_grad()
+    def __call__(self, group: Group) -> Optional[torch.Tensor]:
+        per_layer = []
+        for member, index in group.index_maps():
+            if not self.accepts(group, member):
+                continue
+            tensor = getattr(member.ref.module, member.ref.name)
+            scores = self.position_scores(member, tensor)
+            if scores is None:
+                continue
+            per_layer.append(_scatter(scores.detach().double().cpu(), index, group.size))
+        if not per_layer:
+            return None
+        return normalize(reduce_layers(per_layer, self.group_reduction), self.normalizer)
+
+
+def _scatter(scores: torch.Tensor, index: np.ndarray, size: int) -> torch.Tensor:
+    """Sum the scores of positions that belong to the same group index."""
+    keep = torch.as_tensor(index >= 0)
+    out = torch.zeros(size, dtype=scores.dtype)
+    target = torch.as_tensor(index, dtype=torch.long)[keep]
+    return out.index_add_(0, target, scores[keep])
+
+
+def slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[positions, everything else]``: the slice of each position along ``dim``."""
+    return tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1).double()
+
+
+def reduce_layers(per_layer: list[torch.Tensor], how: Optional[str]) -> torch.Tensor:
+    """Reduce the score vectors of a group's layers to one (``None``: sum)."""
+    stacked = torch.stack(per_layer)
+    if how == "first":
+        return stacked[0]
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.max(0).values
+    if how == "prod":
+        return stacked.prod(0)
+    return stacked.sum(0)
+
+
+def normalize(scores: torch.Tensor, how: Normalizer) -> torch.Tensor:
+    """Make scores comparable across groups (global pruning ranks them together)."""
+    if how is None:
+        return scores
+    if callable(how):
+        return how(scores)
+    eps = 1e-12
+    if how == "mean":
+        return scores / (scores.mean() + eps)
+    if how == "max":
+        return scores / (scores.max() + eps)
+    if how == "sum":
+        return scores / (scores.sum() + eps)
+    if how == "standardization":
+        return (scores - scores.min()) / (scores.max() - scores.min() + eps)
+    if how == "gaussian":
+        return (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
+    return lamp(scores)
+
+
+def lamp(scores: torch.Tensor) -> torch.Tensor:
+    """LAMP: each score divided by the sum of the scores not smaller than it."""
+    order = torch.argsort(scores)
+    ascending = scores[order]
+    tail = torch.flip(torch.cumsum(torch.flip(ascending, [0]), 0), [0])
+    out = torch.empty_like(scores)
+    out[order] = ascending / (tail + 1e-12)
+    return out
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._NormBase) or type(module).__name__ in (
+        "FrozenBatchNorm2d",
+    )

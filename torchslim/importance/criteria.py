@@ -1,0 +1,218 @@
+"""Importance criteria: magnitude, BN scale, group norm, LAMP, FPGM, random, Taylor, Hessian
+(OBD) and activations. Each only says how to score the positions of one parameter dim; the
+group mechanism in :mod:`.base` does the rest."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from torchslim.graph.analysis import ParamDim
+from torchslim.graph.dependency import Group
+from torchslim.importance.base import (
+    GroupImportance,
+    Importance,
+    is_norm_layer,
+    normalize,
+    slices,
+)
+
+
+class MagnitudeImportance(GroupImportance):
+    """``sum |w|^p`` over each position's slice (p=1: L1, p=2: squared L2)."""
+
+    def __init__(self, p: float = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if p <= 0:
+            raise ValueError(f"p must be positive, got {p}")
+        self.p = p
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> torch.Tensor:
+        return slices(tensor, member.dim).abs().pow(self.p).sum(1)
+
+
+class GroupNormImportance(MagnitudeImportance):
+    """The L-p norm of each channel over the *whole* group: ``(sum over layers |w|^p)^(1/p)``."""
+
+    def __init__(self, p: float = 2, normalizer: Any = "max", **kwargs: Any) -> None:
+        super().__init__(p=p, group_reduction="sum", normalizer=None, **kwargs)
+        self.group_normalizer = normalizer
+
+    def __call__(self, group: Group) -> Optional[torch.Tensor]:
+        scores = super().__call__(group)
+        return None if scores is None else normalize(scores.pow(1 / self.p), self.group_normalizer)
+
+
+class LAMPImportance(MagnitudeImportance):
+    """Layer-adaptive magnitude: squared magnitude, normalised by LAMP within the group."""
+
+    def __init__(self, p: float = 2, **kwargs: Any) -> None:
+        kwargs.setdefault("normalizer", "lamp")
+        super().__init__(p=p, **kwargs)
+
+
+class BNScaleImportance(GroupImportance):
+    """``|gamma|`` of the normalisation layers in the group (None if there is none)."""
+
+    def __init__(self, normalizer: Any = None, **kwargs: Any) -> None:
+        super().__init__(normalizer=normalizer, **kwargs)
+
+    def accepts(self, group: Group, member: ParamDim) -> bool:
+        return (
+            is_norm_layer(member.ref.module)
+            and member.ref.name == "weight"
+            and super().accepts(group, member)
+        )
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().double().abs()
+
+
+class FPGMImportance(GroupImportance):
+    """Filter pruning via geometric median: channels close to all others are redundant.
+
+    Score of a position: the sum of L-p distances from its slice to every other slice."""
+
+    def __init__(self, p: float = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.p = p
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        if tensor.dim() < 2:
+            return None
+        flat = slices(tensor, member.dim)
+        return torch.cdist(flat[None], flat[None], p=self.p)[0].sum(1)
+
+
+class RandomImportance(Importance):
+    """Uniform random scores, seeded through ``torch.manual_seed``."""
+
+    def __call__(self, group: Group) -> torch.Tensor:
+        return torch.rand(group.size, dtype=torch.float64)
+
+
+class TaylorImportance(GroupImportance):
+    """First-order Taylor: ``|sum w * dL/dw|`` over each position's slice (needs ``.grad``).
+
+    Every parameter with a gradient counts, BatchNorm and LayerNorm scales included.
+    ``multivariate=True`` takes the absolute value after summing (the whole slice as one
+    variable); the default sums per-weight absolute values."""
+
+    def __init__(self, multivariate: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.multivariate = multivariate
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        if tensor.grad is None:
+            return None
+        product = slices(tensor, member.dim) * slices(tensor.grad, member.dim)
+        return product.sum(1).abs() if self.multivariate else product.abs().sum(1)
+
+
+class HessianImportance(GroupImportance):
+    """Optimal Brain Damage: ``sum 0.5 * w^2 * H_diag`` with the diagonal Hessian estimated as
+    the mean of squared per-batch gradients (Fisher).
+
+    Call :meth:`accumulate_grad` after every ``loss.backward()``; the mean is over the batches
+    accumulated so far, so the score does not grow with the number of batches.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._sum: dict[int, torch.Tensor] = {}
+        self._batches = 0
+
+    def accumulate_grad(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.grad is None:
+                    continue
+                square = param.grad.detach().pow(2)
+                previous = self._sum.get(id(param))
+                if previous is not None and previous.shape == square.shape:
+                    previous.add_(square)
+                else:
+                    self._sum[id(param)] = square.clone()
+        self._batches += 1
+
+    def zero_grad(self) -> None:
+        self._sum.clear()
+        self._batches = 0
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        hessian = self._sum.get(id(tensor))
+        if hessian is None or hessian.shape != tensor.shape or not self._batches:
+            return None
+        curvature = slices(hessian, member.dim) / self._batches
+        return (0.5 * slices(tensor, member.dim).pow(2) * curvature).sum(1)
+
+
+class ActivationImportance(GroupImportance):
+    """Mean absolute activation of each output channel, recorded on calibration batches.
+
+    ``with imp.record(model): model(batch)`` hooks every conv and linear layer and accumulates
+    the mean of ``|output|`` per channel (dim 1 for convolutions, the last dim for linear).
+    Groups are scored from the layers whose outputs they remove."""
+
+    def __init__(
+        self,
+        layer_types: Iterable[type] = (nn.modules.conv._ConvNd, nn.Linear),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.layer_types = tuple(layer_types)
+        self._sum: dict[int, torch.Tensor] = {}
+        self._count: dict[int, int] = {}
+
+    def record(self, model: nn.Module) -> _Recording:
+        return _Recording(self, model)
+
+    def _hook(self, module: nn.Module, _inputs: Any, output: Any) -> None:
+        if not isinstance(output, torch.Tensor):
+            return
+        dim = output.dim() - 1 if isinstance(module, nn.Linear) else min(1, output.dim() - 1)
+        values = output.detach().abs().double().movedim(dim, 0).reshape(output.shape[dim], -1)
+        key = id(module)
+        total = values.mean(1)
+        if key in self._sum and self._sum[key].shape == total.shape:
+            self._sum[key] += total
+            self._count[key] += 1
+        else:
+            self._sum[key], self._count[key] = total, 1
+
+    def accepts(self, group: Group, member: ParamDim) -> bool:
+        return (
+            id(member.ref.module) in self._sum
+            and member.ref.name == "weight"
+            and group.handler_role(member) == "out"
+        )
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        key = id(member.ref.module)
+        scores = self._sum[key] / self._count[key]
+        return scores if scores.numel() == tensor.shape[member.dim] else None
+
+
+class _Recording:
+    def __init__(self, importance: ActivationImportance, model: nn.Module) -> None:
+        self.importance = importance
+        self.model = model
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> ActivationImportance:
+        for module in self.model.modules():
+            if isinstance(module, self.importance.layer_types):
+                self.handles.append(module.register_forward_hook(self.importance._hook))
+        return self.importance
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+GroupMagnitudeImportance = MagnitudeImportance
+GroupTaylorImportance = TaylorImportance
+GroupHessianImportance = HessianImportance
+OBDImportance = HessianImportance

@@ -1,0 +1,188 @@
+"""Saving pruned models without pickling code: weights in safetensors plus a JSON pruning plan.
+
+``save_pruned(model, "net.safetensors")`` writes the weights with the plan embedded in the file's
+metadata (one file to move around), and the same plan as ``net.plan.json`` for people to read
+and diff. ``load_pruned(fresh_model, "net.safetensors")`` replays the plan on a freshly built
+model (every pruning call, so attributes such as ``groups`` or ``num_heads`` follow) and loads
+the weights. A SHA-256 over plan and tensors catches tampering; every write goes to a temporary
+file renamed into place, so a failed save never damages the previous file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from torchslim.graph.dependency import HISTORY_ATTRIBUTE
+from torchslim.pruning import functions as F
+
+FORMAT = "torchslim.pruned/1"
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A saved file that is truncated, tampered with, or does not fit the model."""
+
+
+def pruning_plan(model: nn.Module) -> dict[str, Any]:
+    """The plan of a model pruned through torchslim groups: steps and resulting shapes."""
+    return {
+        "format": FORMAT,
+        "steps": list(model.__dict__.get(HISTORY_ATTRIBUTE, [])),
+        "shapes": {name: list(t.shape) for name, t in model.state_dict().items()},
+    }
+
+
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pruned(model: nn.Module, path: PathLike) -> Path:
+    """Write weights + plan to ``path`` (safetensors) and the plan to ``<path>.plan.json``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    plan = pruning_plan(model)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()}
+    plan_text = json.dumps(plan, sort_keys=True)
+    metadata = {"format": FORMAT, "plan": plan_text, "sha256": _digest(plan_text, tensors)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    readable = json.dumps(plan, indent=1, sort_keys=True) + "\n"
+    atomic_write(plan_path(path), lambda tmp: tmp.write_text(readable))
+    return path
+
+
+def plan_path(path: PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.stem + ".plan.json")
+
+
+def load_pruned(
+    model: nn.Module,
+    path: PathLike,
+    customized_pruners: Optional[dict[Any, F.BasePruningFunc]] = None,
+) -> nn.Module:
+    """Re-apply the saved plan to a freshly constructed ``model`` and load the saved weights."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pruned checkpoint at {path}")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+    if metadata.get("format") != FORMAT or "plan" not in metadata:
+        raise CheckpointError(f"{path} was not written by torchslim.save_pruned")
+    if metadata.get("sha256") != _digest(metadata["plan"], tensors):
+        raise CheckpointError(f"{path}: checksum mismatch, the file was modified after saving")
+    plan = json.loads(metadata["plan"])
+    apply_plan(model, plan, customized_pruners)
+    _load_weights(model, tensors, path)
+    return model
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: dict[str, Any],
+    customized_pruners: Optional[dict[Any, F.BasePruningFunc]] = None,
+) -> nn.Module:
+    """Replay every pruning call of ``plan`` on ``model``, then check the resulting shapes."""
+    modules = dict(model.named_modules())
+    custom = dict(customized_pruners or {})
+    for number, step in enumerate(plan.get("steps", []), 1):
+        for op in step["ops"]:
+            module = modules.get(op["module"]) if op["module"] != "<model>" else model
+            if module is None:
+                raise CheckpointError(
+                    f"plan step {number} ({step['group']}) prunes {op['module']!r}, which this "
+                    "model does not have"
+                )
+            _apply(module, op, custom, number)
+    history = model.__dict__.setdefault(HISTORY_ATTRIBUTE, [])
+    history.extend(plan.get("steps", []))
+    state = model.state_dict()
+    for name, shape in plan.get("shapes", {}).items():
+        if name not in state:
+            raise CheckpointError(f"the plan expects {name!r}, which this model does not have")
+        if list(state[name].shape) != shape:
+            raise CheckpointError(
+                f"{name}: shape {list(state[name].shape)} after replaying the plan, "
+                f"the plan says {shape}"
+            )
+    return model
+
+
+def _apply(module: nn.Module, op: dict[str, Any], custom: dict[Any, Any], number: int) -> None:
+    try:
+        if op["role"] == "param":
+            F.ParameterHandler(op["param"], op["dim"])(module, op["idxs"])
+            return
+        pruner = custom.get(module) or custom.get(type(module)) or F.get_pruner(module)
+        if pruner is None:
+            raise CheckpointError(f"no pruning function for {type(module).__name__}")
+        handler = pruner.prune_out_channels if op["role"] == "out" else pruner.prune_in_channels
+        handler(module, op["idxs"])
+    except (ValueError, IndexError, AttributeError) as error:
+        raise CheckpointError(
+            f"plan step {number} does not fit module {op['module']!r}: {error}"
+        ) from error
+
+
+def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    state = model.state_dict()
+    missing = sorted(set(_unique_state(model)) - set(tensors))
+    unexpected = sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in tensors.items():
+        if state[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {list(tensor.shape)}, the model {list(state[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without aliases (tied weights are stored once, safetensors refuses
+    shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor.detach()
+    return out
+
+
+def _digest(plan_text: str, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(plan_text.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(list(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

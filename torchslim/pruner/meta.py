@@ -1,0 +1,349 @@
+"""The high-level pruner: which groups lose how many channels at each step.
+
+``MetaPruner`` builds the dependency graph once, scores groups with an importance criterion and
+removes the lowest-scoring channels, per group (local) or ranked across groups (global), in
+``iterative_steps`` steps or until a MACs / parameter target is reached.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from torchslim.graph.dependency import DependencyGraph, Group
+from torchslim.importance import Importance, MagnitudeImportance
+from torchslim.pruner.schedule import linear_scheduler
+from torchslim.utils.ops_counter import count_ops_and_params
+
+Scope = Union[nn.Module, Sequence[nn.Module]]
+DEFAULT_ROOTS: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class MetaPruner:
+    """Prune a model by ``pruning_ratio`` of every group's channels, scored by ``importance``.
+
+    ``pruning_ratio_dict`` maps a module (or a tuple of modules) to its own ratio, applied to
+    the groups rooted anywhere inside it. ``ignored_layers`` takes modules, module types or
+    parameters. ``round_to`` keeps the remaining channel count of every group a multiple of it.
+    ``target_macs`` / ``target_params`` (fractions of the dense count, e.g. 0.5 for 2x fewer)
+    switch to target mode: each step prunes in small global increments until the count is
+    reached. ``ch_sparsity`` / ``ch_sparsity_dict`` are the older names of the ratios.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        importance: Optional[Importance] = None,
+        global_pruning: bool = False,
+        pruning_ratio: float = 0.5,
+        pruning_ratio_dict: Optional[dict[Any, float]] = None,
+        max_pruning_ratio: float = 1.0,
+        iterative_steps: int = 1,
+        iterative_pruning_ratio_scheduler: Callable[[float, int], list[float]] = linear_scheduler,
+        ignored_layers: Optional[Iterable[Any]] = None,
+        round_to: Optional[int] = None,
+        root_module_types: Optional[Sequence[type]] = None,
+        forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+        output_transform: Optional[Callable[[Any], Any]] = None,
+        customized_pruners: Optional[dict[Any, Any]] = None,
+        unwrapped_parameters: Optional[Iterable[Any]] = None,
+        target_macs: Optional[float] = None,
+        target_params: Optional[float] = None,
+        target_increment: float = 0.02,
+        ch_sparsity: Optional[float] = None,
+        ch_sparsity_dict: Optional[dict[Any, float]] = None,
+        trace_train_mode: bool = True,
+    ) -> None:
+        model = _unwrap(model)
+        self.model = model
+        self.example_inputs = example_inputs
+        self.forward_fn = forward_fn
+        self.importance = importance if importance is not None else MagnitudeImportance(p=2)
+        self.global_pruning = global_pruning
+        self.pruning_ratio = _ratio("pruning_ratio", _first(ch_sparsity, pruning_ratio))
+        self.max_pruning_ratio = _ratio("max_pruning_ratio", max_pruning_ratio, upper=1.0)
+        if not isinstance(iterative_steps, int) or iterative_steps < 1:
+            raise ValueError(f"iterative_steps must be an int >= 1, got {iterative_steps!r}")
+        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+        for name, value in (("target_macs", target_macs), ("target_params", target_params)):
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be a fraction in (0, 1), got {value}")
+        if not 0.0 < target_increment < 1.0:
+            raise ValueError(f"target_increment must be in (0, 1), got {target_increment}")
+        self.iterative_steps = iterative_steps
+        self.round_to = round_to
+        self.target_macs = target_macs
+        self.target_params = target_params
+        self.target_increment = target_increment
+        self.scheduler = iterative_pruning_ratio_scheduler
+        self.schedule = iterative_pruning_ratio_scheduler(self.pruning_ratio, iterative_steps)
+        self.current_step = 0
+        self.root_module_types = tuple(root_module_types or DEFAULT_ROOTS)
+
+        self.ignored_modules, self.ignored_params = _split_ignored(model, ignored_layers or [])
+        self.ratio_scopes = _scopes(model, _first(ch_sparsity_dict, pruning_ratio_dict) or {})
+        parameters = {id(p) for p in model.parameters()}
+        for item in unwrapped_parameters or []:
+            param = item[0] if isinstance(item, (tuple, list)) else item
+            if id(param) not in parameters:
+                raise ValueError("unwrapped_parameters holds a parameter that is not in the model")
+        self.DG = DependencyGraph().build_dependency(
+            model,
+            example_inputs,
+            forward_fn=forward_fn,
+            output_transform=output_transform,
+            customized_pruners=customized_pruners,
+            trace_train_mode=trace_train_mode,
+        )
+        self.initial_sizes = {g.coupling.id: g.size for g in self._groups()}
+        self.base_macs, self.base_params = self._count()
+
+    # ------------------------------------------------------------------------------ groups
+
+    def _groups(self) -> list[Group]:
+        groups = self.DG.get_all_groups(
+            ignored_layers=self.ignored_modules, root_module_types=self.root_module_types
+        )
+        return [g for g in groups if not self._touches_ignored_param(g)]
+
+    def _touches_ignored_param(self, group: Group) -> bool:
+        return any(
+            id(getattr(m.ref.module, m.ref.name, None)) in self.ignored_params
+            for m in group.coupling.members
+        )
+
+    def _ratio_for(self, group: Group) -> Optional[float]:
+        root = id(group.root.ref.module)
+        for members, ratio in self.ratio_scopes:
+            if root in members:
+                return ratio
+        return None
+
+    # ------------------------------------------------------------------------------ steps
+
+    def step(self, interactive: bool = False) -> Union[None, Iterator[Group]]:
+        """Run the next iterative step; with ``interactive=True`` yield its groups instead,
+        each with ``idxs`` set, for the caller to ``group.prune()`` (one at a time)."""
+        if self.current_step >= self.iterative_steps:
+            raise RuntimeError(
+                f"all {self.iterative_steps} iterative steps are done; build a new pruner "
+                "to prune further"
+            )
+        self.current_step += 1
+        if self.target_macs is not None or self.target_params is not None:
+            selections: Iterable[Group] = self._target_step()
+        else:
+            selections = self._ratio_step(self.schedule[self.current_step - 1])
+        if interactive:
+            return iter(selections)
+        for group in selections:
+            group.prune()
+        return None
+
+    def _ratio_step(self, ratio: float) -> Iterator[Group]:
+        groups = self._groups()
+        local, pooled = [], []
+        for group in groups:
+            custom = self._ratio_for(group)
+            if custom is not None or not self.global_pruning:
+                local.append((group, ratio if custom is None else self._scheduled(custom)))
+            else:
+                pooled.append(group)
+        for group, group_ratio in local:
+            chosen = self._select_local(group, group_ratio)
+            if chosen:
+                group.idxs = chosen
+                group._items = None
+                yield group
+        yield from self._select_global(pooled, ratio)
+
+    def _scheduled(self, ratio: float) -> float:
+        return self.scheduler(ratio, self.iterative_steps)[self.current_step - 1]
+
+    def _budget(self, group: Group, ratio: float) -> int:
+        """How many more channels this group may lose to reach ``ratio`` of its first size."""
+        initial = self.initial_sizes.get(group.coupling.id, group.size)
+        ratio = min(ratio, self.max_pruning_ratio)
+        already = initial - group.size
+        return max(0, min(int(math.floor(initial * ratio)) - already, group.size - 1))
+
+    def _rounded(self, group: Group, count: int) -> int:
+        if not self.round_to or count <= 0:
+            return count
+        remaining = group.size - count
+        remaining = int(math.ceil(remaining / self.round_to) * self.round_to)
+        return max(0, group.size - remaining)
+
+    def _scores(self, group: Group) -> Optional[torch.Tensor]:
+        scores = self.importance(group)
+        if scores is None:
+            return None
+        if scores.numel() != group.size:
+            raise ValueError(
+                f"{type(self.importance).__name__} returned {scores.numel()} scores for a group "
+                f"of {group.size} channels ({group.root.label})"
+            )
+        return scores
+
+    def _select_local(self, group: Group, ratio: float) -> list[int]:
+        count = self._rounded(group, self._budget(group, ratio))
+        scores = self._scores(group) if count else None
+        if scores is None:
+            return []
+        candidates = group.prunable_idxs
+        ranked = sorted(candidates, key=lambda i: (float(scores[i]), i))
+        return self._admissible(group, sorted(ranked[:count]))
+
+    def _select_global(self, groups: list[Group], ratio: float) -> Iterator[Group]:
+        scored = [(g, self._scores(g)) for g in groups]
+        scored = [(g, s) for g, s in scored if s is not None]
+        total = sum(self.initial_sizes.get(g.coupling.id, g.size) for g, _ in scored)
+        already = sum(self.initial_sizes.get(g.coupling.id, g.size) - g.size for g, _ in scored)
+        wanted = int(math.floor(total * ratio)) - already
+        yield from self._take_lowest(scored, wanted, cap_ratio=self.max_pruning_ratio)
+
+    def _take_lowest(
+        self, scored: list[tuple[Group, torch.Tensor]], wanted: int, cap_ratio: float
+    ) -> Iterator[Group]:
+        """The ``wanted`` lowest scores across groups, each group within its cap."""
+        if wanted <= 0:
+            return
+        candidates = [
+            (float(scores[i]), k, i)
+            for k, (group, scores) in enumerate(scored)
+            for i in group.prunable_idxs
+        ]
+        candidates.sort()
+        chosen: dict[int, list[int]] = {}
+        caps = [self._budget(group, cap_ratio) for group, _ in scored]
+        taken = 0
+        for _, k, i in candidates:
+            if taken >= wanted:
+                break
+            if len(chosen.get(k, [])) < caps[k]:
+                chosen.setdefault(k, []).append(i)
+                taken += 1
+        for k, idxs in sorted(chosen.items()):
+            group = scored[k][0]
+            scores = scored[k][1]
+            count = self._rounded(group, len(idxs))
+            idxs = sorted(sorted(idxs, key=lambda i: (float(scores[i]), i))[:count])
+            idxs = self._admissible(group, idxs)
+            if idxs:
+                group.idxs = idxs
+                group._items = None
+                yield group
+
+    def _admissible(self, group: Group, idxs: list[int]) -> list[int]:
+        """Drop the selection if it would empty a layer (e.g. a grouped conv's constraints)."""
+        if not idxs:
+            return []
+        return idxs if group.refusal(idxs) is None else []
+
+    # ------------------------------------------------------------------------ target mode
+
+    def _count(self) -> tuple[int, int]:
+        with torch.no_grad():
+            return count_ops_and_params(self.model, self.example_inputs, self.forward_fn)
+
+    def _target_step(self) -> Iterator[Group]:
+        """Yield groups in global increments until this step's share of the target is reached
+        (each increment is counted after the caller pruned the previous one)."""
+        fraction = self.current_step / self.iterative_steps
+        goal_macs = _interpolate(self.target_macs, fraction) * self.base_macs
+        goal_params = _interpolate(self.target_params, fraction) * self.base_params
+        last = None
+        while True:
+            macs, params = self._count()
+            if macs <= goal_macs and params <= goal_params:
+                return
+            if (macs, params) == last:
+                raise RuntimeError("groups yielded by step(interactive=True) must be pruned")
+            last = macs, params
+            groups = [g for g in self._groups() if self._ratio_for(g) is None]
+            scored = [(g, s) for g in groups if (s := self._scores(g)) is not None]
+            remaining = sum(len(g.prunable_idxs) for g, _ in scored)
+            wanted = max(1, int(remaining * self.target_increment))
+            increment = list(self._take_lowest(scored, wanted, cap_ratio=self.max_pruning_ratio))
+            if not increment:
+                raise RuntimeError(
+                    f"cannot reach the target: {macs / self.base_macs:.3f} of the MACs and "
+                    f"{params / self.base_params:.3f} of the parameters remain and no group "
+                    "can lose more channels (max_pruning_ratio, ignored layers, round_to)"
+                )
+            yield from increment
+
+    # -------------------------------------------------------------------- regularisation
+
+    def regularize(self, model: nn.Module, reg: Optional[float] = None) -> None:
+        """Sparse-training hook, called after ``loss.backward()``; plain pruners add nothing."""
+
+    def update_regularizer(self) -> None:
+        """Refresh the groups regularisation acts on (call after pruning)."""
+
+
+def _interpolate(target: Optional[float], fraction: float) -> float:
+    return 1.0 - (1.0 - target) * fraction if target is not None else math.inf
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _ratio(name: str, value: float, upper: float = 1.0 - 1e-12) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= upper:
+        bound = "[0, 1]" if upper == 1.0 else "[0, 1)"
+        raise ValueError(f"{name} must be in {bound}, got {value!r}")
+    return float(value)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _split_ignored(model: nn.Module, ignored: Iterable[Any]) -> tuple[list[nn.Module], set[int]]:
+    """Ignored modules (types expand to every module of that type) and ignored parameters."""
+    modules: list[nn.Module] = []
+    params: set[int] = set()
+    known_modules = {id(m) for m in model.modules()}
+    known_params = {id(p) for p in model.parameters()}
+    for item in ignored:
+        if isinstance(item, type):
+            modules.extend(m for m in model.modules() if isinstance(m, item))
+        elif isinstance(item, nn.Parameter):
+            if id(item) not in known_params:
+                raise ValueError("ignored_layers holds a parameter that is not in the model")
+            params.add(id(item))
+        elif isinstance(item, nn.Module):
+            if id(item) not in known_modules:
+                raise ValueError(f"ignored_layers holds a {type(item).__name__} not in the model")
+            modules.extend(item.modules())
+        else:
+            raise TypeError(f"ignored_layers takes modules, types or parameters, got {item!r}")
+    return modules, params
+
+
+def _scopes(model: nn.Module, ratio_dict: dict[Any, float]) -> list[tuple[set[int], float]]:
+    known = {id(m) for m in model.modules()}
+    scopes = []
+    for key, ratio in ratio_dict.items():
+        members = key if isinstance(key, (tuple, list)) else (key,)
+        ids: set[int] = set()
+        for module in members:
+            if not isinstance(module, nn.Module) or id(module) not in known:
+                raise ValueError("pruning_ratio_dict keys must be modules of the model")
+            ids.update(id(m) for m in module.modules())
+        scopes.append((ids, _ratio("pruning_ratio_dict value", ratio)))
+    return scopes
