@@ -1,19 +1,31 @@
-"""The README's quick start runs as written and does what it says."""
+"""The README's Python examples run as written, in order, and do what they say."""
 
 import re
 from pathlib import Path
 
+import torch
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_quick_start_runs_and_prunes_exactly(capsys):
-    text = README.read_text()
-    quick_start = text.split("## Quick start", 1)[1]
-    code = re.search(r"```python\n(.*?)```", quick_start, re.S).group(1)
+def test_readme_examples_run_and_prune_exactly(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) == 3
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)
+    exec(compile(blocks[0], "README quick start", "exec"), namespace)
     printed = capsys.readouterr().out
     assert "Conv2d(3, 61" in printed
     assert re.search(r"\d+ groups together\s+\d+\s+\S+\s+ok", printed)
-    macs, params = namespace["macs"], namespace["params"]
-    assert macs < 0.5e9 and params < 4e6
+    assert namespace["macs"] < 0.5e9 and namespace["params"] < 4e6
+
+    exec(compile(blocks[1], "README pruners", "exec"), namespace)
+    model = namespace["model"]
+    assert model.conv1.out_channels == 32 and model.layer4[0].conv1.out_channels == 256
+    assert model.fc.in_features == 256
+
+    exec(compile(blocks[2], "README save/load", "exec"), namespace)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(namespace["fresh"].eval()(x), model.eval()(x))
+    assert (tmp_path / "resnet18_pruned.plan.json").is_file()
