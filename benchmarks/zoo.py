@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
+import resource
 import statistics
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -199,11 +202,25 @@ def _cell(value: Optional[bool]) -> str:
     return {True: "yes", False: "**no**", None: "n/a"}[value]
 
 
+BENCHES = {"torchslim": "bench_torchslim", "torch-pruning": "bench_torch_pruning"}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="*", help="torchvision model names (default: all)")
     parser.add_argument("--markdown", type=Path, help="write the results table here")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per model and library")
+    parser.add_argument("--memory-gb", type=float, default=10, help="address-space cap per run")
+    parser.add_argument("--one", nargs=2, metavar=("LIBRARY", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one:
+        library, name = args.one
+        kind = next(k for k, n in torchvision_names() if n == name)
+        torch.manual_seed(0)
+        zoo = build_torchvision(name, kind)
+        randomize_constant_parameters(zoo.model)
+        print(json.dumps(asdict(_guarded(globals()[BENCHES[library]], zoo))))
+        return
     entries = [(k, n) for k, n in torchvision_names() if not args.models or n in args.models]
     header = (
         "| model | torchslim OK | torchslim exact | torch-pruning OK | torch-pruning exact "
@@ -211,12 +228,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     lines = [header, "|" + "---|" * 7]
     ratios = []
-    for kind, name in entries:
-        torch.manual_seed(0)
-        zoo = build_torchvision(name, kind)
-        randomize_constant_parameters(zoo.model)
-        ours = _guarded(bench_torchslim, zoo)
-        peer = _guarded(bench_torch_pruning, zoo)
+    for _, name in entries:
+        ours, peer = (_isolated(lib, name, args.timeout, args.memory_gb) for lib in BENCHES)
         if ours.build == ours.build and peer.build == peer.build:
             ratios.append(peer.build / ours.build)
         line = (
@@ -232,9 +245,33 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.markdown.write_text("\n".join(lines + ["", summary]) + "\n")
 
 
+def _isolated(library: str, name: str, timeout: float, memory_gb: float) -> Result:
+    """Run one library on one model in a child process: a crash, an out-of-memory or a timeout
+    is that library's result for that model, not the end of the sweep."""
+    limit = int(memory_gb * 2**30)
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    command = [sys.executable, __file__, "--one", library, name]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, preexec_fn=cap
+        )
+    except subprocess.TimeoutExpired:
+        return Result(ok=False, note=f"timeout after {timeout:.0f} s")
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return Result(ok=False, note=f"crashed: {tail[:70]}")
+    return Result(**json.loads(lines[-1]))
+
+
 def _guarded(fn: Callable[[ZooModel], Result], zoo: ZooModel) -> Result:
     try:
         return fn(zoo)
+    except MemoryError:
+        return Result(ok=False, note="out of memory")
     except Exception as error:
         return Result(ok=False, note=f"{type(error).__name__}: {str(error)[:80]}")
 
