@@ -106,7 +106,8 @@ class Analysis:
         return cached
 
     def coupling_of(self, cls: int) -> int:
-        return int(self._coupling_of_family[self.table.family_of[cls]])
+        """The coupling holding a class (``-1`` for classes in no parameter)."""
+        return self._coupling_of_class.get(int(cls), -1)
 
     def _classes_by_coupling(self, terms: list[np.ndarray]) -> dict[int, np.ndarray]:
         present = np.unique(np.concatenate([t.reshape(-1) for t in terms]))
@@ -138,22 +139,39 @@ class Analysis:
         self.table.freeze_many(members, reason)
 
     def _collect(self) -> dict[int, Coupling]:
-        couplings: dict[int, Coupling] = {}
+        """Couplings: connected families, then split so that the classes of one coupling
+        appear in exactly the same parameter dims (a DenseNet layer's new features are one
+        coupling, not its whole block's concatenation)."""
+        families: dict[int, Coupling] = {}
         seen: dict[int, set[int]] = {}
-        for member in self.param_dims:
+        signature: dict[int, list[int]] = {}
+        for number, member in enumerate(self.param_dims):
             for coupling, classes in self._classes_by_coupling([member.terms]).items():
-                entry = couplings.setdefault(coupling, Coupling(coupling))
+                entry = families.setdefault(coupling, Coupling(coupling))
                 entry.members.append(member)
                 known = seen.setdefault(coupling, set())
                 order = _first_appearance(member.terms, classes)
                 entry.classes.extend(c for c in order if c not in known)
                 known.update(order)
-        for entry in couplings.values():
+                for cls in order:
+                    signature.setdefault(cls, []).append(number)
+        couplings: dict[int, Coupling] = {}
+        self._coupling_of_class: dict[int, int] = {}
+        for entry in families.values():
+            parts: dict[tuple[int, ...], Coupling] = {}
             for cls in entry.classes:
+                key = tuple(signature[cls])
+                part = parts.get(key)
+                if part is None:
+                    part = Coupling(len(couplings))
+                    part.members = [self.param_dims[k] for k in key]
+                    parts[key] = couplings[part.id] = part
+                part.classes.append(cls)
+                self._coupling_of_class[cls] = part.id
                 root = self.table.find(cls)
                 if root in self.table.frozen:
-                    entry.frozen[cls] = self.table.frozen[root]
-                entry.mixing.update(self.table.mixing.get(root, ()))
+                    part.frozen[cls] = self.table.frozen[root]
+                part.mixing.update(self.table.mixing.get(root, ()))
         return couplings
 
 
