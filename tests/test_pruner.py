@@ -281,3 +281,41 @@ def test_seed_yolo_bn_l1_sparse_training_then_prune():
     assert model.cv1[0].out_channels == 16 and model.m[0][0].out_channels == 8
     assert model.cv2[0].in_channels == 32 and model.head.out_channels == 5
     assert model(x).shape == (8, 5, 8, 8)
+
+
+class Gain(nn.Module):
+    """A custom layer whose ``channels`` attribute must follow pruning."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+        self.gain = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        return x * self.gain[None, :, None, None]
+
+
+class GainPruner(tp.BasePruningFunc):
+    def param_roles(self, layer):
+        return {("gain", 0): "out"}
+
+    def sync(self, layer):
+        layer.channels = layer.gain.numel()
+
+
+@pytest.mark.parametrize("key", ["type", "instance"])
+def test_customized_pruners_by_type_or_instance(key):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Gain(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    custom = {Gain if key == "type" else model[1]: GainPruner()}
+    x = torch.randn(1, 3, 8, 8)
+    tp.pruner.MagnitudePruner(model, x, pruning_ratio=0.5, customized_pruners=custom).step()
+    assert model[0].out_channels == 4 and model[1].channels == 4 and model(x).shape == (1, 4, 6, 6)
+
+
+def test_unwrapped_parameters_must_belong_to_the_model():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Gain(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with pytest.raises(ValueError, match="unwrapped_parameters holds a parameter"):
+        tp.pruner.MagnitudePruner(
+            model, torch.randn(1, 3, 8, 8), unwrapped_parameters=[(nn.Parameter(torch.ones(1)), 0)]
+        )
