@@ -224,9 +224,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     entries = [(k, n) for k, n in torchvision_names() if not args.models or n in args.models]
     header = (
         "| model | torchslim OK | torchslim exact | torch-pruning OK | torch-pruning exact "
-        "| build s (ts / tp) | prune s (ts / tp) |"
+        "| build s (ts / tp) | prune s (ts / tp) | torch-pruning failure |"
     )
-    lines = [header, "|" + "---|" * 7]
+    lines = [header, "|" + "---|" * 8]
     ratios = []
     for _, name in entries:
         ours, peer = (_isolated(lib, name, args.timeout, args.memory_gb) for lib in BENCHES)
@@ -235,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         line = (
             f"| {name} | {_cell(ours.ok)} | {_cell(ours.exact)} | {_cell(peer.ok)} | "
             f"{_cell(peer.exact)} | {ours.build:.2f} / {peer.build:.2f} | "
-            f"{ours.prune:.2f} / {peer.prune:.2f} |"
+            f"{ours.prune:.2f} / {peer.prune:.2f} | {'' if peer.ok else peer.note} |"
         )
         lines.append(line)
         print(line, ours.note, "|", peer.note, flush=True)
