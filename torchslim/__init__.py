@@ -4,17 +4,21 @@
 functions, ``tp.strategy``, ``tp.utils.count_ops_and_params`` and ``tp.verify``.
 """
 
-from torchslim import graph, importance, ops, pruner, pruning, strategy, utils
+from torchslim import graph, importance, ops, pruner, pruning, sparsity, strategy, utils
 from torchslim.graph.dependency import Dependency, DependencyGraph, Group, GroupItem, Node
 from torchslim.ops import register_rule, rule_for
 from torchslim.persistence import CheckpointError, apply_plan, load_pruned, save_pruned
 from torchslim.pruning.functions import *  # noqa: F403
 from torchslim.pruning.functions import BasePruningFunc, register_pruner
+from torchslim.sparsity import GMPUnstructuredPruner, UnstructuredPruner
 from torchslim.verify import VerifyReport, random_selections, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GMPUnstructuredPruner",
+    "UnstructuredPruner",
+    "sparsity",
     "CheckpointError",
     "apply_plan",
     "load_pruned",
