@@ -99,3 +99,13 @@ def test_pruned_model_saves_and_loads_as_a_whole_object(model, tmp_path):
     loaded = torch.load(tmp_path / "model.pth", weights_only=False)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_group_membership_queries(model):
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 64, 64))
+    group = DG.get_pruning_group(model.conv1, tp.prune_conv_out_channels, idxs=[1, 3])
+    dep_bn = next(dep for dep, _ in group if dep.target.name == "bn1")
+    assert group.has_dep(dep_bn)
+    assert group.has_pruning_op(dep_bn, [1]) and not group.has_pruning_op(dep_bn, [2])
+    other = DG.get_pruning_group(model.layer2[0].conv1, tp.prune_conv_out_channels, idxs=[0])
+    assert not other.has_dep(dep_bn)

@@ -11,7 +11,6 @@ each coupling removed and compared with the size the layouts predict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -193,11 +192,3 @@ def _surviving(terms: np.ndarray, removed: np.ndarray) -> int:
     if terms.shape[1] == 0:
         return terms.shape[0]
     return int(terms.shape[0] - np.isin(terms, removed).any(axis=1).sum())
-
-
-def frozen_reason(coupling: Coupling, classes: Optional[list[int]] = None) -> Optional[str]:
-    """The first reason why any of ``classes`` (default: all) cannot be removed."""
-    for cls in classes if classes is not None else coupling.classes:
-        if cls in coupling.frozen:
-            return coupling.frozen[cls]
-    return None

@@ -101,10 +101,6 @@ class AtomTable:
         parent[atoms] = current
         return current
 
-    def _special(self, roots: np.ndarray) -> np.ndarray:
-        """Which roots carry a definition, a frozen reason or mixing reasons."""
-        return self._flag[roots]
-
     def union_many(self, xs: np.ndarray, ys: np.ndarray) -> None:
         """Merge the classes of ``xs[i]`` and ``ys[i]`` for every ``i``.
 

@@ -232,14 +232,3 @@ def _define_column(table: AtomTable, col: np.ndarray, parts: np.ndarray, where: 
             table.freeze(atom, f"coupled in {where} to fixed positions")
         else:
             table.define(atom, term)
-
-
-def broadcast_shapes(shapes: Sequence[Sequence[int]]) -> list[int]:
-    ndim = max(len(s) for s in shapes)
-    out = [1] * ndim
-    for shape in shapes:
-        for i, size in enumerate(shape):
-            j = ndim - len(shape) + i
-            if size != 1:
-                out[j] = size
-    return out

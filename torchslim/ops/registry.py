@@ -177,9 +177,5 @@ def refuse(ctx: OpContext, reason: str) -> None:
         ctx.state.layouts[tensor] = [opaque(size, reason) for size in tensor.shape]
 
 
-def dims_of(layout: TensorLayout, dims: Iterable[int]) -> list[DimLayout]:
-    return [layout[d] for d in dims]
-
-
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
