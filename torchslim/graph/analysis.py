@@ -11,6 +11,7 @@ each coupling removed and compared with the size the layouts predict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -143,28 +144,33 @@ class Analysis:
         coupling, not its whole block's concatenation)."""
         families: dict[int, Coupling] = {}
         seen: dict[int, set[int]] = {}
-        signature: dict[int, list[int]] = {}
+        owners: list[np.ndarray] = []
+        holders: list[np.ndarray] = []
         for number, member in enumerate(self.param_dims):
-            for coupling, classes in self._classes_by_coupling([member.terms]).items():
+            values, first = np.unique(member.terms.reshape(-1), return_index=True)
+            present = values != NO_ATOM
+            values = values[present][np.argsort(first[present], kind="stable")]
+            family_coupling = self._coupling_of_family[self.table.family_of[values]]
+            for coupling in dict.fromkeys(family_coupling.tolist()):
+                order = values[family_coupling == coupling]
                 entry = families.setdefault(coupling, Coupling(coupling))
                 entry.members.append(member)
                 known = seen.setdefault(coupling, set())
-                order = _first_appearance(member.terms, classes)
-                entry.classes.extend(c for c in order if c not in known)
-                known.update(order)
-                for cls in order:
-                    signature.setdefault(cls, []).append(number)
+                entry.classes.extend(c for c in order.tolist() if c not in known)
+                known.update(order.tolist())
+                owners.append(order)
+                holders.append(np.full(len(order), number, np.int64))
+        members_of, signature_of = _signatures(owners, holders, len(self.param_dims))
         couplings: dict[int, Coupling] = {}
         self._coupling_of_class: dict[int, int] = {}
         for entry in families.values():
-            parts: dict[tuple[int, ...], Coupling] = {}
+            parts: dict[int, Coupling] = {}
             for cls in entry.classes:
-                key = tuple(signature[cls])
-                part = parts.get(key)
+                part = parts.get(signature_of[cls])
                 if part is None:
                     part = Coupling(len(couplings))
-                    part.members = [self.param_dims[k] for k in key]
-                    parts[key] = couplings[part.id] = part
+                    part.members = [self.param_dims[k] for k in members_of(cls)]
+                    parts[signature_of[cls]] = couplings[part.id] = part
                 part.classes.append(cls)
                 self._coupling_of_class[cls] = part.id
                 root = self.table.find(cls)
@@ -174,12 +180,25 @@ class Analysis:
         return couplings
 
 
-def _first_appearance(terms: np.ndarray, classes: np.ndarray) -> list[int]:
-    flat = terms.reshape(-1)
-    mask = np.isin(flat, classes)
-    values = flat[mask]
-    _, first = np.unique(values, return_index=True)
-    return [int(values[i]) for i in sorted(first)]
+def _signatures(
+    owners: list[np.ndarray], holders: list[np.ndarray], count: int
+) -> tuple[Callable[[int], list[int]], dict[int, int]]:
+    """For each class, the parameter dims holding it (``members_of``) and a 64-bit hash of
+    that set (random weight per dim, summed), so classes can be grouped by signature."""
+    classes = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+    dims = np.concatenate(holders) if holders else np.zeros(0, np.int64)
+    weights = np.random.default_rng(0).integers(1, 2**62, size=max(count, 1), dtype=np.int64)
+    unique, inverse = np.unique(classes, return_inverse=True)
+    sums = np.zeros(len(unique), np.uint64)
+    np.add.at(sums, inverse, weights[dims].astype(np.uint64))
+    order = np.argsort(classes, kind="stable")
+    sorted_classes, sorted_dims = classes[order], dims[order]
+
+    def members_of(cls: int) -> list[int]:
+        lo, hi = np.searchsorted(sorted_classes, [cls, cls + 1])
+        return sorted(set(sorted_dims[lo:hi].tolist()))
+
+    return members_of, dict(zip(unique.tolist(), sums.tolist()))
 
 
 def _perturbations(classes: np.ndarray) -> list[np.ndarray]:
