@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo zoo bench sparsity-data clean
+.PHONY: test lint demo zoo fuzz bench sparsity-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 zoo: $(STAMP)
 	$(PY) -m pytest -q -m zoo --zoo-all
+
+N ?= 10000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(N) $(PY) -m pytest -q tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt torch-pruning

@@ -136,6 +136,16 @@ def test_layer_norm_rms_norm_and_group_norm_update_their_shapes():
         tp.prune_groupnorm_out_channels(nn.GroupNorm(2, 8), [0])
 
 
+def test_norms_can_shrink_to_one_channel():
+    """Regression (fuzzer): a 2-channel LayerNorm pruned to 1 kept normalized_shape (2,)."""
+    norm = nn.LayerNorm(2)
+    tp.prune_layernorm_out_channels(norm, [0])
+    assert norm.normalized_shape == (1,) and norm(torch.randn(3, 1)).shape == (3, 1)
+    bn = nn.BatchNorm1d(2)
+    tp.prune_batchnorm_out_channels(bn, [1])
+    assert bn.num_features == 1 and bn.running_var.shape == (1,)
+
+
 def test_an_rms_norm_like_module_is_recognised():
     class MyRMSNorm(nn.Module):
         def __init__(self, width):

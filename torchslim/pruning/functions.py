@@ -224,7 +224,7 @@ class _SameWidthPruner(BasePruningFunc):
         roles = {}
         for name in self.NAMES:
             tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.numel() > 1:
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
                 roles[(name, tensor.dim() - 1)] = "out"
         return roles
 
@@ -288,8 +288,13 @@ class GroupNormPruner(_SameWidthPruner):
 
 
 class PReLUPruner(_SameWidthPruner):
+    """Per-channel PReLU; a PReLU with one shared slope has nothing to prune."""
+
     TARGET_MODULES = (nn.PReLU,)
     NAMES = ("weight",)
+
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+        return super().param_roles(layer) if layer.num_parameters > 1 else {}
 
     def sync(self, layer: nn.Module) -> None:
         layer.num_parameters = layer.weight.numel()

@@ -1,0 +1,42 @@
+"""Architecture fuzzing: random nets, random groups pruned by random amounts, each checked
+for exactness (or refused with a reason). ``FUZZ_EXAMPLES`` sets the number of cases."""
+
+import os
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torchslim as tp
+from tests.fuzz_nets import FuzzNet, architectures
+from torchslim.verify import random_selections
+from torchslim.zoo import randomize_constant_parameters
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(blocks=architectures(), ratio=st.floats(0.1, 0.7), seed=st.integers(0, 2**16))
+def test_random_architectures_prune_exactly(blocks, ratio, seed):
+    torch.manual_seed(seed)
+    model = randomize_constant_parameters(FuzzNet(blocks).eval(), seed)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected_shape = model(x).shape
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    assert not graph.unsupported(), graph.unsupported()
+    selections = random_selections(graph, ratio=ratio, seed=seed)
+    for group in graph.all_groups():
+        if not group.prunable_idxs:
+            assert group.refusal([0]) is not None, "a group that cannot be pruned says why"
+    report = tp.verify(graph, x, selections, per_group=True)
+    assert report.ok, f"{blocks}\n{report}"
+    for group, idxs in selections:
+        group.prune(idxs)
+    with torch.no_grad():
+        assert model(x).shape == expected_shape
