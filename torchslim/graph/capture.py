@@ -45,13 +45,9 @@ _PASSTHROUGH = {
     torch.Tensor.__int__,
     torch.Tensor.__index__,
     torch.Tensor.item,
-    torch.Tensor.tolist,
-    torch.Tensor.data_ptr,
     torch.Tensor.is_contiguous,
     torch.Tensor.stride,
     torch.Tensor.storage_offset,
-    torch.Tensor.untyped_storage,
-    torch.Tensor.__array__,
     torch.is_tensor,
     torch.is_floating_point,
     torch.numel,
@@ -264,6 +260,18 @@ def module_stack_hooks(
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post, always_call=True))
     return handles
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DataParallel`` / ``DistributedDataParallel`` / ``torch.compile``
+    wrappers: its layers are the ones to trace and prune (the wrappers share them)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def call_forward(

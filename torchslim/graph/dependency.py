@@ -21,6 +21,7 @@ from torchslim.graph.capture import (
     call_forward,
     iter_tensors,
     run_traced,
+    unwrap_model,
 )
 from torchslim.graph.layout import opaque
 from torchslim.ops import lookup
@@ -227,6 +228,7 @@ class DependencyGraph:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model = unwrap_model(model)
         self.model = model
         self.customized_pruners = dict(customized_pruners or {})
         self.ignored_params = list(ignored_params or [])

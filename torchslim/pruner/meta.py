@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from torchslim.graph.capture import unwrap_model
 from torchslim.graph.dependency import DependencyGraph, Group
 from torchslim.importance import Importance, MagnitudeImportance
 from torchslim.pruner.schedule import linear_scheduler
@@ -58,7 +59,7 @@ class MetaPruner:
         ch_sparsity_dict: Optional[dict[Any, float]] = None,
         trace_train_mode: bool = True,
     ) -> None:
-        model = _unwrap(model)
+        model = unwrap_model(model)
         self.model = model
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
@@ -300,17 +301,6 @@ def _ratio(name: str, value: float, upper: float = 1.0 - 1e-12) -> float:
         bound = "[0, 1]" if upper == 1.0 else "[0, 1)"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
     return float(value)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _split_ignored(model: nn.Module, ignored: Iterable[Any]) -> tuple[list[nn.Module], set[int]]:
