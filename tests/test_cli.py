@@ -1,0 +1,89 @@
+"""The torchslim command: inspect and prune, their outputs, files and errors."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import torchslim as tp
+from torchslim.cli.main import main
+
+SMALL = ["--input-shape", "1,3,64,64"]
+
+
+def test_help_reads_well():
+    done = subprocess.run(
+        [sys.executable, "-m", "torchslim", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0
+    assert "inspect" in done.stdout and "prune" in done.stdout
+
+
+def test_inspect_lists_groups_and_refusals(capsys):
+    assert main(["inspect", "resnet18", *SMALL, "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "14 groups, 12 prunable; 11.690 M params" in out
+    assert "fc.weight[dim 0]" in out and "refused: a model output" in out
+    assert "layer1.0.conv1" in out  # the per-layer table
+
+
+def test_prune_writes_a_plan_that_loads_into_a_fresh_model(tmp_path, capsys):
+    code = main(
+        [
+            "prune",
+            "resnet18",
+            *SMALL,
+            "--ratio",
+            "0.5",
+            "--round-to",
+            "8",
+            "--ignore",
+            "fc",
+            "--verify",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "exactness check: ok" in out and "3.83x" in out
+    plan = json.loads((tmp_path / "resnet18.plan.json").read_text())
+    assert plan["shapes"]["conv1.weight"][0] == 32
+    fresh = tp.load_pruned(torchvision.models.resnet18(), tmp_path / "resnet18.safetensors")
+    assert fresh.conv1.out_channels == 32 and fresh.layer4[0].conv1.out_channels == 256
+
+
+def test_prune_to_a_macs_target(capsys):
+    assert main(["prune", "resnet18", *SMALL, "--target-macs", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = next(text for text in lines if text.startswith("MACs"))
+    assert float(line.split()[-1].rstrip("x")) >= 2.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prune", "nosuchnet", "--ratio", "0.5"], "unknown model 'nosuchnet'"),
+        (["prune", "resnet18", "--ratio", "1.5"], r"pruning_ratio must be in \[0, 1\)"),
+        (["prune", "resnet18", "--ratio", "0.5", "--ignore", "head"], "--ignore names no module"),
+        (["inspect", "resnet18", "--input-shape", "1,3,a"], "--input-shape must be integers"),
+        (["inspect", "torchvision.models:nothing"], "has no attribute 'nothing'"),
+    ],
+)
+def test_errors_are_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchslim: error:") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+
+
+def test_pickled_models_need_explicit_trust(tmp_path, capsys):
+    path = tmp_path / "whole.pt"
+    torch.save(torchvision.models.resnet18(), path)
+    assert main(["inspect", str(path), *SMALL]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main(["inspect", str(path), *SMALL, "--trust-pickle"]) == 0

@@ -1,0 +1,167 @@
+"""The ``torchslim`` command: ``inspect`` a model's groups, ``prune`` it, ``demo`` the library.
+
+torchslim inspect resnet18 --input-shape 1,3,224,224
+torchslim prune resnet18 --ratio 0.5 --round-to 8 --ignore fc --out pruned/
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+import torchslim as tp
+from torchslim.cli.models import ModelNotFound, load_model, parse_shape
+
+IMPORTANCE = {
+    "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+    "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+    "group-norm": lambda: tp.importance.GroupNormImportance(),
+    "lamp": lambda: tp.importance.LAMPImportance(),
+    "fpgm": lambda: tp.importance.FPGMImportance(),
+    "bn": lambda: tp.importance.BNScaleImportance(),
+    "random": lambda: tp.importance.RandomImportance(),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchslim",
+        description="Structural pruning of PyTorch models on an exact dependency graph.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("model", help="torchvision or timm name, package.module:factory, or .pt")
+        sub.add_argument(
+            "--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)"
+        )
+        sub.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt")
+        return sub
+
+    inspect = model_command("inspect", "List coupled groups, what is prunable and what is not.")
+    inspect.add_argument("--layers", action="store_true", help="also print per-layer MACs/params")
+
+    prune = model_command("prune", "Prune a model and write weights + pruning plan.")
+    amount = prune.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--ratio", type=float, help="fraction of every group's channels to remove")
+    amount.add_argument("--target-macs", type=float, help="fraction of the dense MACs to keep")
+    prune.add_argument("--importance", choices=sorted(IMPORTANCE), default="l2")
+    prune.add_argument("--round-to", type=int, help="keep channel counts multiples of this")
+    prune.add_argument("--global", dest="global_pruning", action="store_true", help="rank globally")
+    prune.add_argument("--steps", type=int, default=1, help="iterative steps (default 1)")
+    prune.add_argument("--ignore", action="append", default=[], help="module name(s) to keep")
+    prune.add_argument("--verify", action="store_true", help="run the exactness check")
+    prune.add_argument("--out", type=Path, help="directory for <model>.safetensors + plan")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = load_model(args.model, args.trust_pickle)
+        example = torch.randn(parse_shape(args.input_shape))
+        if args.command == "inspect":
+            return inspect(model, example, args)
+        return prune(model, example, args)
+    except (ModelNotFound, ValueError, RuntimeError) as error:
+        print(f"torchslim: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [header, tuple("-" * w for w in widths), *rows]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines
+    )
+
+
+def inspect(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
+    graph = tp.DependencyGraph().build_dependency(model, example)
+    rows = []
+    for group in graph.all_groups():
+        prunable = len(group.prunable_idxs)
+        if not prunable:
+            status = "refused: " + (group.refusal([0]) or "no prunable channel")
+        elif group.mixing:
+            status = "prunable, not exact: " + "; ".join(sorted(group.mixing))
+        else:
+            status = "prunable"
+        layers = len({m.ref.module_name for m in group.coupling.members})
+        rows.append((group.root.label, group.size, prunable, layers, status[:100]))
+    print(_table(rows, ("group (root)", "channels", "prunable", "layers", "status")))
+    macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(
+        model, example, layer_wise=True
+    )
+    usable = sum(1 for r in rows if r[2])
+    print(
+        f"\n{len(rows)} groups, {usable} prunable; {params / 1e6:.3f} M params, "
+        f"{macs / 1e9:.4f} G MACs"
+    )
+    for entry in graph.unsupported():
+        print(f"unsupported op {entry.op} in module {entry.module}")
+    if args.layers:
+        names = [n for n in layer_params if layer_params[n] or layer_macs.get(n)]
+        layer_rows = [(n, layer_macs.get(n, 0), layer_params[n]) for n in names]
+        print("\n" + _table(layer_rows, ("layer", "MACs", "params")))
+    return 0
+
+
+def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
+    modules = dict(model.named_modules())
+    missing = [name for name in args.ignore if name not in modules]
+    if missing:
+        raise ValueError(f"--ignore names no module of this model: {', '.join(missing)}")
+    before_macs, before_params = tp.utils.count_ops_and_params(model, example)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=IMPORTANCE[args.importance](),
+        pruning_ratio=args.ratio if args.ratio is not None else 0.0,
+        target_macs=args.target_macs,
+        global_pruning=args.global_pruning or args.target_macs is not None,
+        iterative_steps=args.steps,
+        round_to=args.round_to,
+        ignored_layers=[modules[name] for name in args.ignore],
+    )
+    reference = copy.deepcopy(pruner.DG) if args.verify else None
+    selections = []
+    for _ in range(args.steps):
+        for group in pruner.step(interactive=True):
+            if reference is not None:
+                selections.append((reference.group_like(group), list(group.idxs)))
+            group.prune()
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    rows = [
+        (
+            "params",
+            f"{before_params / 1e6:.3f} M",
+            f"{params / 1e6:.3f} M",
+            f"{before_params / params:.2f}x",
+        ),
+        ("MACs", f"{before_macs / 1e9:.4f} G", f"{macs / 1e9:.4f} G", f"{before_macs / macs:.2f}x"),
+    ]
+    print(_table(rows, ("", "before", "after", "reduction")))
+    if reference is not None:
+        report = tp.verify(reference, example, selections, per_group=False)
+        print(
+            f"exactness check: {report.checks[0].status} (relative error {report.worst:.1e})"
+            if report.checks
+            else "exactness check: nothing was pruned"
+        )
+    if args.out:
+        name = Path(args.model).stem.replace(":", "_").replace(".", "_")
+        path = tp.save_pruned(model, args.out / f"{name}.safetensors")
+        print(f"wrote {path} and {path.with_name(path.stem + '.plan.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Resolve the MODEL argument of the CLI: a torchvision or timm name, ``package.module:factory``,
+or a whole-model ``.pt`` file (pickled code: only with ``--trust-pickle``)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ModelNotFound(ValueError):
+    """MODEL names nothing torchslim can build."""
+
+
+def load_model(spec: str, trust_pickle: bool = False) -> nn.Module:
+    """Build the model named by ``spec`` with random weights (nothing is downloaded)."""
+    path = Path(spec)
+    if path.suffix in (".pt", ".pth") and path.exists():
+        if not trust_pickle:
+            raise ModelNotFound(
+                f"{spec} is a pickled model: loading it runs code from the file. Pass "
+                "--trust-pickle if you trust it, or use a package.module:factory"
+            )
+        model = torch.load(path, weights_only=False)
+        if not isinstance(model, nn.Module):
+            raise ModelNotFound(f"{spec} holds a {type(model).__name__}, not a whole nn.Module")
+        return model.eval()
+    if ":" in spec:
+        module_name, _, factory = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ModelNotFound(f"cannot import {module_name!r}: {error}") from error
+        builder = getattr(module, factory, None)
+        if builder is None:
+            raise ModelNotFound(f"{module_name} has no attribute {factory!r}")
+        return builder().eval()
+    from torchslim.zoo import build_torchvision, torchvision_names
+
+    if any(name == spec for _, name in torchvision_names()):
+        return build_torchvision(spec).model
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if timm is not None and timm.is_model(spec):
+        return timm.create_model(spec, pretrained=False).eval()
+    raise ModelNotFound(
+        f"unknown model {spec!r}: give a torchvision or timm name, package.module:factory, "
+        "or a .pt file"
+    )
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1,3,224,224`` or ``1x3x224x224`` -> a shape tuple."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts if p.strip())
+    except ValueError as error:
+        raise ValueError(
+            f"--input-shape must be integers like 1,3,224,224, got {text!r}"
+        ) from error
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"--input-shape must be positive integers, got {text!r}")
+    return shape
