@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt torch torchvision numpy safetensors pytest ruff hypothesis pillow onnx onnxruntime ultralytics
+	$(PY) -m pip install --quiet -c constraints.txt torch torchvision numpy safetensors pytest ruff hypothesis pillow onnx onnxruntime ultralytics scikit-learn matplotlib tqdm
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -21,7 +21,7 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m torchslim.demo
+	$(PY) -m torchslim demo --out demo-report
 
 zoo: $(STAMP)
 	$(PY) -m pytest -q -m zoo --zoo-all

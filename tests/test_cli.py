@@ -87,3 +87,20 @@ def test_pickled_models_need_explicit_trust(tmp_path, capsys):
     assert main(["inspect", str(path), *SMALL]) == 2
     assert "--trust-pickle" in capsys.readouterr().err
     assert main(["inspect", str(path), *SMALL, "--trust-pickle"]) == 0
+
+
+def test_demo_runs_the_whole_workflow_and_writes_a_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "6", "--target-macs", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "ONNX vs torch max abs diff" in out
+    report = (tmp_path / "report.md").read_text()
+    for name in ("channels.png", "steps.png", "loss.png"):
+        assert (tmp_path / name).stat().st_size > 1000 and name in report
+    macs = next(line for line in out.splitlines() if line.startswith("MACs"))
+    assert float(macs.split("(")[1].split("x")[0]) >= 2.0
+    diff = next(line for line in out.splitlines() if line.startswith("ONNX vs torch"))
+    assert float(diff.split()[-1]) < 1e-4
+    accuracy = next(line for line in out.splitlines() if line.startswith("test accuracy"))
+    dense, pruned = (float(v) for v in accuracy.split()[-2:])
+    assert dense > 0.8 and pruned > 0.8
+    assert (tmp_path / "pruned.onnx").exists() and (tmp_path / "pruned.safetensors").exists()

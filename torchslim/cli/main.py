@@ -48,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = model_command("inspect", "List coupled groups, what is prunable and what is not.")
     inspect.add_argument("--layers", action="store_true", help="also print per-layer MACs/params")
 
+    demo = commands.add_parser(
+        "demo",
+        help="Train, sparse-train, prune, fine-tune and export a CNN on real digits.",
+        description=(
+            "The whole workflow on scikit-learn's bundled handwritten digits: train a small CNN, "
+            "sparse-train it (BN L1), prune it to a MACs target, fine-tune, evaluate, export to "
+            "ONNX and write a report with plots."
+        ),
+    )
+    demo.add_argument("--out", type=Path, default=Path("torchslim-demo"), help="report folder")
+    demo.add_argument("--epochs", type=int, default=30, help="dense training epochs")
+    demo.add_argument("--target-macs", type=float, default=0.5, help="fraction of MACs to keep")
+    demo.add_argument("--seed", type=int, default=0)
+
     prune = model_command("prune", "Prune a model and write weights + pruning plan.")
     amount = prune.add_mutually_exclusive_group(required=True)
     amount.add_argument("--ratio", type=float, help="fraction of every group's channels to remove")
@@ -65,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "demo":
+            return demo(args)
         model = load_model(args.model, args.trust_pickle)
         example = torch.randn(parse_shape(args.input_shape))
         if args.command == "inspect":
@@ -81,6 +97,16 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join(
         "  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines
     )
+
+
+def demo(args: argparse.Namespace) -> int:
+    from torchslim.cli.demo import run_demo
+    from torchslim.cli.report import summary_rows
+
+    results = run_demo(args.out, epochs=args.epochs, target_macs=args.target_macs, seed=args.seed)
+    print(_table(summary_rows(results), ("", "dense", "pruned")))
+    print(f"\nreport: {args.out / 'report.md'} (plots: channels.png, steps.png, loss.png)")
+    return 0
 
 
 def inspect(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
