@@ -104,3 +104,15 @@ def test_demo_runs_the_whole_workflow_and_writes_a_report(tmp_path, capsys):
     dense, pruned = (float(v) for v in accuracy.split()[-2:])
     assert dense > 0.8 and pruned > 0.8
     assert (tmp_path / "pruned.onnx").exists() and (tmp_path / "pruned.safetensors").exists()
+
+
+def test_bench_times_dense_and_pruned_and_advises_rounding(tmp_path, capsys):
+    assert main(["prune", "resnet18", *SMALL, "--ratio", "0.3", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    pruned = str(tmp_path / "resnet18.safetensors")
+    assert main(["bench", "resnet18", pruned, *SMALL, "--repeats", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"dense\s+[\d.]+ ms\s+[\d.]+ ms", out)
+    assert re.search(r"pruned\s+[\d.]+ ms\s+[\d.]+ ms", out)
+    assert "PyTorch speed-up:" in out
+    assert "advice: 4 conv widths are not multiples of 8 (e.g. [45, 90, 180, 359])" in out

@@ -9,8 +9,6 @@ plots. Progress bars on every training phase; a summary table at the end.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchslim as tp
+from torchslim.cli.timing import export_onnx, latency_ms
 
 
 class DigitsNet(nn.Module):
@@ -90,40 +89,6 @@ def train(
 def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
     model.eval()
     return float((model(data[0]).argmax(1) == data[1]).float().mean())
-
-
-def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 30) -> float:
-    runs = []
-    with torch.no_grad():
-        for k in range(repeats + 3):
-            start = time.perf_counter()
-            model(example)
-            if k >= 3:
-                runs.append(time.perf_counter() - start)
-    return statistics.median(runs) * 1e3
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, float]:
-    """Export, then run onnxruntime on the same input: max abs difference and latency."""
-    import warnings
-
-    import onnxruntime
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17)
-    session = onnxruntime.InferenceSession(str(path))
-    feed = {session.get_inputs()[0].name: example.numpy()}
-    (out,) = session.run(None, feed)
-    with torch.no_grad():
-        diff = float((torch.from_numpy(out) - model(example)).abs().max())
-    runs = []
-    for k in range(33):
-        start = time.perf_counter()
-        session.run(None, feed)
-        if k >= 3:
-            runs.append(time.perf_counter() - start)
-    return {"max_abs_diff": diff, "onnx_ms": statistics.median(runs) * 1e3}
 
 
 def run_demo(out: Path, epochs: int = 30, target_macs: float = 0.5, seed: int = 0) -> dict:

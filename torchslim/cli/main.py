@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-macs", type=float, default=0.5, help="fraction of MACs to keep")
     demo.add_argument("--seed", type=int, default=0)
 
+    bench = model_command("bench", "CPU latency of a model and its pruned version.")
+    bench.add_argument("pruned", type=Path, help="a .safetensors written by `torchslim prune`")
+    bench.add_argument("--repeats", type=int, default=30, help="timed runs (median reported)")
+    bench.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime timing")
+
     prune = model_command("prune", "Prune a model and write weights + pruning plan.")
     amount = prune.add_mutually_exclusive_group(required=True)
     amount.add_argument("--ratio", type=float, help="fraction of every group's channels to remove")
@@ -85,6 +90,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         example = torch.randn(parse_shape(args.input_shape))
         if args.command == "inspect":
             return inspect(model, example, args)
+        if args.command == "bench":
+            return bench(model, example, args)
         return prune(model, example, args)
     except (ModelNotFound, ValueError, RuntimeError) as error:
         print(f"torchslim: error: {error}", file=sys.stderr)
@@ -106,6 +113,38 @@ def demo(args: argparse.Namespace) -> int:
     results = run_demo(args.out, epochs=args.epochs, target_macs=args.target_macs, seed=args.seed)
     print(_table(summary_rows(results), ("", "dense", "pruned")))
     print(f"\nreport: {args.out / 'report.md'} (plots: channels.png, steps.png, loss.png)")
+    return 0
+
+
+def bench(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
+    import tempfile
+
+    from torchslim.cli.timing import export_onnx, latency_ms
+
+    pruned = tp.load_pruned(copy.deepcopy(model), args.pruned)
+    rows = []
+    timings = {}
+    for name, candidate in (("dense", model), ("pruned", pruned)):
+        timings[name] = latency_ms(candidate.eval(), example, args.repeats)
+        row = [name, f"{timings[name]:.2f} ms"]
+        if not args.no_onnx:
+            with tempfile.TemporaryDirectory() as folder:
+                onnx = export_onnx(candidate, example, Path(folder) / "m.onnx", args.repeats)
+            row.append(f"{onnx['onnx_ms']:.2f} ms")
+        rows.append(tuple(row))
+    header = ("", "PyTorch CPU") + (() if args.no_onnx else ("ONNX Runtime",))
+    print(_table(rows, header))
+    speedup = timings["dense"] / timings["pruned"]
+    print(f"\nPyTorch speed-up: {speedup:.2f}x")
+    if speedup <= 1.0:
+        print("warning: the pruned model is not faster than the dense one on this machine")
+    widths = sorted({m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)})
+    unaligned = [c for c in widths if c % 8]
+    if unaligned:
+        print(
+            f"advice: {len(unaligned)} conv widths are not multiples of 8 (e.g. {unaligned[:4]}); "
+            "CPU and GPU kernels are usually faster with `torchslim prune --round-to 8`"
+        )
     return 0
 
 
