@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
+import importlib
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,27 +28,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchslim as ts  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
+from torchslim.data import FASHION_MNIST, accuracy, load_dataset  # noqa: E402
 
-DATA = Path("/usr/share/datasets/fashion-mnist")
 INPUT = torch.randn(1, 1, 28, 28)
-
-
-def load_split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as float tensors in [0, 1] normalised, labels as int64, from the IDX files."""
-    images_path, labels_path = (
-        root / f"{prefix}-images-idx3-ubyte.gz",
-        root / f"{prefix}-labels-idx1-ubyte.gz",
-    )
-    if not images_path.exists():
-        raise SystemExit(
-            f"Fashion-MNIST not found in {root}: apt-get install dataset-fashion-mnist"
-        )
-    with gzip.open(images_path) as stream:
-        images = np.frombuffer(stream.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    with gzip.open(labels_path) as stream:
-        labels = np.frombuffer(stream.read(), np.uint8, offset=8)
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    return (x - 0.2860) / 0.3530, torch.from_numpy(labels.astype(np.int64))
 
 
 class Block(nn.Module):
@@ -112,17 +95,6 @@ def train(
     model.eval()
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    model.eval()
-    x, y = data
-    correct = sum(
-        int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum())
-        for i in range(0, len(x), 1000)
-    )
-    return correct / len(x)
-
-
 def uniform_to_half(
     prune: Callable[[nn.Module, float], None], dense: nn.Module
 ) -> tuple[nn.Module, float]:
@@ -144,23 +116,12 @@ def uniform_to_half(
     return best
 
 
-def prune_torchslim(model: nn.Module, ratio: float) -> None:
-    ts.pruner.MagnitudePruner(
+def prune_uniform(library: Any, model: nn.Module, ratio: float) -> None:
+    """The same recipe through either library's API (``torchslim`` or ``torch_pruning``)."""
+    library.pruner.MagnitudePruner(
         model,
         INPUT,
-        importance=ts.importance.MagnitudeImportance(p=2),
-        pruning_ratio=ratio,
-        ignored_layers=[model.fc],
-    ).step()
-
-
-def prune_torch_pruning(model: nn.Module, ratio: float) -> None:
-    import torch_pruning as tp
-
-    tp.pruner.MagnitudePruner(
-        model,
-        INPUT,
-        importance=tp.importance.MagnitudeImportance(p=2),
+        importance=library.importance.MagnitudeImportance(p=2),
         pruning_ratio=ratio,
         ignored_layers=[model.fc],
     ).step()
@@ -180,14 +141,14 @@ def prune_torchslim_target(model: nn.Module) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=FASHION_MNIST)
     parser.add_argument("--epochs", type=float, default=3.0, help="dense training epochs")
     parser.add_argument("--finetune", type=float, default=1.0, help="fine-tune epochs, each model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    train_data, test_data = load_split(args.data, "train"), load_split(args.data, "t10k")
+    train_data, test_data = load_dataset("fashion-mnist", args.data)
     start = time.perf_counter()
     dense = SmallResNet()
     train(dense, train_data, args.epochs, 0.1, args.seed)
@@ -196,8 +157,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         ("dense", accuracy(dense, test_data), "-", base_macs, base_params, "-")
     ]
     candidates = {
-        "torchslim, uniform ratio": lambda: uniform_to_half(prune_torchslim, dense),
-        "torch-pruning, uniform ratio": lambda: uniform_to_half(prune_torch_pruning, dense),
+        "torchslim, uniform ratio": lambda: uniform_to_half(partial(prune_uniform, ts), dense),
+        "torch-pruning, uniform ratio": lambda: uniform_to_half(
+            partial(prune_uniform, importlib.import_module("torch_pruning")), dense
+        ),
         "torchslim, target_macs=0.5 (global)": lambda: (
             _pruned(dense, prune_torchslim_target),
             "global",
@@ -225,10 +188,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"{args.finetune:g} fine-tune epoch(s) each; seed {args.seed}; "
         f"{time.perf_counter() - start:.0f} s on this machine."
     )
-    print("\n".join(lines + ["", footer]))
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text("\n".join(lines + ["", footer]) + "\n")
+    publish(lines, footer, args.markdown)
 
 
 def _pruned(dense: nn.Module, prune: Callable[[nn.Module], None]) -> nn.Module:

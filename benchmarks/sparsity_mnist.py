@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import publish  # noqa: E402
+from torchslim.data import accuracy, load_dataset  # noqa: E402
 from torchslim.sparsity import (  # noqa: E402
     GMPUnstructuredPruner,
     NMSparsifier,
@@ -55,24 +56,6 @@ def load_model(root: Path) -> nn.Module:
     state = torch.load(root / "models" / "handwriting_model.pth", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
-
-
-def load_idx(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-    images = np.fromfile(root / f"{prefix}-images-idx3-ubyte", np.uint8, offset=16)
-    labels = np.fromfile(root / f"{prefix}-labels-idx1-ubyte", np.uint8, offset=8)
-    x = torch.from_numpy(images.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0)
-    return (x - 0.1307) / 0.3081, torch.from_numpy(labels.astype(np.int64))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    model.eval()
-    x, y = data
-    hits = sum(
-        int((model(x[i : i + 2000]).argmax(1) == y[i : i + 2000]).sum())
-        for i in range(0, len(x), 2000)
-    )
-    return hits / len(x)
 
 
 def fine_tune(
@@ -126,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    test, train = load_idx(MNIST, "t10k"), load_idx(MNIST, "train")
+    train, test = load_dataset("mnist", MNIST)
     dense = accuracy(load_model(WHEEL), test)
     lines = [
         "| sparsity | one-shot accuracy | after GMP fine-tune | weight sparsity reached |",
@@ -173,10 +156,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"{args.iterations} fine-tune batches of 128 per row (Adam, lr 5e-4); seed {args.seed}; "
         f"{time.perf_counter() - start:.0f} s on this machine."
     )
-    print("\n".join(lines + ["", footer]))
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text("\n".join(lines + ["", footer]) + "\n")
+    publish(lines, footer, args.markdown)
 
 
 if __name__ == "__main__":

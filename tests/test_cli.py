@@ -116,3 +116,27 @@ def test_bench_times_dense_and_pruned_and_advises_rounding(tmp_path, capsys):
     assert re.search(r"pruned\s+[\d.]+ ms\s+[\d.]+ ms", out)
     assert "PyTorch speed-up:" in out
     assert "advice: 4 conv widths are not multiples of 8 (e.g. [45, 90, 180, 359])" in out
+
+
+def test_demo_dataset_errors_say_how_to_get_the_data(tmp_path, capsys):
+    assert main(["demo", "--dataset", "mnist", "--out", str(tmp_path)]) == 2
+    assert "--dataset mnist needs --data-dir" in capsys.readouterr().err
+    assert main(["demo", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_idx_files_load_raw_or_gzipped(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    from torchslim.data import load_dataset
+
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    for prefix in ("train", "t10k"):
+        (tmp_path / f"{prefix}-images-idx3-ubyte").write_bytes(b"\0" * 16 + images.tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as stream:
+            stream.write(b"\0" * 8 + bytes([3, 7]))
+    (train_x, train_y), (test_x, _) = load_dataset("mnist", tmp_path)
+    assert train_x.shape == (2, 1, 28, 28) and train_y.tolist() == [3, 7]
+    assert torch.allclose(test_x[0, 0, 0, 1], torch.tensor((1 / 255 - 0.1307) / 0.3081))

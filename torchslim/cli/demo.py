@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 
 import torchslim as tp
 from torchslim.cli.timing import export_onnx, latency_ms
+from torchslim.data import accuracy, load_dataset
 
 
 class DigitsNet(nn.Module):
@@ -35,20 +36,6 @@ class DigitsNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).mean((2, 3)))
-
-
-def load_digits_split(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """80/20 split of scikit-learn's digits, scaled to [0, 1]."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise RuntimeError("the demo needs scikit-learn: pip install scikit-learn") from error
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(x))
-    return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
 
 
 def train(
@@ -85,17 +72,18 @@ def train(
     return losses
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    model.eval()
-    return float((model(data[0]).argmax(1) == data[1]).float().mean())
-
-
-def run_demo(out: Path, epochs: int = 30, target_macs: float = 0.5, seed: int = 0) -> dict:
+def run_demo(
+    out: Path,
+    epochs: int = 30,
+    target_macs: float = 0.5,
+    seed: int = 0,
+    dataset: str = "digits",
+    data_dir: Optional[Path] = None,
+) -> dict:
     """The workflow end to end; returns the numbers the report shows."""
     torch.manual_seed(seed)
+    train_data, test_data = load_dataset(dataset, data_dir, seed)
     out.mkdir(parents=True, exist_ok=True)
-    train_data, test_data = load_digits_split(seed)
     example = test_data[0][:1]
     model = DigitsNet()
     history: dict[str, Any] = {"loss": {}}
@@ -109,7 +97,7 @@ def run_demo(out: Path, epochs: int = 30, target_macs: float = 0.5, seed: int = 
         ignored_layers=[model.classifier],
     )
     history["loss"]["sparse"] = train(
-        model, train_data, epochs // 2, "sparse training (BN L1)", pruner, reg=1e-3
+        model, train_data, max(1, epochs // 2), "sparse training (BN L1)", pruner, reg=1e-3
     )
     sparse_acc = accuracy(model, test_data)
     widths_before = _widths(model)
@@ -127,7 +115,7 @@ def run_demo(out: Path, epochs: int = 30, target_macs: float = 0.5, seed: int = 
             }
         )
     one_shot = accuracy(model, test_data)
-    history["loss"]["fine-tune"] = train(model, train_data, epochs // 2, "fine-tuning")
+    history["loss"]["fine-tune"] = train(model, train_data, max(1, epochs // 2), "fine-tuning")
     results = {
         "dense_accuracy": accuracy(dense, test_data),
         "sparse_accuracy": sparse_acc,

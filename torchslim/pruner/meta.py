@@ -7,6 +7,7 @@ removes the lowest-scoring channels, per group (local) or ranked across groups (
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -18,6 +19,7 @@ from torchslim.graph.dependency import DependencyGraph, Group
 from torchslim.importance import Importance, MagnitudeImportance
 from torchslim.pruner.schedule import linear_scheduler
 from torchslim.utils.ops_counter import count_ops_and_params
+from torchslim.verify import VerifyReport, verify
 
 Scope = Union[nn.Module, Sequence[nn.Module]]
 DEFAULT_ROOTS: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
@@ -126,6 +128,23 @@ class MetaPruner:
         return None
 
     # ------------------------------------------------------------------------------ steps
+
+    def step_and_verify(self, tolerance: float = 1e-6) -> VerifyReport:
+        """Run the next step and check it: the pruned model against the model as it was
+        before the step, with the removed channels zeroed (float64, see :func:`verify`)."""
+        reference = copy.deepcopy(self.DG)
+        selections = []
+        for group in self.step(interactive=True):
+            selections.append((reference.group_like(group), list(group.idxs)))
+            group.prune()
+        return verify(
+            reference,
+            self.example_inputs,
+            selections,
+            forward_fn=self.forward_fn,
+            per_group=False,
+            tolerance=tolerance,
+        )
 
     def step(self, interactive: bool = False) -> Union[None, Iterator[Group]]:
         """Run the next iterative step; with ``interactive=True`` yield its groups instead,

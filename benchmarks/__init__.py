@@ -1,0 +1,1 @@
+"""Benchmarks: torchslim against torch-pruning and real-data accuracy."""
