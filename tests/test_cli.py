@@ -140,3 +140,22 @@ def test_idx_files_load_raw_or_gzipped(tmp_path):
     (train_x, train_y), (test_x, _) = load_dataset("mnist", tmp_path)
     assert train_x.shape == (2, 1, 28, 28) and train_y.tolist() == [3, 7]
     assert torch.allclose(test_x[0, 0, 0, 1], torch.tensor((1 / 255 - 0.1307) / 0.3081))
+
+
+def test_a_recipe_file_repeats_a_run_and_flags_override_it(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model: resnet18\ninput-shape: 1,3,64,64\nratio: 0.5\nround_to: 8\nignore: [fc]\n"
+    )
+    assert main(["prune", "--config", str(recipe), "--out", str(tmp_path / "a")]) == 0
+    written = (tmp_path / "a" / "resnet18.recipe.yaml").read_text()
+    assert "ratio: 0.5" in written and "round_to: 8" in written
+    capsys.readouterr()
+    again = ["prune", "--config", str(tmp_path / "a" / "resnet18.recipe.yaml"), "--ratio", "0.25"]
+    assert main([*again, "--out", str(tmp_path / "b")]) == 0
+    first = json.loads((tmp_path / "a" / "resnet18.plan.json").read_text())
+    second = json.loads((tmp_path / "b" / "resnet18.plan.json").read_text())
+    assert first["shapes"]["conv1.weight"][0] == 32 and second["shapes"]["conv1.weight"][0] == 48
+    recipe.write_text("model: resnet18\nratios: 0.5\n")
+    assert main(["prune", "--config", str(recipe)]) == 2
+    assert "unknown options ratios" in capsys.readouterr().err

@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("model", help="torchvision or timm name, package.module:factory, or .pt")
+        sub.add_argument(
+            "model", nargs="?", help="torchvision or timm name, package.module:factory, or .pt"
+        )
+        sub.add_argument("--config", type=Path, help="YAML recipe with any of these options")
         sub.add_argument(
             "--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)"
         )
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=30, help="dense training epochs")
     demo.add_argument("--target-macs", type=float, default=0.5, help="fraction of MACs to keep")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--config", type=Path, help="YAML recipe with any of these options")
     demo.add_argument(
         "--dataset",
         choices=("digits", "fashion-mnist", "mnist"),
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime timing")
 
     prune = model_command("prune", "Prune a model and write weights + pruning plan.")
-    amount = prune.add_mutually_exclusive_group(required=True)
+    amount = prune.add_mutually_exclusive_group()
     amount.add_argument("--ratio", type=float, help="fraction of every group's channels to remove")
     amount.add_argument("--target-macs", type=float, help="fraction of the dense MACs to keep")
     prune.add_argument("--importance", choices=sorted(IMPORTANCE), default="l2")
@@ -89,9 +93,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    """Parse, with a ``--config`` recipe's values as defaults: flags given on the command
+    line win, so a recipe can be rerun as is or tweaked."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    import yaml
+
+    subparser = parser._subparsers._group_actions[0].choices[args.command]
+    actions = {a.dest: a for a in subparser._actions if a.dest not in ("help", "config")}
     try:
+        recipe = yaml.safe_load(args.config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"cannot read --config {args.config}: {error}") from error
+    if not isinstance(recipe, dict):
+        raise ValueError(f"--config {args.config} must hold a mapping of option: value")
+    values = {str(k).replace("-", "_"): v for k, v in recipe.items()}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise ValueError(f"--config {args.config}: unknown options {', '.join(unknown)}")
+    for dest, value in values.items():
+        convert = actions[dest].type
+        if callable(convert) and isinstance(value, (str, int, float)):
+            values[dest] = convert(value)
+    subparser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        args = parse(argv)
+        if args.command != "demo" and not args.model:
+            raise ValueError("give a MODEL (or `model:` in --config)")
         if args.command == "demo":
             return demo(args)
         model = load_model(args.model, args.trust_pickle)
@@ -103,6 +138,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return prune(model, example, args)
     except (ModelNotFound, ValueError, RuntimeError) as error:
         print(f"torchslim: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        print(
+            f"torchslim: error: {error.name or error} is needed for this command: "
+            "pip install 'torchslim[cli]'",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -163,6 +205,19 @@ def bench(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
     return 0
 
 
+def write_recipe(args: argparse.Namespace, path: Path) -> None:
+    """The effective options of this run, for ``--config`` to repeat it."""
+    import yaml
+
+    skip = {"command", "config", "out", "trust_pickle"}
+    recipe = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip
+    }
+    tp.persistence.atomic_write(
+        path, lambda tmp: tmp.write_text(yaml.safe_dump(recipe, sort_keys=True))
+    )
+
+
 def inspect(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
     graph = tp.DependencyGraph().build_dependency(model, example)
     rows = []
@@ -195,6 +250,8 @@ def inspect(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -
 
 
 def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
+    if (args.ratio is None) == (args.target_macs is None):
+        raise ValueError("give exactly one of --ratio and --target-macs")
     modules = dict(model.named_modules())
     missing = [name for name in args.ignore if name not in modules]
     if missing:
@@ -232,6 +289,7 @@ def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
     if args.out:
         name = Path(args.model).stem.replace(":", "_").replace(".", "_")
         path = tp.save_pruned(model, args.out / f"{name}.safetensors")
+        write_recipe(args, args.out / f"{name}.recipe.yaml")
         print(f"wrote {path} and {path.with_name(path.stem + '.plan.json')}")
     return 0
 
