@@ -159,3 +159,44 @@ def test_a_recipe_file_repeats_a_run_and_flags_override_it(tmp_path, capsys):
     recipe.write_text("model: resnet18\nratios: 0.5\n")
     assert main(["prune", "--config", str(recipe)]) == 2
     assert "unknown options ratios" in capsys.readouterr().err
+
+
+def test_finetune_runs_under_torchrun_with_two_processes(tmp_path):
+    from torchslim.cli.demo import DigitsNet
+
+    factory = "torchslim.cli.demo:DigitsNet"
+    assert (
+        main(
+            ["prune", factory, "--input-shape", "1,1,8,8", "--ratio", "0.5", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    tuned = tmp_path / "tuned.safetensors"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "torchslim",
+        "finetune",
+        factory,
+        str(tmp_path / "DigitsNet.safetensors"),
+        "--epochs",
+        "2",
+        "--bn-l1",
+        "1e-4",
+        "--out",
+        str(tuned),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "world size 2; test accuracy" in done.stdout
+    before, after = (float(v) for v in re.findall(r"(\d\.\d+)", done.stdout.splitlines()[-2])[-2:])
+    assert after > before
+    model = tp.load_pruned(DigitsNet(), tuned)
+    assert [m.out_channels for m in model.features if isinstance(m, torch.nn.Conv2d)] == [
+        16,
+        32,
+        64,
+    ]

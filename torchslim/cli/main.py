@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 import torchslim as tp
+from torchslim.cli.finetune import add_arguments as add_finetune_arguments
+from torchslim.cli.finetune import run_finetune
 from torchslim.cli.models import ModelNotFound, load_model, parse_shape
 
 IMPORTANCE = {
@@ -79,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=30, help="timed runs (median reported)")
     bench.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime timing")
 
+    finetune = model_command(
+        "finetune",
+        "Fine-tune a pruned checkpoint (MODEL builds the architecture); runs under torchrun.",
+    )
+    add_finetune_arguments(finetune)
+
     prune = model_command("prune", "Prune a model and write weights + pruning plan.")
     amount = prune.add_mutually_exclusive_group()
     amount.add_argument("--ratio", type=float, help="fraction of every group's channels to remove")
@@ -130,13 +138,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "demo":
             return demo(args)
         model = load_model(args.model, args.trust_pickle)
+        if args.command == "finetune":
+            return run_finetune(model, args)
         example = torch.randn(parse_shape(args.input_shape))
         if args.command == "inspect":
             return inspect(model, example, args)
         if args.command == "bench":
             return bench(model, example, args)
         return prune(model, example, args)
-    except (ModelNotFound, ValueError, RuntimeError) as error:
+    except (ModelNotFound, ValueError, RuntimeError, OSError) as error:
         print(f"torchslim: error: {error}", file=sys.stderr)
         return 2
     except ImportError as error:
@@ -203,6 +213,13 @@ def bench(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
             "CPU and GPU kernels are usually faster with `torchslim prune --round-to 8`"
         )
     return 0
+
+
+def _output_name(spec: str) -> str:
+    """``resnet18`` -> resnet18, ``pkg.mod:Net`` -> Net, ``path/to/model.pt`` -> model."""
+    if ":" in spec:
+        return spec.partition(":")[2]
+    return Path(spec).stem if spec.endswith((".pt", ".pth")) else spec.replace("/", "_")
 
 
 def write_recipe(args: argparse.Namespace, path: Path) -> None:
@@ -287,7 +304,7 @@ def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
         status = "ok" if all(report.ok for report in reports) else "FAIL"
         print(f"exactness check: {status} (relative error {worst:.1e})")
     if args.out:
-        name = Path(args.model).stem.replace(":", "_").replace(".", "_")
+        name = _output_name(args.model)
         path = tp.save_pruned(model, args.out / f"{name}.safetensors")
         write_recipe(args, args.out / f"{name}.recipe.yaml")
         print(f"wrote {path} and {path.with_name(path.stem + '.plan.json')}")
