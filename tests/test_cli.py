@@ -200,3 +200,13 @@ def test_finetune_runs_under_torchrun_with_two_processes(tmp_path):
         32,
         64,
     ]
+
+
+def test_a_pruned_checkpoint_can_be_pruned_further(tmp_path, capsys):
+    assert main(["prune", "resnet18", *SMALL, "--ratio", "0.5", "--out", str(tmp_path / "a")]) == 0
+    again = f"resnet18@{tmp_path / 'a' / 'resnet18.safetensors'}"
+    assert main(["prune", again, *SMALL, "--ratio", "0.5", "--out", str(tmp_path / "b")]) == 0
+    plan = json.loads((tmp_path / "b" / "resnet18.plan.json").read_text())
+    assert plan["shapes"]["conv1.weight"][0] == 16  # 64 -> 32 -> 16
+    fresh = tp.load_pruned(torchvision.models.resnet18(), tmp_path / "b" / "resnet18.safetensors")
+    assert fresh.layer4[0].conv1.out_channels == 128

@@ -103,7 +103,9 @@ def run_demo(
     widths_before = _widths(model)
     steps = []
     base_macs, base_params = tp.utils.count_ops_and_params(model, example)
-    for step in range(3):
+    from tqdm import tqdm
+
+    for step in tqdm(range(3), desc="pruning", unit="step", leave=False):
         pruner.step()
         macs, params = tp.utils.count_ops_and_params(model, example)
         steps.append(

@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     def model_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
-            "model", nargs="?", help="torchvision or timm name, package.module:factory, or .pt"
+            "model",
+            nargs="?",
+            help="torchvision or timm name, package.module:factory or .pt, optionally followed "
+            "by @pruned.safetensors (a checkpoint from `torchslim prune`)",
         )
         sub.add_argument("--config", type=Path, help="YAML recipe with any of these options")
         sub.add_argument(
@@ -217,6 +220,7 @@ def bench(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
 
 def _output_name(spec: str) -> str:
     """``resnet18`` -> resnet18, ``pkg.mod:Net`` -> Net, ``path/to/model.pt`` -> model."""
+    spec = spec.partition("@")[0]
     if ":" in spec:
         return spec.partition(":")[2]
     return Path(spec).stem if spec.endswith((".pt", ".pth")) else spec.replace("/", "_")
@@ -285,9 +289,10 @@ def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
         round_to=args.round_to,
         ignored_layers=[modules[name] for name in args.ignore],
     )
-    reports = [
-        pruner.step_and_verify() if args.verify else pruner.step() for _ in range(args.steps)
-    ]
+    from tqdm import tqdm
+
+    steps = tqdm(range(args.steps), desc="pruning", unit="step", disable=args.steps == 1)
+    reports = [pruner.step_and_verify() if args.verify else pruner.step() for _ in steps]
     macs, params = tp.utils.count_ops_and_params(model, example)
     rows = [
         (

@@ -1,5 +1,6 @@
 """Resolve the MODEL argument of the CLI: a torchvision or timm name, ``package.module:factory``,
-or a whole-model ``.pt`` file (pickled code: only with ``--trust-pickle``)."""
+a whole-model ``.pt`` file (pickled code: only with ``--trust-pickle``), or any of these
+followed by ``@pruned.safetensors``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ class ModelNotFound(ValueError):
 
 
 def load_model(spec: str, trust_pickle: bool = False) -> nn.Module:
-    """Build the model named by ``spec`` with random weights (nothing is downloaded)."""
+    """Build the model named by ``spec`` with random weights (nothing is downloaded).
+
+    ``ARCH@checkpoint.safetensors`` builds ARCH and applies a pruned checkpoint written by
+    ``torchslim prune`` (its plan, then its weights)."""
+    if "@" in spec:
+        from torchslim.persistence import load_pruned
+
+        base, _, checkpoint = spec.rpartition("@")
+        return load_pruned(load_model(base, trust_pickle), checkpoint).eval()
     path = Path(spec)
     if path.suffix in (".pt", ".pth") and path.exists():
         if not trust_pickle:
