@@ -105,3 +105,49 @@ def test_values_leaving_torch_freeze_their_channels():
     assert group.refusal() == "values leave torch through Tensor.tolist (Tensor.tolist in <model>)"
     with pytest.raises(ValueError, match="values leave torch"):
         group.prune()
+
+
+def test_example_inputs_on_another_device():
+    model = Net().to("meta")
+    with pytest.raises(RuntimeError, match="forward failed on the example inputs while tracing"):
+        build(model, X)
+
+
+def test_a_custom_autograd_function_is_traced_through_its_torch_ops():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    class WithFunction(Net):
+        def forward(self, x):
+            return self.b(Square.apply(self.bn(self.a(x))))
+
+    model = WithFunction().eval()
+    graph = build(model)
+    group = graph.get_pruning_group(model.a, tp.prune_conv_out_channels, [1, 2])
+    report = tp.verify(graph, X, [(group, [1, 2])])
+    assert report.ok and report.checks[0].exact_expected
+
+
+def test_a_custom_function_calling_an_op_without_rule_is_refused_by_name():
+    class Odd(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.special.i0(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    class WithOdd(Net):
+        def forward(self, x):
+            return self.b(Odd.apply(self.a(x)))
+
+    model = WithOdd().eval()
+    group = build(model).get_pruning_group(model.a, tp.prune_conv_out_channels, [0])
+    assert "unsupported op" in group.refusal() and "i0" in group.refusal()
