@@ -251,3 +251,13 @@ def test_csr_export_computes_the_same_outputs():
     assert torch.allclose(model(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match="min_sparsity"):
         to_sparse_csr(model, min_sparsity=2.0)
+
+
+def test_conv1x1_only_prunes_just_pointwise_convolutions():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8, 2))
+    pruner = UnstructuredPruner(model, ratio=0.5, prune_params_type="conv1x1_only")
+    assert set(pruner.masks.params) == {"1.weight"}
+    assert (
+        int((model[1].weight == 0).sum()) == 32 and zeros([model[0].weight, model[3].weight]) == 0
+    )

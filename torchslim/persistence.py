@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from torchslim.graph.dependency import HISTORY_ATTRIBUTE
+from torchslim.graph.dependency import HISTORY_ATTRIBUTE, model_history
 from torchslim.pruning import functions as F
 
 FORMAT = "torchslim.pruned/1"
@@ -83,15 +83,15 @@ def load_pruned(
 ) -> nn.Module:
     """Re-apply the saved plan to a freshly constructed ``model`` and load the saved weights."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no pruned checkpoint at {path}")
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
+            names = handle.keys()
+            tensors = {name: handle.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
     if metadata.get("format") != FORMAT or "plan" not in metadata:
@@ -121,8 +121,7 @@ def apply_plan(
                     "model does not have"
                 )
             _apply(module, op, custom, number)
-    history = model.__dict__.setdefault(HISTORY_ATTRIBUTE, [])
-    history.extend(plan.get("steps", []))
+    model_history(model).extend(plan.get("steps", []))
     state = model.state_dict()
     for name, shape in plan.get("shapes", {}).items():
         if name not in state:
@@ -140,7 +139,7 @@ def _apply(module: nn.Module, op: dict[str, Any], custom: dict[Any, Any], number
         if op["role"] == "param":
             F.ParameterHandler(op["param"], op["dim"])(module, op["idxs"])
             return
-        pruner = custom.get(module) or custom.get(type(module)) or F.get_pruner(module)
+        pruner = F.get_pruner(module, custom)
         if pruner is None:
             raise CheckpointError(f"no pruning function for {type(module).__name__}")
         handler = pruner.prune_out_channels if op["role"] == "out" else pruner.prune_in_channels

@@ -9,15 +9,16 @@ plots. Progress bars on every training phase; a summary table at the end.
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import torchslim as tp
 from torchslim.cli.timing import export_onnx, latency_ms
+from torchslim.cli.training import train_epoch
 from torchslim.data import accuracy, load_dataset
 
 
@@ -49,25 +50,15 @@ def train(
     """SGD with a cosine schedule; with ``pruner``, its ``regularize`` after each backward."""
     from tqdm import tqdm
 
-    x, y = data
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     losses = []
-    model.train()
     for epoch in tqdm(range(epochs), desc=label, unit="epoch", leave=False):
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
-        total = 0.0
-        for start in range(0, len(x), 64):
-            batch = order[start : start + 64]
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            if pruner is not None:
-                pruner.regularize(model, reg=tp.pruner.decaying_l1(epoch, epochs, base=reg))
-            optimizer.step()
-            total += loss.item() * len(batch)
+        strength = tp.pruner.decaying_l1(epoch, epochs, base=reg)
+        regularize = partial(pruner.regularize, model, reg=strength) if pruner else None
+        total, count = train_epoch(model, data, optimizer, epoch, after_backward=regularize)
         schedule.step()
-        losses.append(total / len(x))
+        losses.append(total / count)
     model.eval()
     return losses
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import torchslim as tp
+from torchslim.cli.training import train_epoch
 from torchslim.data import accuracy, load_dataset
 
 
@@ -37,19 +37,12 @@ def run_finetune(model: nn.Module, args: argparse.Namespace) -> int:
         pruner = tp.pruner.BNScalePruner(model, x[:1], reg=args.bn_l1) if args.bn_l1 else None
         trained = nn.parallel.DistributedDataParallel(model) if distributed else model
         optimizer = torch.optim.SGD(trained.parameters(), lr=args.lr, momentum=0.9)
+        regularize = (lambda: pruner.regularize(trained)) if pruner is not None else None
         for epoch in range(args.epochs):
-            trained.train()
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
-            total = torch.zeros(2)
-            for start in range(0, len(x), args.batch_size):
-                batch = order[start : start + args.batch_size]
-                loss = F.cross_entropy(trained(x[batch]), y[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                if pruner is not None:
-                    pruner.regularize(trained)
-                optimizer.step()
-                total += torch.tensor([loss.item() * len(batch), len(batch)])
+            loss_sum, count = train_epoch(
+                trained, (x, y), optimizer, epoch, args.batch_size, regularize
+            )
+            total = torch.tensor([loss_sum, float(count)])
             if distributed:
                 dist.all_reduce(total)
             if rank == 0:

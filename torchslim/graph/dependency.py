@@ -90,8 +90,7 @@ class Group:
         self._graph = graph
         self.coupling = coupling
         self.root = root
-        self.idxs = sorted(set(int(i) for i in idxs))
-        self._items: Optional[list[GroupItem]] = None
+        self.select(idxs)
 
     @property
     def size(self) -> int:
@@ -128,11 +127,16 @@ class Group:
         """Why these indices cannot be removed, or ``None`` if they can."""
         return self._graph._refusal(self.coupling, self.idxs if idxs is None else idxs)
 
+    def select(self, idxs: Sequence[int]) -> Group:
+        """Make ``idxs`` the indices this group removes (items are recomputed lazily)."""
+        self.idxs = sorted(set(int(i) for i in idxs))
+        self._items: Optional[list[GroupItem]] = None
+        return self
+
     def prune(self, idxs: Optional[Sequence[int]] = None, record_history: bool = True) -> None:
         """Remove ``idxs`` (default: the indices the group was created with) everywhere."""
         if idxs is not None:
-            self.idxs = sorted(set(int(i) for i in idxs))
-            self._items = None
+            self.select(idxs)
         self._graph._prune(self, record_history)
 
     def removed_positions(self, idxs: Sequence[int]) -> list[tuple[ParamDim, np.ndarray]]:
@@ -290,8 +294,7 @@ class DependencyGraph:
     # ------------------------------------------------------------------------ handlers
 
     def get_pruner_of_module(self, module: nn.Module) -> Optional[BasePruningFunc]:
-        custom = self.customized_pruners.get(module) or self.customized_pruners.get(type(module))
-        return custom or F.get_pruner(module)
+        return F.get_pruner(module, self.customized_pruners)
 
     def _handler(self, member: ParamDim) -> tuple[Optional[Callable], Optional[str]]:
         """The pruning function for a parameter dim, and its role ("out"/"in"/"param")."""
@@ -485,7 +488,7 @@ class DependencyGraph:
         if record_history:
             step = {"group": group.root.label, "idxs": list(group.idxs), "ops": operations}
             self.history.append(step)
-            _model_history(self.model).append(step)
+            model_history(self.model).append(step)
         self._drop_classes(group.coupling, removed)
         self._removed.setdefault(group.coupling.id, set()).update(int(c) for c in removed)
         group._items = None
@@ -511,7 +514,7 @@ def _operation(item: GroupItem) -> dict[str, Any]:
     return op
 
 
-def _model_history(model: nn.Module) -> list[dict[str, Any]]:
+def model_history(model: nn.Module) -> list[dict[str, Any]]:
     """The pruning steps applied to ``model``, kept on the model so that it can be saved with
     its plan (:func:`torchslim.save_pruned`) without the graph that pruned it."""
     history = model.__dict__.get(HISTORY_ATTRIBUTE)

@@ -239,7 +239,7 @@ def data_dependent(ctx: OpContext) -> None:
         ctx.set_out(tensor, [ctx.opaque(s, "a data-dependent size") for s in tensor.shape])
 
 
-@rule_for("tolist", "__array__", "numpy", "data_ptr", "untyped_storage")
+@rule_for("tolist", "__array__", "data_ptr", "untyped_storage")
 def values_leave_torch(ctx: OpContext) -> None:
     """Values handed to Python or numpy can come back as anything: their channels stay."""
     for tensor in ctx.input_tensors():

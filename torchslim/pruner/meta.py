@@ -104,7 +104,8 @@ class MetaPruner:
             trace_train_mode=trace_train_mode,
         )
         self.initial_sizes = {g.coupling.id: g.size for g in self._groups()}
-        self.base_macs, self.base_params = self._count()
+        targeted = target_macs is not None or target_params is not None
+        self.base_macs, self.base_params = self._count() if targeted else (None, None)
 
     # ------------------------------------------------------------------------------ groups
 
@@ -177,9 +178,7 @@ class MetaPruner:
         for group, group_ratio in local:
             chosen = self._select_local(group, group_ratio)
             if chosen:
-                group.idxs = chosen
-                group._items = None
-                yield group
+                yield group.select(chosen)
         yield from self._select_global(pooled, ratio)
 
     def _scheduled(self, ratio: float) -> float:
@@ -215,9 +214,7 @@ class MetaPruner:
         scores = self._scores(group) if count else None
         if scores is None:
             return []
-        candidates = group.prunable_idxs
-        ranked = sorted(candidates, key=lambda i: (float(scores[i]), i))
-        return self._admissible(group, sorted(ranked[:count]))
+        return self._admissible(group, _lowest(scores, group.prunable_idxs, count))
 
     def _select_global(self, groups: list[Group], ratio: float) -> Iterator[Group]:
         scored = [(g, self._scores(g)) for g in groups]
@@ -249,15 +246,11 @@ class MetaPruner:
                 chosen.setdefault(k, []).append(i)
                 taken += 1
         for k, idxs in sorted(chosen.items()):
-            group = scored[k][0]
-            scores = scored[k][1]
+            group, scores = scored[k]
             count = self._rounded(group, len(idxs))
-            idxs = sorted(sorted(idxs, key=lambda i: (float(scores[i]), i))[:count])
-            idxs = self._admissible(group, idxs)
+            idxs = self._admissible(group, _lowest(scores, idxs, count))
             if idxs:
-                group.idxs = idxs
-                group._items = None
-                yield group
+                yield group.select(idxs)
 
     def _admissible(self, group: Group, idxs: list[int]) -> list[int]:
         """Drop the selection if it would empty a layer (e.g. a grouped conv's constraints)."""
@@ -305,6 +298,11 @@ class MetaPruner:
 
     def update_regularizer(self) -> None:
         """Refresh the groups regularisation acts on (call after pruning)."""
+
+
+def _lowest(scores: torch.Tensor, candidates: Iterable[int], count: int) -> list[int]:
+    """The ``count`` candidates with the lowest scores (ties: lower index), sorted."""
+    return sorted(sorted(candidates, key=lambda i: (float(scores[i]), i))[:count])
 
 
 def _interpolate(target: Optional[float], fraction: float) -> float:

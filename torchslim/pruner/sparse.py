@@ -52,17 +52,19 @@ class BNScalePruner(MetaPruner):
         self.update_regularizer()
 
     def update_regularizer(self) -> None:
-        self._norms = [
-            module
-            for group in self._groups()
-            for member in group.coupling.members
-            if is_norm_layer(module := member.ref.module) and member.ref.name == "weight"
-        ]
+        self._norms = list(
+            dict.fromkeys(
+                member.ref.module
+                for group in self._groups()
+                for member in group.coupling.members
+                if is_norm_layer(member.ref.module) and member.ref.name == "weight"
+            )
+        )
 
     @torch.no_grad()
     def regularize(self, model: nn.Module, reg: Optional[float] = None) -> None:
         reg = self.reg if reg is None else reg
-        for module in dict.fromkeys(self._norms):
+        for module in self._norms:
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter) and weight.grad is not None:
                 weight.grad.add_(reg * torch.sign(weight))

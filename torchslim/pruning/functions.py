@@ -9,7 +9,7 @@ users know (``tp.prune_conv_out_channels(model.conv1, idxs=[2, 6, 9])``).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -465,8 +465,15 @@ def _is_rmsnorm_like(module: nn.Module) -> bool:
     )
 
 
-def get_pruner(module: nn.Module) -> Optional[BasePruningFunc]:
-    """The pruning function for a layer: by exact type, then by base class, then by shape."""
+def get_pruner(
+    module: nn.Module, customized: Optional[dict[Any, BasePruningFunc]] = None
+) -> Optional[BasePruningFunc]:
+    """The pruning function for a layer: a customised one (keyed by the instance, then its
+    type), else the registered one by exact type, then by base class, then by shape."""
+    if customized:
+        custom = customized.get(module) or customized.get(type(module))
+        if custom is not None:
+            return custom
     pruner = PRUNERS.get(type(module))
     if pruner is not None:
         return pruner

@@ -76,7 +76,7 @@ class UnstructuredPruner:
         params = {
             name: param
             for name, param in model.named_parameters()
-            if not _skipped(name, skipped) and _type_allowed(model, name, param, prune_params_type)
+            if not _skipped(name, skipped) and _type_allowed(model, name, prune_params_type)
         }
         if not params:
             raise ValueError("no parameter left to prune after skip_params_func")
@@ -215,10 +215,10 @@ def _skipped(name: str, skipped: set[str]) -> bool:
     return any(".".join(parts[:k]) in skipped for k in range(1, len(parts) + 1))
 
 
-def _type_allowed(model: nn.Module, name: str, param: nn.Parameter, kind: Optional[str]) -> bool:
+def _type_allowed(model: nn.Module, name: str, kind: Optional[str]) -> bool:
     if kind is None:
         return True
-    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    owner = model.get_submodule(name.rpartition(".")[0])
     return (
         isinstance(owner, nn.Conv2d)
         and name.endswith("weight")
