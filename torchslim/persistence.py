@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from torchslim.graph.attributes import set_attribute
 from torchslim.graph.dependency import HISTORY_ATTRIBUTE, model_history
 from torchslim.pruning import functions as F
 
@@ -112,6 +113,7 @@ def apply_plan(
     """Replay every pruning call of ``plan`` on ``model``, then check the resulting shapes."""
     modules = dict(model.named_modules())
     custom = dict(customized_pruners or {})
+    ties = F.TiedParameters(model)
     for number, step in enumerate(plan.get("steps", []), 1):
         for op in step["ops"]:
             module = modules.get(op["module"]) if op["module"] != "<model>" else model
@@ -121,6 +123,7 @@ def apply_plan(
                     "model does not have"
                 )
             _apply(module, op, custom, number)
+        ties.retie()
     model_history(model).extend(plan.get("steps", []))
     state = model.state_dict()
     for name, shape in plan.get("shapes", {}).items():
@@ -138,6 +141,9 @@ def _apply(module: nn.Module, op: dict[str, Any], custom: dict[Any, Any], number
     try:
         if op["role"] == "param":
             F.ParameterHandler(op["param"], op["dim"])(module, op["idxs"])
+            return
+        if op["role"] == "attr":
+            set_attribute(module, op["attr"], op["value"])
             return
         pruner = F.get_pruner(module, custom)
         if pruner is None:

@@ -11,14 +11,15 @@ each coupling removed and compared with the size the layouts predict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
 from torchslim.graph.atoms import NO_ATOM, AtomTable
+from torchslim.graph.attributes import AttributeSlot
 from torchslim.graph.capture import TensorRef, TraceState
 from torchslim.graph.layout import DimLayout
-from torchslim.graph.symbolic import evaluate, symbols
+from torchslim.graph.sizes import SizeModel, surviving, unknown_in
 
 
 @dataclass
@@ -97,6 +98,47 @@ class Analysis:
         self._evaluate_checks(state)
         self.couplings = self._collect()
         self._expanded.clear()
+        self.checks = state.checks
+        self._check_couplings = [self._couplings_in(self.sizes.involved(c)) for c in self.checks]
+        self._slot_couplings = [
+            self._couplings_in(self.sizes.involved(s)) for s in self.sizes.slots
+        ]
+
+    def _couplings_in(self, terms: list[np.ndarray]) -> set[int]:
+        if not terms:
+            return set()
+        classes = np.unique(np.concatenate([t.reshape(-1) for t in terms]))
+        return {self.coupling_of(int(c)) for c in classes if c != NO_ATOM} - {-1}
+
+    def _removed_for(self, couplings: set[int], removed: dict[int, set[int]]) -> np.ndarray:
+        classes = [c for k in couplings for c in removed.get(k, ())]
+        return np.array(classes, np.int64)
+
+    def size_violation(self, coupling: int, removed: dict[int, set[int]]) -> Optional[str]:
+        """Why removing these classes (per coupling, cumulative) would break a size argument
+        or leave an attribute without a fitting value; ``None`` if nothing breaks."""
+        for check, couplings in zip(self.checks, self._check_couplings):
+            if coupling in couplings and unknown_in(check, self.sizes) is None:
+                gone = self._removed_for(couplings, removed)
+                got = self.sizes.value(check, gone)
+                expected = surviving(self.sizes.terms(check.atoms), gone)
+                if got != expected:
+                    return f"size argument {got} != {expected} after pruning, in {check.where}"
+        for slot, value in self.attribute_values(coupling, removed):
+            if value < 0:
+                return f"no value of attribute {slot.label} fits the pruned sizes"
+        return None
+
+    def attribute_values(
+        self, coupling: int, removed: dict[int, set[int]]
+    ) -> list[tuple[AttributeSlot, int]]:
+        """The values of the attributes that count channels of ``coupling``, once the given
+        classes (per coupling, cumulative) are removed."""
+        return [
+            (slot, self.sizes.size(slot, self._removed_for(couplings, removed)))
+            for slot, couplings in zip(self.sizes.slots, self._slot_couplings)
+            if coupling in couplings
+        ]
 
     def expand(self, dim: DimLayout) -> np.ndarray:
         cached = self._expanded.get(id(dim))
@@ -116,17 +158,23 @@ class Analysis:
         return {int(k): present[owners == k] for k in np.unique(owners)}
 
     def _evaluate_checks(self, state: TraceState) -> None:
-        """Freeze couplings whose removal would make a tracked size argument wrong."""
+        """Freeze couplings whose removal would make a size argument wrong, and positions whose
+        size comes from an attribute that cannot be inferred."""
+        sizes = self.sizes = SizeModel(state.checks, self.table.expand_rows)
         for check in state.checks:
-            target = self.table.expand_rows(check.atoms)
-            keys: list[DimLayout] = symbols(check.expr)
-            sym_terms = {id(k): self.expand(k) for k in keys}
-            involved = self._classes_by_coupling([target, *sym_terms.values()])
+            unknown = unknown_in(check, sizes)
+            if unknown is not None:
+                self.table.freeze_many(
+                    check.atoms,
+                    f"size from attribute {unknown.label} in {check.where}: its value after "
+                    "pruning cannot be inferred (the forward never uses it as a size by itself)",
+                )
+                continue
+            involved = self._classes_by_coupling(sizes.involved(check))
             for coupling, classes in involved.items():
                 for removed in _perturbations(classes):
-                    expected = _surviving(target, removed)
-                    sizes = {key: _surviving(terms, removed) for key, terms in sym_terms.items()}
-                    got = evaluate(check.expr, lambda k, sizes=sizes: sizes[id(k)])
+                    expected = surviving(sizes.terms(check.atoms), removed)
+                    got = sizes.value(check, removed)
                     if got != expected:
                         reason = (
                             f"size argument {got} != {expected} after pruning, in {check.where}"
@@ -205,9 +253,3 @@ def _perturbations(classes: np.ndarray) -> list[np.ndarray]:
     if classes.size <= 1:
         return [classes]
     return [classes[:1], classes[-1:], classes[::2]]
-
-
-def _surviving(terms: np.ndarray, removed: np.ndarray) -> int:
-    if terms.shape[1] == 0:
-        return terms.shape[0]
-    return int(terms.shape[0] - np.isin(terms, removed).any(axis=1).sum())

@@ -212,27 +212,29 @@ class AtomTable:
         return tuple(out)
 
     def expand_rows(self, atoms: np.ndarray) -> np.ndarray:
-        """Expand a ``[n, k]`` atom array into a ``[n, p]`` array of primitive class roots."""
+        """Expand a ``[n, k]`` atom array into a ``[n, p]`` array of primitive class roots
+        (each row's factors left-aligned, ``NO_ATOM`` padded)."""
         n = atoms.shape[0]
         if atoms.shape[1] == 0:
             return np.zeros((n, 0), np.int64)
         roots = self.roots(atoms)
         if not self.definition:
             return roots
-        columns = []
-        for column in roots.T:
-            valid = column != NO_ATOM
-            if not self._defined[column[valid]].any():
-                columns.append(column[:, None])
-                continue
-            values, inverse = np.unique(column, return_inverse=True)
-            parts = [self.expand((int(v),)) if v != NO_ATOM else () for v in values]
-            width = max(len(p) for p in parts)
-            table = np.full((len(values), width), NO_ATOM, np.int64)
-            for i, part in enumerate(parts):
-                table[i, : len(part)] = part
-            columns.append(table[inverse.reshape(-1)])
-        return np.concatenate(columns, axis=1)
+        columns = [self._expand_column(column) for column in roots.T]
+        return _left_aligned(np.concatenate(columns, axis=1))
+
+    def _expand_column(self, column: np.ndarray) -> np.ndarray:
+        """Expand one column of class roots, one unique value at a time."""
+        valid = column != NO_ATOM
+        if not self._defined[column[valid]].any():
+            return column[:, None]
+        values, inverse = np.unique(column, return_inverse=True)
+        parts = [self.definition.get(int(v), (int(v),)) if v != NO_ATOM else () for v in values]
+        table = np.full((len(values), max(len(p) for p in parts)), NO_ATOM, np.int64)
+        for i, part in enumerate(parts):
+            table[i, : len(part)] = part
+        expanded = [self._expand_column(self.roots(c)) for c in table.T]
+        return np.concatenate(expanded, axis=1)[inverse.reshape(-1)]
 
     # ------------------------------------------------------------------- frozen, mixing
 
@@ -263,3 +265,11 @@ class AtomTable:
     def _mark(self, root: int, reason: str) -> None:
         self.mixing.setdefault(root, set()).add(reason)
         self._flag[root] = True
+
+
+def _left_aligned(rows: np.ndarray) -> np.ndarray:
+    """Move each row's atoms to the front (keeping their order) and drop empty columns."""
+    order = np.argsort(rows == NO_ATOM, axis=1, kind="stable")
+    rows = np.take_along_axis(rows, order, axis=1)
+    width = int((rows != NO_ATOM).sum(axis=1).max(initial=0))
+    return rows[:, : max(width, 1)] if rows.shape[1] else rows

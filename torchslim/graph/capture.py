@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torchslim.graph.atoms import AtomTable
-from torchslim.graph.layout import DimLayout, TensorLayout, opaque, unify
+from torchslim.graph.attributes import AttributeSlot, tracked_attributes
+from torchslim.graph.layout import DimLayout, TensorLayout, opaque, same_positions, unify
 from torchslim.graph.symbolic import (
     VALUE_USE_LISTENERS,
     TrackedInt,
@@ -96,6 +97,10 @@ class SizeCheck:
     atoms: np.ndarray
     where: str
 
+    @property
+    def attributes(self) -> list[AttributeSlot]:
+        return [key for key in symbols(self.expr) if isinstance(key, AttributeSlot)]
+
 
 @dataclass
 class Unsupported:
@@ -116,6 +121,8 @@ class TraceState:
     param_layouts: dict[int, TensorLayout] = field(default_factory=dict)
     module_stack: list[str] = field(default_factory=list)
     checks: list[SizeCheck] = field(default_factory=list)
+    attributes: dict[tuple[int, str], AttributeSlot] = field(default_factory=dict)
+    attribute_values: list[tuple[AttributeSlot, str]] = field(default_factory=list)
     unsupported: list[Unsupported] = field(default_factory=list)
     ran: set[int] = field(default_factory=set)
     calls: int = 0
@@ -177,20 +184,57 @@ class TraceState:
         )
 
     def value_use(self, expr: Any, where: str) -> None:
-        """A channel count became a value (a scale, a fill): pruning that dim changes results."""
+        """A channel count became a value (a scale, a fill): pruning that dim changes results.
+
+        Attributes are resolved to the positions they count once tracing is over."""
+        reason = f"a channel count used as a value in {where}"
         for key in symbols(expr):
-            if isinstance(key, DimLayout) and not key.is_opaque:
-                reason = f"a channel count used as a value in {where}"
+            if isinstance(key, AttributeSlot):
+                self.attribute_values.append((key, reason))
+            elif not key.is_opaque:
                 self.table.mark_mixing(key.atoms[key.atoms >= 0], reason)
 
-    def require_size(self, value: Any, atoms: np.ndarray, where: str) -> None:
-        """Record that ``value`` must equal the number of surviving rows of ``atoms``."""
-        if atoms.shape[1] == 0:
+    def require_size(self, value: Any, dim: DimLayout, where: str) -> None:
+        """Record that ``value`` must equal the number of surviving positions of ``dim``.
+
+        An attribute used as a size by itself counts those positions: all positions it counts
+        are coupled (they shrink together, and the attribute follows them)."""
+        expr = expr_of(value)
+        if expr[0] == "attr":
+            self._bind(expr[1], dim, where)
+        elif expr[0] == "dim":
+            self._match(expr[1], dim, where)
+        attributes = any(isinstance(key, AttributeSlot) for key in symbols(expr))
+        if dim.is_opaque and not attributes:
             return
         if is_literal(value):
-            self.table.freeze_many(atoms, f"hard-coded size {int(value)} in {where}")
+            self.table.freeze_many(dim.atoms, f"hard-coded size {int(value)} in {where}")
         else:
-            self.checks.append(SizeCheck(expr_of(value), atoms, where))
+            self.checks.append(SizeCheck(expr, dim.atoms, where))
+
+    def _bind(self, slot: AttributeSlot, dim: DimLayout, where: str) -> None:
+        slot.uses.append(where)
+        if slot.layout is None:
+            slot.layout = dim
+        else:
+            unify(self.table, slot.layout, dim, f"{where} (attribute {slot.label})")
+
+    def _match(self, source: DimLayout, dim: DimLayout, where: str) -> None:
+        """A dim sized by another tensor's dim (``y.reshape(b, n, x.shape[-1])``) keeps that
+        size only if both shrink together: unless they already hold the same channels, their
+        positions are coupled one to one."""
+        if source is dim or source.is_opaque or dim.is_opaque or source.size != dim.size:
+            return
+        if not same_positions(self.table, source, dim):
+            unify(self.table, source, dim, f"{where} (a size taken from another tensor)")
+
+    def finish(self) -> None:
+        """Mark the positions of attributes used as values (``self.head_dim ** -0.5``)."""
+        for slot, reason in self.attribute_values:
+            if slot.layout is not None and not slot.layout.is_opaque:
+                atoms = slot.layout.atoms
+                self.table.mark_mixing(atoms[atoms >= 0], reason)
+        self.attribute_values.clear()
 
 
 def iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
@@ -314,7 +358,7 @@ def run_traced(
     VALUE_USE_LISTENERS.append(listener)
     try:
         model.train(training)
-        with torch.no_grad(), Recorder(state, lookup):
+        with torch.no_grad(), tracked_attributes(model, state.attributes), Recorder(state, lookup):
             return call()
     finally:
         VALUE_USE_LISTENERS.remove(listener)

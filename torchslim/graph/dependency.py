@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from torchslim.graph.analysis import Analysis, Coupling, ParamDim
+from torchslim.graph.attributes import get_attribute, set_attribute
 from torchslim.graph.capture import (
     TraceState,
     Unsupported,
@@ -204,6 +205,7 @@ class DependencyGraph:
         self.customized_pruners: dict[Any, BasePruningFunc] = {}
         self.ignored_params: list[nn.Parameter] = []
         self._removed: dict[int, set[int]] = {}
+        self._ties: Optional[F.TiedParameters] = None
         self.history: list[dict[str, Any]] = []
         self._unsupported: list[Unsupported] = []
         self._calls = 0
@@ -254,7 +256,7 @@ class DependencyGraph:
             ) from error
         self._freeze_outputs(state, outputs, output_transform)
         self.notes = []
-        if trace_train_mode and _layers_not_run(model, state.ran):
+        if trace_train_mode and _layers_not_run(model, state):
             try:
                 outputs = run_traced(state, lookup, call, training=True)
                 self._freeze_outputs(state, outputs, output_transform)
@@ -262,6 +264,8 @@ class DependencyGraph:
                 self.notes.append(f"train-mode forward skipped: {type(error).__name__}: {error}")
         self._unsupported = state.unsupported
         self._calls = state.calls
+        self._ties = F.TiedParameters(model)
+        state.finish()
         self.analysis = Analysis(state)
         self._removed = {}
         return self
@@ -437,7 +441,13 @@ class DependencyGraph:
             n = member.terms.shape[0]
             if n and member.positions_of(removed).size >= n:
                 return f"pruning would remove every channel of {member.label}"
-        return None
+        return self.analysis.size_violation(coupling.id, self._removed_with(coupling, removed))
+
+    def _removed_with(self, coupling: Coupling, classes: np.ndarray) -> dict[int, set[int]]:
+        """Classes removed so far per coupling, plus ``classes`` of ``coupling``."""
+        removed = dict(self._removed)
+        removed[coupling.id] = removed.get(coupling.id, set()) | {int(c) for c in classes}
+        return removed
 
     def check_pruning_group(self, group: Group) -> bool:
         """True if the group can be pruned: nothing frozen, and no layer left empty."""
@@ -485,12 +495,19 @@ class DependencyGraph:
             if item.idxs:
                 item.dep(item.idxs)
                 operations.append(_operation(item))
+        self._ties.retie()
+        self._drop_classes(group.coupling, removed)
+        self._removed = self._removed_with(group.coupling, removed)
+        for slot, value in self.analysis.attribute_values(group.coupling.id, self._removed):
+            if get_attribute(slot.module, slot.name) != value:
+                set_attribute(slot.module, slot.name, value)
+                operations.append(
+                    {"module": slot.module_name, "role": "attr", "attr": slot.name, "value": value}
+                )
         if record_history:
             step = {"group": group.root.label, "idxs": list(group.idxs), "ops": operations}
             self.history.append(step)
             model_history(self.model).append(step)
-        self._drop_classes(group.coupling, removed)
-        self._removed.setdefault(group.coupling.id, set()).update(int(c) for c in removed)
         group._items = None
 
     @staticmethod
@@ -524,11 +541,14 @@ def model_history(model: nn.Module) -> list[dict[str, Any]]:
     return history
 
 
-def _layers_not_run(model: nn.Module, ran: set[int]) -> list[str]:
+def _layers_not_run(model: nn.Module, state: TraceState) -> list[str]:
+    """Layers with parameters that neither ran nor had their parameters used by another layer
+    (``nn.MultiheadAttention`` uses ``out_proj.weight`` without calling ``out_proj``)."""
     return [
         name
         for name, module in model.named_modules()
-        if id(module) not in ran and next(module.parameters(recurse=False), None) is not None
+        if id(module) not in state.ran
+        and any(id(p) not in state.param_layouts for p in module.parameters(recurse=False))
     ]
 
 

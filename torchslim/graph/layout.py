@@ -171,6 +171,15 @@ def _live_columns(expanded: np.ndarray) -> list[np.ndarray]:
     ]
 
 
+def same_positions(table: AtomTable, a: DimLayout, b: DimLayout) -> bool:
+    """Whether two dims hold the same channel terms, in any order."""
+    rows_a = np.sort(table.expand_rows(a.atoms), axis=1)
+    rows_b = np.sort(table.expand_rows(b.atoms), axis=1)
+    if rows_a.shape != rows_b.shape:
+        return False
+    return np.array_equal(np.unique(rows_a, axis=0), np.unique(rows_b, axis=0))
+
+
 def unify(table: AtomTable, a: DimLayout, b: DimLayout, where: str) -> None:
     """Require two dims to have identical positions (same channels, same order)."""
     if a.atoms is b.atoms or a.size != b.size or a.size == 0:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import operator
 from typing import Any, Callable
 
-Expr = Any  # ("lit", int) | ("dim", key) | (op_name, Expr, Expr) | ("neg", Expr)
+Expr = Any  # ("lit", int) | ("dim", key) | ("attr", slot) | (op_name, Expr, Expr) | ("neg", Expr)
+
+#: Expression kinds that stand for a size known to the graph: a tensor dim, or an int attribute.
+SYMBOLS = ("dim", "attr")
 
 _BINARY: dict[str, Callable[[int, int], int]] = {
     "add": operator.add,
@@ -45,11 +48,11 @@ def is_literal(value: Any) -> bool:
 
 
 def evaluate(expr: Expr, dim_size: Callable[[Any], int]) -> int:
-    """Evaluate an expression with ``dim_size(key)`` giving each tensor dim's size."""
+    """Evaluate an expression with ``dim_size(key)`` giving each symbol's size."""
     kind = expr[0]
     if kind == "lit":
         return expr[1]
-    if kind == "dim":
+    if kind in SYMBOLS:
         return dim_size(expr[1])
     if kind == "neg":
         return -evaluate(expr[1], dim_size)
@@ -60,11 +63,11 @@ def evaluate(expr: Expr, dim_size: Callable[[Any], int]) -> int:
 
 
 def symbols(expr: Expr) -> list[Any]:
-    """All dim keys an expression reads."""
+    """All keys (tensor dims and attribute slots) an expression reads."""
     kind = expr[0]
     if kind == "lit":
         return []
-    if kind == "dim":
+    if kind in SYMBOLS:
         return [expr[1]]
     return [key for sub in expr[1:] for key in symbols(sub)]
 

@@ -1,11 +1,12 @@
 """Op rules: how channel positions flow through each torch op (see :mod:`.registry`)."""
 
-from torchslim.ops import elementwise, layers, shape, tensor_math
+from torchslim.ops import decompositions, elementwise, layers, shape, tensor_math
 from torchslim.ops.registry import OpContext, callables, lookup, register_rule, rule_for
 
 __all__ = [
     "OpContext",
     "callables",
+    "decompositions",
     "elementwise",
     "layers",
     "lookup",

@@ -1,5 +1,4 @@
-"""Ops that carry parameters: convolutions, linear maps, normalisations, embeddings, PReLU,
-and ``nn.MultiheadAttention``'s fused forward."""
+"""Ops that carry parameters: convolutions, linear maps, normalisations, embeddings, PReLU."""
 
 from __future__ import annotations
 
@@ -166,14 +165,3 @@ def prelu_rule(ctx: OpContext) -> None:
     if weight.numel() > 1:
         ctx.unify(ctx.layout(weight)[0], xl[1] if x.dim() > 1 else xl[0])
     ctx.set_out(ctx.out, list(xl))
-
-
-@rule_for("multi_head_attention_forward")
-def multi_head_attention_rule(ctx: OpContext) -> None:
-    """``nn.MultiheadAttention`` derives its head size from the input width: keep it whole."""
-    why = "nn.MultiheadAttention ties its width to its fused projections"
-    for tensor in ctx.input_tensors():
-        for dim in ctx.layout(tensor):
-            ctx.freeze(dim, why)
-    for tensor in ctx.output_tensors():
-        ctx.set_out(tensor, [ctx.opaque(s, why) for s in tensor.shape])

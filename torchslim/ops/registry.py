@@ -119,7 +119,7 @@ class OpContext:
 
     def require_size(self, value: Any, dim: DimLayout) -> None:
         """The int ``value`` is used as the size of ``dim`` (view shapes, split sizes, ...)."""
-        self.state.require_size(value, dim.atoms, self.where)
+        self.state.require_size(value, dim, self.where)
 
     def freeze(self, dim: DimLayout, why: str) -> None:
         self.table.freeze_many(dim.atoms, f"{why} ({self.where})")

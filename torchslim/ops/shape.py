@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from torchslim.graph.layout import DimLayout, TensorLayout, concat, merge, take
-from torchslim.graph.symbolic import TrackedInt
+from torchslim.graph.symbolic import TrackedInt, is_literal
 from torchslim.ops.registry import OpContext, normalize_dim, rule_for
 
 # ---------------------------------------------------------------------------------- reshapes
@@ -295,7 +295,12 @@ def unbind_rule(ctx: OpContext) -> None:
 
 
 def _require_index(ctx: OpContext, value: Any, dim: DimLayout) -> None:
-    """``value`` is a position: rows before it (or after it, if negative) must keep their count."""
+    """``value`` is a position: rows before it (or after it, if negative) must keep their count.
+
+    A bound past the end is clamped, and stays clamped as the dim shrinks."""
+    reach = abs(int(value))
+    if reach > dim.size or (reach == dim.size and is_literal(value)):
+        return
     if int(value) >= 0:
         ctx.require_size(value, take(dim, np.arange(0, min(int(value), dim.size))))
     else:

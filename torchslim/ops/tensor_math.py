@@ -102,19 +102,18 @@ def sdpa_rule(ctx: OpContext) -> None:
     ctx.unify(kl[-2], vl[-2])
     if ctx.arg(6, "scale", None) is None:
         ctx.mixing(ql[-1], "the default attention scale depends on the head size")
-    q_batch, k_batch = ql[:-2], kl[:-2]
+    q_batch, k_batch, v_batch = ql[:-2], kl[:-2], vl[:-2]
     if ctx.kwargs.get("enable_gqa") and q.shape[-3] != k.shape[-3]:
         heads, groups = k.shape[-3], q.shape[-3] // k.shape[-3]
         kv_part, _ = ctx.split(q_batch[-1], [heads, groups])
         ctx.unify(kv_part, k_batch[-1])
-        q_batch, k_batch = q_batch[:-1], k_batch[:-1]
-        batch = _batch_dims(ctx, [q_batch, k_batch], [q.shape[:-3], k.shape[:-3]]) + [ql[-3]]
+        ctx.unify(kv_part, v_batch[-1])
+        shapes = [t.shape[:-3] for t in (q, k, v)]
+        lead = _batch_dims(ctx, [q_batch[:-1], k_batch[:-1], v_batch[:-1]], shapes)
+        batch = lead + [q_batch[-1]]
     else:
-        batch = _batch_dims(ctx, [q_batch, k_batch], [q.shape[:-2], k.shape[:-2]])
-    for other in (vl[:-2],):
-        for a, b in zip(reversed(batch), reversed(other)):
-            if a.size == b.size and k.shape[-3:-2] == v.shape[-3:-2]:
-                ctx.unify(a, b)
+        shapes = [t.shape[:-2] for t in (q, k, v)]
+        batch = _batch_dims(ctx, [q_batch, k_batch, v_batch], shapes)
     mask = ctx.arg(3, "attn_mask", None)
     if isinstance(mask, torch.Tensor) and mask.dim() > 0:
         target = batch + [ql[-2], kl[-2]]

@@ -35,6 +35,37 @@ def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> No
         setattr(module, name, data)
 
 
+class TiedParameters:
+    """Parameters shared by several modules (tied input and output embeddings).
+
+    Pruning replaces a parameter on the module it is pruned through; :meth:`retie` then gives
+    every other owner the same new tensor (and lets their pruning functions update attributes
+    such as ``in_features``), so the weights stay tied."""
+
+    def __init__(self, model: nn.Module) -> None:
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        tensors: dict[int, torch.Tensor] = {}
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                owners.setdefault(id(param), []).append((module, name))
+                tensors[id(param)] = param
+        self.groups = [(tensors[k], v) for k, v in owners.items() if len(v) > 1]
+
+    def retie(self) -> None:
+        for k, (tensor, owners) in enumerate(self.groups):
+            current = [getattr(module, name) for module, name in owners]
+            replaced = next((t for t in current if t is not tensor), None)
+            if replaced is None:
+                continue
+            for module, name in owners:
+                if getattr(module, name) is not replaced:
+                    setattr(module, name, replaced)
+                    pruner = get_pruner(module)
+                    if pruner is not None:
+                        pruner.sync(module)
+            self.groups[k] = (replaced, owners)
+
+
 def normalise_indices(layer: nn.Module, idxs: Indices, total: int) -> list[int]:
     """Sorted unique ints, range-checked; refuses to remove every channel."""
     if isinstance(idxs, torch.Tensor):
@@ -441,7 +472,9 @@ def register_pruner(module_type: type, pruner: BasePruningFunc) -> None:
     PRUNERS[module_type] = pruner
 
 
-for _pruner in (_CONV, _LINEAR, _BATCHNORM, _LAYERNORM, _GROUPNORM, _PRELU, _EMBEDDING, _MHA):
+# nn.MultiheadAttention has no entry: the graph traces its heads (see ops.decompositions) and
+# slices each of its parameters, and its size attributes follow; _MHA serves direct calls.
+for _pruner in (_CONV, _LINEAR, _BATCHNORM, _LAYERNORM, _GROUPNORM, _PRELU, _EMBEDDING):
     for _type in _pruner.TARGET_MODULES:
         register_pruner(_type, _pruner)
 
@@ -518,6 +551,7 @@ prune_batchnorm = prune_batchnorm_out_channels
 
 __all__ = [
     "PRUNERS",
+    "TiedParameters",
     "ParameterHandler",
     "BasePruningFunc",
     "get_pruner",
