@@ -44,12 +44,38 @@ class AttributeSlot:
         return TrackedInt(self.value, ("attr", self))
 
 
-def _int_fields(obj: Any) -> list[tuple[str, int]]:
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _int_fields(obj: Any) -> list[tuple[str, Any]]:
+    """Int attributes, and tuples or lists of ints (``self.shape = (dim, 1, 1)``)."""
     return [
         (name, value)
         for name, value in vars(obj).items()
-        if type(value) is int and not name.startswith("__")
+        if not name.startswith("__")
+        and (
+            _is_int(value)
+            or (isinstance(value, (tuple, list)) and value and all(map(_is_int, value)))
+        )
     ]
+
+
+def _tracked_value(
+    slots: dict[tuple[int, str], AttributeSlot],
+    module_name: str,
+    module: nn.Module,
+    name: str,
+    value: Any,
+) -> Any:
+    """The value to read while tracing: tracked ints, element by element for sequences."""
+    if _is_int(value):
+        slot = slots.setdefault((id(module), name), AttributeSlot(module_name, module, name, value))
+        return slot.tracked()
+    return type(value)(
+        _tracked_value(slots, module_name, module, f"{name}[{i}]", item)
+        for i, item in enumerate(value)
+    )
 
 
 @contextmanager
@@ -61,50 +87,68 @@ def tracked_attributes(
     ``slots`` persists across traces of the same model (eval, then train mode), so both runs
     bind the same slots. Everything is restored on exit.
     """
-    restore: list[tuple[dict, str, Any]] = []
+    restore: list[tuple[dict, str, Any, Any]] = []
     for module_name, module in model.named_modules():
         state = vars(module)
         for name, value in _int_fields(module):
-            slot = slots.setdefault(
-                (id(module), name), AttributeSlot(module_name, module, name, value)
-            )
-            restore.append((state, name, value))
-            state[name] = slot.tracked()
+            tracked = _tracked_value(slots, module_name, module, name, value)
+            restore.append((state, name, value, tracked))
+            state[name] = tracked
         config = state.get("config")
         if config is None or isinstance(config, nn.Module) or not hasattr(config, "__dict__"):
             continue
         reading = copy.copy(config)
         for name, value in _int_fields(config):
-            key = (id(module), CONFIG_PREFIX + name)
-            slot = slots.setdefault(
-                key, AttributeSlot(module_name, module, CONFIG_PREFIX + name, value)
-            )
-            vars(reading)[name] = slot.tracked()
-        restore.append((state, "config", config))
+            tracked = _tracked_value(slots, module_name, module, CONFIG_PREFIX + name, value)
+            vars(reading)[name] = tracked
+        restore.append((state, "config", config, reading))
         state["config"] = reading
     try:
         yield
     finally:
-        for state, name, value in reversed(restore):
-            current = state.get(name)
-            if name == "config" or isinstance(current, TrackedInt):
+        for state, name, value, tracked in reversed(restore):
+            if state.get(name) is tracked:
                 state[name] = value
 
 
-def set_attribute(module: nn.Module, name: str, value: int) -> None:
-    """Set a module attribute, or a config field through the module's own copy of its config
-    (made on first write, so other modules sharing the config are not affected)."""
-    if not name.startswith(CONFIG_PREFIX):
-        setattr(module, name, int(value))
-        return
+def _owner_and_field(module: nn.Module, name: str, writing: bool) -> tuple[dict, str]:
+    """The ``__dict__`` holding an attribute, and its key there. Writing a config field gives
+    the module its own copy of its config first, so modules sharing the config are not
+    affected."""
     state = vars(module)
-    if not state.get(OWNS_CONFIG_FLAG, False):
+    if not name.startswith(CONFIG_PREFIX):
+        return state, name
+    if writing and not state.get(OWNS_CONFIG_FLAG, False):
         state["config"] = copy.copy(state["config"])
         state[OWNS_CONFIG_FLAG] = True
-    vars(state["config"])[name[len(CONFIG_PREFIX) :]] = int(value)
+    return vars(state["config"]), name[len(CONFIG_PREFIX) :]
+
+
+def _split_index(key: str) -> tuple[str, Optional[int]]:
+    if key.endswith("]") and "[" in key:
+        base, _, index = key[:-1].rpartition("[")
+        return base, int(index)
+    return key, None
+
+
+def set_attribute(module: nn.Module, name: str, value: int) -> None:
+    """Set an int attribute, an element of a tuple/list attribute (``"shape[0]"``), or a
+    config field (``"config.head_dim"``) of ``module``."""
+    holder, key = _owner_and_field(module, name, writing=True)
+    key, index = _split_index(key)
+    if index is None:
+        holder[key] = int(value)
+        return
+    items = list(holder[key])
+    items[index] = int(value)
+    holder[key] = type(holder[key])(items)
 
 
 def get_attribute(module: nn.Module, name: str) -> Optional[int]:
-    if name.startswith(CONFIG_PREFIX):
-        return getattr(getattr(module, "config", None), name[len(CONFIG_PREFIX) :], None)
-    return getattr(module, name, None)
+    try:
+        holder, key = _owner_and_field(module, name, writing=False)
+    except KeyError:
+        return None
+    key, index = _split_index(key)
+    value = holder.get(key)
+    return value if index is None or value is None else value[index]

@@ -355,18 +355,44 @@ class DependencyGraph:
             raise ValueError(
                 f"indices {idxs} out of range for {root.label} of size {root.terms.shape[0]}"
             )
-        rows = root.terms[idxs]
-        classes = np.unique(rows[rows >= 0])
-        candidates = self._couplings_of(root)
-        by_coupling = {c.id: [k for k in classes if k in set(c.classes)] for c in candidates}
-        chosen = [c for c in candidates if by_coupling[c.id]]
-        prunable = [c for c in chosen if not any(k in c.frozen for k in by_coupling[c.id])]
-        coupling = (prunable or chosen or candidates)[0]
+        coupling, classes = self._coupling_for(root, idxs)
         live = self._live_classes(coupling)
-        selected = [live.index(k) for k in by_coupling.get(coupling.id, []) if k in live]
+        selected = [live.index(k) for k in classes if k in live]
         return Group(self, coupling, root, selected)
 
     get_pruning_plan = get_pruning_group
+
+    def _coupling_for(self, root: ParamDim, idxs: list[int]) -> tuple[Coupling, list[int]]:
+        """The coupling and classes meant by removing positions ``idxs`` of ``root``.
+
+        Classes whose positions all lie inside ``idxs`` are preferred (k_proj rows 0-2 are one
+        KV head, not offsets 0-2 of every head), the coupling covering most of ``idxs`` wins,
+        unfrozen before frozen. If no class fits inside, the classes touched in the coupling
+        that removes the fewest extra positions are taken (one channel of a head selects the
+        whole head)."""
+        requested = set(idxs)
+        rows = root.terms[idxs]
+        touched = [int(k) for k in np.unique(rows[rows >= 0])]
+        inside = [k for k in touched if set(root.positions_of(np.array([k]))) <= requested]
+        candidates = self._couplings_of(root)
+
+        def choice(classes: list[int], sign: int) -> tuple[Optional[Coupling], list[int]]:
+            best, best_key, best_classes = None, None, []
+            for coupling in candidates:
+                members = set(coupling.classes)
+                mine = [k for k in classes if k in members]
+                if not mine:
+                    continue
+                covered = root.positions_of(np.array(mine, np.int64)).size
+                key = (any(k in coupling.frozen for k in mine), sign * covered)
+                if best_key is None or key < best_key:
+                    best, best_key, best_classes = coupling, key, mine
+            return best, best_classes
+
+        coupling, classes = choice(inside, -1)
+        if coupling is None:
+            coupling, classes = choice(touched, 1)
+        return (coupling or candidates[0]), classes
 
     def get_all_groups(
         self,

@@ -33,7 +33,7 @@ def _spatial_out(ctx: OpContext, batch: list[DimLayout], channels: DimLayout) ->
 
 @rule_for("conv1d", "conv2d", "conv3d")
 def conv_rule(ctx: OpContext) -> None:
-    x, weight = ctx.args[0], ctx.args[1]
+    x, weight = ctx.arg(0, "input"), ctx.arg(1, "weight")
     bias = ctx.arg(2, "bias", None)
     groups = int(ctx.arg(6, "groups", 1))
     xl, wl = ctx.layout(x), ctx.layout(weight)
@@ -54,7 +54,7 @@ def conv_rule(ctx: OpContext) -> None:
 
 @rule_for("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def conv_transpose_rule(ctx: OpContext) -> None:
-    x, weight = ctx.args[0], ctx.args[1]
+    x, weight = ctx.arg(0, "input"), ctx.arg(1, "weight")
     bias = ctx.arg(2, "bias", None)
     groups = int(ctx.arg(6, "groups", 1))
     xl, wl = ctx.layout(x), ctx.layout(weight)
@@ -75,7 +75,7 @@ def conv_transpose_rule(ctx: OpContext) -> None:
 
 @rule_for("linear")
 def linear_rule(ctx: OpContext) -> None:
-    x, weight = ctx.args[0], ctx.args[1]
+    x, weight = ctx.arg(0, "input"), ctx.arg(1, "weight")
     bias = ctx.arg(2, "bias", None)
     xl, wl = ctx.layout(x), ctx.layout(weight)
     ctx.unify(wl[-1], xl[-1])
@@ -152,7 +152,7 @@ def group_norm_rule(ctx: OpContext) -> None:
 
 @rule_for("embedding")
 def embedding_rule(ctx: OpContext) -> None:
-    indices, weight = ctx.args[0], ctx.args[1]
+    indices, weight = ctx.arg(0, "input"), ctx.arg(1, "weight")
     wl = ctx.layout(weight)
     ctx.freeze(wl[0], "embedding rows are looked up by token id")
     ctx.set_out(ctx.out, list(ctx.layout(indices)) + [wl[1]])
@@ -160,7 +160,7 @@ def embedding_rule(ctx: OpContext) -> None:
 
 @rule_for("prelu")
 def prelu_rule(ctx: OpContext) -> None:
-    x, weight = ctx.args[0], ctx.args[1]
+    x, weight = ctx.arg(0, "input"), ctx.arg(1, "weight")
     xl = ctx.layout(x)
     if weight.numel() > 1:
         ctx.unify(ctx.layout(weight)[0], xl[1] if x.dim() > 1 else xl[0])

@@ -332,7 +332,9 @@ def index_layout(
             continue
         dim = layout[d]
         d += 1
-        if isinstance(item, slice):
+        if isinstance(item, slice) and _interleaved(item, dim.size):
+            result.append(_every_kth(ctx, dim, item))
+        elif isinstance(item, slice):
             if item.step is not None and int(item.step) != 1:
                 ctx.freeze(dim, "strided slicing")
             for bound in (item.start, item.stop):
@@ -351,6 +353,22 @@ def index_layout(
         sizes = list(out_shape)[at : at + len(out_shape) - len(result)]
         result[at:at] = [ctx.opaque(size, "positions selected by index tensors") for size in sizes]
     return result
+
+
+def _interleaved(item: slice, size: int) -> bool:
+    """``x[..., k::step]`` over a whole dim divisible by ``step`` (interleaved RoPE pairs)."""
+    step = item.step
+    if step is None or int(step) <= 1 or size % int(step) or item.stop is not None:
+        return False
+    return item.start is None or 0 <= int(item.start) < int(step)
+
+
+def _every_kth(ctx: OpContext, dim: DimLayout, item: slice) -> DimLayout:
+    """Every ``step``-th position: the dim is ``[size / step, step]`` and one inner offset is
+    taken, so the inner factor keeps its count and the outer one may shrink."""
+    outer, inner = ctx.split(dim, [dim.size // int(item.step), int(item.step)])
+    ctx.freeze(inner, "positions picked by a strided slice")
+    return outer
 
 
 def _adjacent(positions: list[int]) -> bool:
@@ -451,14 +469,21 @@ def expand_as_rule(ctx: OpContext) -> None:
 
 
 def _expand_to(ctx: OpContext, x: torch.Tensor, requested: Sequence[Any]) -> None:
+    """Dims kept from ``x`` keep their layout; a broadcast copy sized by a tracked int is a
+    fresh dim that follows that size (``mask.expand(b, -1, self.num_heads, n, n)``)."""
     out = ctx.out
     layout = ctx.layout(x)
     offset = out.dim() - x.dim()
     result = []
     for j, size in enumerate(out.shape):
         k = j - offset
-        dim = layout[k] if k >= 0 and x.shape[k] == size else ctx.opaque(size, "a broadcast copy")
         value = requested[j]
+        if k >= 0 and x.shape[k] == size:
+            dim = layout[k]
+        else:
+            dim = _sized_dim(
+                ctx, value if isinstance(value, TrackedInt) else size, "a broadcast copy"
+            )
         if not (isinstance(value, int) and not isinstance(value, TrackedInt) and value == -1):
             ctx.require_size(value, dim)
         result.append(dim)
@@ -494,16 +519,21 @@ def repeat_interleave_rule(ctx: OpContext) -> None:
 # ------------------------------------------------------------------------------- factories
 
 
+def _sized_dim(ctx: OpContext, size: Any, what: str) -> DimLayout:
+    """A new dim: fresh positions that follow a tracked size, or a fixed literal size."""
+    if isinstance(size, TrackedInt):
+        atoms = ctx.table.new_family(int(size), "fresh", f"{what} in {ctx.where}")
+        return DimLayout(atoms[:, None])
+    return ctx.opaque(int(size), f"{what} of literal size in {ctx.where}")
+
+
 def _factory_dims(ctx: OpContext, sizes: Sequence[Any]) -> TensorLayout:
     """Factory dims follow tracked sizes (fresh positions, checked) or are fixed."""
     result = []
     for size in sizes:
+        dim = _sized_dim(ctx, size, "a created tensor")
         if isinstance(size, TrackedInt):
-            atoms = ctx.table.new_family(int(size), "fresh", f"tensor created by {ctx.where}")
-            dim = DimLayout(atoms[:, None])
             ctx.require_size(size, dim)
-        else:
-            dim = ctx.opaque(int(size), f"a tensor of literal size created by {ctx.where}")
         result.append(dim)
     return result
 

@@ -50,7 +50,7 @@ def _matmul(ctx: OpContext, a: torch.Tensor, b: torch.Tensor) -> TensorLayout:
 
 @rule_for("matmul", "__matmul__", "mm", "bmm", "mv", "dot", "inner")
 def matmul_rule(ctx: OpContext) -> None:
-    ctx.set_out(ctx.out, _matmul(ctx, ctx.args[0], ctx.args[1]))
+    ctx.set_out(ctx.out, _matmul(ctx, ctx.arg(0, "input"), ctx.arg(1, "other")))
 
 
 @rule_for("__rmatmul__")
@@ -60,7 +60,7 @@ def rmatmul_rule(ctx: OpContext) -> None:
 
 @rule_for("addmm", "baddbmm", "addmv", "addbmm")
 def addmm_rule(ctx: OpContext) -> None:
-    bias, a, b = ctx.args[0], ctx.args[1], ctx.args[2]
+    bias, a, b = ctx.arg(0, "input"), ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
     layout = _matmul(ctx, a, b)
     if ctx.name.endswith("addbmm"):
         raise ValueError("addbmm reduces the batch")
