@@ -73,7 +73,7 @@ def test_global_pruning_ranks_across_groups_within_the_cap(model):
     pruner = tp.pruner.MagnitudePruner(
         model, X, pruning_ratio=0.4, global_pruning=True, max_pruning_ratio=0.6
     )
-    before = {g.coupling.id: g.size for g in pruner._groups()}
+    before = {g.coupling.id: g.size for g in pruner.groups()}
     pruner.step()
     after = {g.coupling.id: g.size for g in pruner.DG.get_all_groups()}
     removed = sum(before[k] - after[k] for k in before)

@@ -5,6 +5,7 @@ functions, ``tp.strategy``, ``tp.utils.count_ops_and_params`` and ``tp.verify``.
 """
 
 from torchslim import graph, importance, ops, pruner, pruning, sparsity, strategy, utils
+from torchslim import search as search
 from torchslim.graph.dependency import Dependency, DependencyGraph, Group, GroupItem, Node
 from torchslim.ops import register_rule, rule_for
 from torchslim.persistence import CheckpointError, apply_plan, load_pruned, save_pruned
@@ -39,6 +40,7 @@ __all__ = [
     "register_pruner",
     "register_rule",
     "rule_for",
+    "search",
     "strategy",
     "utils",
     "verify",

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import torchslim as tp
-from torchslim.cli.timing import export_onnx, latency_ms
 from torchslim.cli.training import train_epoch
 from torchslim.data import accuracy, load_dataset
+from torchslim.utils.latency import export_onnx, latency_ms
 
 
 class DigitsNet(nn.Module):

@@ -1,7 +1,9 @@
-"""The ``torchslim`` command: ``inspect`` a model's groups, ``prune`` it, ``demo`` the library.
+"""The ``torchslim`` command: ``inspect`` a model's groups, ``prune`` it, ``search`` for per-layer
+ratios, ``demo`` the library.
 
 torchslim inspect resnet18 --input-shape 1,3,224,224
 torchslim prune resnet18 --ratio 0.5 --round-to 8 --ignore fc --out pruned/
+torchslim search resnet18 --target-macs 0.5 --eval agreement --out pruned/
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torchslim as tp
 from torchslim.cli.finetune import add_arguments as add_finetune_arguments
 from torchslim.cli.finetune import run_finetune
 from torchslim.cli.models import ModelNotFound, load_model, parse_shape
+from torchslim.cli.search import add_commands as add_search_commands
+from torchslim.cli.search import run_search, run_sensitivity
 
 IMPORTANCE = {
     "l1": lambda: tp.importance.MagnitudeImportance(p=1),
@@ -101,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--ignore", action="append", default=[], help="module name(s) to keep")
     prune.add_argument("--verify", action="store_true", help="run the exactness check")
     prune.add_argument("--out", type=Path, help="directory for <model>.safetensors + plan")
+    add_search_commands(model_command)
     return parser
 
 
@@ -148,6 +153,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return inspect(model, example, args)
         if args.command == "bench":
             return bench(model, example, args)
+        if args.command == "sensitivity":
+            return run_sensitivity(model, example, args)
+        if args.command == "search":
+            return run_search(model, example, args)
         return prune(model, example, args)
     except (ModelNotFound, ValueError, RuntimeError, OSError) as error:
         print(f"torchslim: error: {error}", file=sys.stderr)
@@ -189,7 +198,7 @@ def demo(args: argparse.Namespace) -> int:
 def bench(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
     import tempfile
 
-    from torchslim.cli.timing import export_onnx, latency_ms
+    from torchslim.utils.latency import export_onnx, latency_ms
 
     pruned = tp.load_pruned(copy.deepcopy(model), args.pruned)
     rows = []
@@ -218,7 +227,7 @@ def bench(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
     return 0
 
 
-def _output_name(spec: str) -> str:
+def output_name(spec: str) -> str:
     """``resnet18`` -> resnet18, ``pkg.mod:Net`` -> Net, ``path/to/model.pt`` -> model."""
     spec = spec.partition("@")[0]
     if ":" in spec:
@@ -309,7 +318,7 @@ def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
         status = "ok" if all(report.ok for report in reports) else "FAIL"
         print(f"exactness check: {status} (relative error {worst:.1e})")
     if args.out:
-        name = _output_name(args.model)
+        name = output_name(args.model)
         path = tp.save_pruned(model, args.out / f"{name}.safetensors")
         write_recipe(args, args.out / f"{name}.recipe.yaml")
         print(f"wrote {path} and {path.with_name(path.stem + '.plan.json')}")

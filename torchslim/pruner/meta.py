@@ -34,6 +34,8 @@ class MetaPruner:
     ``target_macs`` / ``target_params`` (fractions of the dense count, e.g. 0.5 for 2x fewer)
     switch to target mode: each step prunes in small global increments until the count is
     reached. ``ch_sparsity`` / ``ch_sparsity_dict`` are the older names of the ratios.
+    ``graph`` reuses a dependency graph already built on ``model`` instead of tracing it again
+    (searches apply many configurations to one graph).
     """
 
     def __init__(
@@ -60,8 +62,11 @@ class MetaPruner:
         ch_sparsity: Optional[float] = None,
         ch_sparsity_dict: Optional[dict[Any, float]] = None,
         trace_train_mode: bool = True,
+        graph: Optional[DependencyGraph] = None,
     ) -> None:
         model = unwrap_model(model)
+        if graph is not None and graph.model is not model:
+            raise ValueError("graph was built on another model than the one given")
         self.model = model
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
@@ -95,7 +100,7 @@ class MetaPruner:
             param = item[0] if isinstance(item, (tuple, list)) else item
             if id(param) not in parameters:
                 raise ValueError("unwrapped_parameters holds a parameter that is not in the model")
-        self.DG = DependencyGraph().build_dependency(
+        self.DG = graph or DependencyGraph().build_dependency(
             model,
             example_inputs,
             forward_fn=forward_fn,
@@ -103,13 +108,14 @@ class MetaPruner:
             customized_pruners=customized_pruners,
             trace_train_mode=trace_train_mode,
         )
-        self.initial_sizes = {g.coupling.id: g.size for g in self._groups()}
+        self.initial_sizes = {g.coupling.id: g.size for g in self.groups()}
         targeted = target_macs is not None or target_params is not None
         self.base_macs, self.base_params = self._count() if targeted else (None, None)
 
     # ------------------------------------------------------------------------------ groups
 
-    def _groups(self) -> list[Group]:
+    def groups(self) -> list[Group]:
+        """The groups this pruner may prune (ignored layers and parameters left out)."""
         groups = self.DG.get_all_groups(
             ignored_layers=self.ignored_modules, root_module_types=self.root_module_types
         )
@@ -167,7 +173,7 @@ class MetaPruner:
         return None
 
     def _ratio_step(self, ratio: float) -> Iterator[Group]:
-        groups = self._groups()
+        groups = self.groups()
         local, pooled = [], []
         for group in groups:
             custom = self._ratio_for(group)
@@ -278,7 +284,7 @@ class MetaPruner:
             if (macs, params) == last:
                 raise RuntimeError("groups yielded by step(interactive=True) must be pruned")
             last = macs, params
-            groups = [g for g in self._groups() if self._ratio_for(g) is None]
+            groups = [g for g in self.groups() if self._ratio_for(g) is None]
             scored = [(g, s) for g in groups if (s := self._scores(g)) is not None]
             remaining = sum(len(g.prunable_idxs) for g, _ in scored)
             wanted = max(1, int(remaining * self.target_increment))

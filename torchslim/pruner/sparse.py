@@ -55,7 +55,7 @@ class BNScalePruner(MetaPruner):
         self._norms = list(
             dict.fromkeys(
                 member.ref.module
-                for group in self._groups()
+                for group in self.groups()
                 for member in group.coupling.members
                 if is_norm_layer(member.ref.module) and member.ref.name == "weight"
             )
@@ -89,7 +89,7 @@ class GroupNormPruner(MetaPruner):
         self.update_regularizer()
 
     def update_regularizer(self) -> None:
-        self._groups_cache: list[Group] = self._groups()
+        self._groups_cache: list[Group] = self.groups()
 
     @torch.no_grad()
     def regularize(self, model: nn.Module, reg: Optional[float] = None) -> None:

@@ -1,0 +1,347 @@
+"""tp.search: undoing trials, sensitivity tables, the budget search, measured rounding, the guard;
+determinism for a seed, and every reported number recomputed from the saved plan."""
+
+import json
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import torchslim as tp
+from torchslim.search import Sensitivity, Target, Trial
+
+X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+BATCH = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+class Toy(nn.Module):
+    """Stem + one residual block (coupled with the stem) + a strided conv + classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1 = nn.Conv2d(16, 24, 3, 1, 1)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.conv2 = nn.Conv2d(24, 16, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.down = nn.Sequential(nn.Conv2d(16, 40, 3, 2, 1), nn.BatchNorm2d(40), nn.ReLU())
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(self.down(x).mean((2, 3)))
+
+
+def toy() -> nn.Module:
+    torch.manual_seed(0)
+    model = Toy().eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # non-trivial BN so pruning changes outputs
+            nn.init.uniform_(module.weight, 0.2, 1.0)
+            nn.init.normal_(module.running_mean, 0, 0.1)
+    return model
+
+
+def metric_for(model: nn.Module):
+    return tp.search.output_agreement(model, BATCH, "cosine")
+
+
+def sized_cost(layer: nn.Module) -> float:
+    """Weight size, tripled when the output channels are not a multiple of 8."""
+    return layer.weight.numel() * (3.0 if layer.weight.shape[0] % 8 else 1.0)
+
+
+def aligned_cost(layer: nn.Module) -> float:
+    """Only alignment matters: kernels of any aligned width take the same time."""
+    return 3.0 if layer.weight.shape[0] % 8 else 1.0
+
+
+class ChannelCostRuntime(tp.search.Runtime):
+    """A deterministic stand-in for a runtime: a model or layer costs the sum of its convs' and
+    linears' ``layer_cost``; ``slowdown`` multiplies every model's cost but the first (dense)."""
+
+    def __init__(self, layer_cost=sized_cost, slowdown: float = 1.0) -> None:
+        super().__init__("torch", repeats=1)
+        self.layer_cost, self.slowdown = layer_cost, slowdown
+
+    def time(self, jobs):
+        return [self._cost(module) for module, _ in jobs]
+
+    def time_models(self, models, example_inputs):
+        costs = [self._cost(m) for m in models]
+        return [costs[0]] + [c * self.slowdown for c in costs[1:]]
+
+    def _cost(self, module: nn.Module) -> float:
+        layers = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        return sum(self.layer_cost(layer) for layer in layers)
+
+
+def search_toy(**options):
+    model = toy()
+    settings = dict(
+        target=Target("macs", 0.6),
+        ratios=(0.25, 0.5, 0.75),
+        refine_steps=4,
+        show_progress=False,
+        ignored_layers=["fc"],
+    )
+    settings.update(options)
+    return model, tp.search.search(model, X, metric_for(model), **settings)
+
+
+# ---------------------------------------------------------------------------------- undo
+
+
+def small_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    ).eval()
+
+
+@pytest.mark.parametrize(("build", "x"), [(toy, X), (small_vit, torch.randn(1, 3, 32, 32))])
+def test_a_trial_is_undone_completely(build, x):
+    space = tp.search.SearchSpace(build(), x)
+    with torch.no_grad():
+        before = space.model(x)
+    tensors = dict(space.model.state_dict(keep_vars=True))
+    attributes = {n: dict(vars(m)) for n, m in space.model.named_modules()}
+    removed, history = dict(space.graph._removed), len(space.graph.history)
+    for unit in space.units:
+        for ratio in (0.3, 0.6):
+            with space.trial({unit.name: ratio}):
+                macs, _ = space.count()
+                assert macs < space.dense_macs
+    with torch.no_grad():
+        assert torch.equal(space.model(x), before)
+    assert all(space.model.state_dict(keep_vars=True)[k] is v for k, v in tensors.items())
+    for name, module in space.model.named_modules():
+        assert {k: v for k, v in vars(module).items()} == attributes[name]
+    assert space.graph._removed == removed and len(space.graph.history) == history
+    # pruning after all those trials gives exactly what a fresh graph gives
+    config = {unit.name: 0.5 for unit in space.units}
+    again = space.export(config)
+    fresh = tp.search.SearchSpace(build(), x).export(config)
+    assert again.__dict__["_torchslim_history"] == fresh.__dict__["_torchslim_history"]
+    with torch.no_grad():
+        assert torch.equal(again(x), fresh(x))
+
+
+def test_an_error_inside_a_trial_still_restores_the_model():
+    space = tp.search.SearchSpace(toy(), X)
+    weight = space.model.conv1.weight
+    with pytest.raises(RuntimeError, match="boom"), space.trial({"conv1": 0.5}):
+        assert space.model.conv1.out_channels == 12
+        raise RuntimeError("boom")
+    assert space.model.conv1.weight is weight and space.model.conv1.out_channels == 24
+
+
+def test_keep_ratio_leaves_exactly_the_count_asked_for():
+    for size in range(1, 80):
+        for keep in range(1, size + 1):
+            assert size - math.floor(size * tp.search.keep_ratio(size, keep)) == keep
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def test_sensitivity_table_curves_and_json(tmp_path):
+    model = toy()
+    dense_params = sum(p.numel() for p in model.parameters())
+    table = tp.search.sensitivity(
+        model, X, metric_for(model), ratios=(0.5, 0.25), show_progress=False
+    )
+    assert sum(p.numel() for p in model.parameters()) == dense_params  # model untouched
+    assert table.ratios == [0.25, 0.5] and table.baseline == pytest.approx(1.0)
+    assert table.channels == {"stem.0": 16, "conv1": 24, "down.0": 40}
+    assert len(table.trials) == 3 * 2
+    for unit, size in table.channels.items():
+        curve = table.curve(unit)
+        assert [t.channels for t in curve] == [size, size - size // 4, size - size // 2]
+        assert curve[0].macs > curve[1].macs > curve[2].macs
+        assert all(t.metric < 1.0 for t in curve[1:])
+    assert Sensitivity.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+    paths = tp.search.plot_sensitivity(table, tmp_path)
+    assert sorted(p.name for p in paths) == ["all.png", "conv1.png", "down.0.png", "stem.0.png"]
+    assert all(p.stat().st_size > 5000 for p in paths)
+    assert "| conv1 | 24 |" in tp.search.sensitivity_markdown(table)
+
+
+def test_block_units_prune_every_group_inside():
+    space = tp.search.SearchSpace(toy(), X, units=["stem", "down"])
+    assert [(u.name, u.channels) for u in space.units] == [("stem", 16), ("down", 40)]
+    with space.trial({"stem": 0.5, "down": 0.5}) as model:
+        assert model.stem[0].out_channels == 8 and model.down[0].out_channels == 20
+        assert model.conv1.out_channels == 24  # not in a unit: not pruned
+
+
+# ------------------------------------------------------------------------------- search
+
+
+def test_greedy_path_takes_the_cheapest_drop_per_mac_first():
+    def trial(unit, ratio, macs, metric):
+        return Trial(unit, ratio, 0, macs, 0, metric)
+
+    table = Sensitivity(
+        [0.5],
+        1.0,
+        100,
+        0,
+        {"a": 8, "b": 8, "c": 8},
+        [trial("a", 0.5, 90, 0.9), trial("b", 0.5, 80, 0.9), trial("c", 0.5, 95, 1.0)],
+    )
+    # c costs nothing; b loses 0.1 for 20 MACs, a 0.1 for 10 MACs
+    assert tp.search.greedy_path(table, ["a", "b", "c"], "macs") == [
+        (0, 0, 0),
+        (0, 0, 1),
+        (0, 1, 1),
+        (1, 1, 1),
+    ]
+
+
+def test_search_is_deterministic_for_a_seed():
+    _, first = search_toy(seed=3, rounding="none", use_guard=False)
+    _, second = search_toy(seed=3, rounding="none", use_guard=False)
+    assert first.ratios == second.ratios and first.log == second.log
+    assert first.metric == second.metric and first.macs == second.macs
+    phases = [entry["phase"] for entry in first.log]
+    assert phases[0] == "bisect" and "greedy" in phases and phases.count("refine") >= 4
+    assert first.macs <= 0.6 * first.dense["macs"]
+
+
+def test_every_reported_number_is_recomputed_from_the_saved_plan(tmp_path):
+    model, result = search_toy(runtime=ChannelCostRuntime())
+    assert result.accepted and result.applied["candidate"] == "latency-aware"
+    path = tp.search.save_result(result, tmp_path / "toy.safetensors")
+    report = json.loads((tmp_path / "toy.search.json").read_text())
+    loaded = tp.load_pruned(Toy(), path)  # fresh architecture: plan + weights from the file
+    macs, params = tp.utils.count_ops_and_params(loaded, X)
+    assert (macs, params) == (report["macs"], report["params"]) == (result.macs, result.params)
+    assert metric_for(model)(loaded) == report["metric"] == result.metric
+    assert macs <= 0.6 * report["dense"]["macs"]
+    dense_macs, dense_params = tp.utils.count_ops_and_params(model, X)
+    assert (report["dense"]["macs"], report["dense"]["params"]) == (dense_macs, dense_params)
+    assert report["dense"]["metric"] == metric_for(model)(model)
+    widths = {"stem.0": loaded.stem[0], "conv1": loaded.conv1, "down.0": loaded.down[0]}
+    for root, kept in report["applied"]["channels"].items():
+        assert widths[root].out_channels == kept
+    plan = json.loads((tmp_path / "toy.plan.json").read_text())
+    replayed = tp.apply_plan(Toy(), plan)
+    assert tp.utils.count_ops_and_params(replayed, X) == (macs, params)
+    sensitivity = Sensitivity.from_dict(report["sensitivity"])
+    assert sensitivity.baseline == report["dense"]["metric"]
+
+
+def test_a_params_target_is_met():
+    _, result = search_toy(target=Target("params", 0.7), rounding="none", use_guard=False)
+    assert result.params <= 0.7 * result.dense["params"]
+
+
+# ---------------------------------------------------------------- rounding and the guard
+
+
+def test_candidate_counts_round_both_ways_within_the_size():
+    assert tp.search.candidate_counts(13, 64) == [8, 13, 16, 32, 64]
+    assert tp.search.candidate_counts(5, 6, (4,)) == [4, 5]
+
+
+def test_rounding_keeps_the_largest_count_among_the_fastest():
+    space = tp.search.SearchSpace(toy(), X, ignored_layers=["fc"])
+    runtime = ChannelCostRuntime(aligned_cost)
+    # conv1 at ratio 0.5 keeps 12 of 24 channels (unaligned); 8 and 16 are equally fast
+    chosen = {}
+    for fraction in (None, 0.7):
+        budget = tp.search.Budget(space, Target("macs", fraction)) if fraction else None
+        config, log = tp.search.latency_aware_rounding(
+            space, {"conv1": 0.5}, runtime, budget, show_progress=False
+        )
+        (entry,) = log
+        assert entry["unit"] == "conv1" and entry["searched"] == 12
+        chosen[fraction] = entry["chosen"]
+        with space.trial(config) as model:
+            assert model.conv1.out_channels == entry["chosen"]
+            assert fraction is None or budget.met(budget.measure())
+    # the largest count within tolerance of the fastest, among those meeting the target
+    assert chosen == {None: 16, 0.7: 8}
+
+
+def test_the_guard_rolls_back_or_refuses_a_slower_model():
+    dense = toy()
+    space = tp.search.SearchSpace(dense, X)
+    odd = space.export({"conv1": tp.search.keep_ratio(24, 23)})  # 23 channels: 3x the cost
+    aligned = space.export({"conv1": tp.search.keep_ratio(24, 16)})
+    runtime = ChannelCostRuntime()
+    verdict = tp.search.guard(dense, {"odd": odd, "aligned": aligned}, X, runtime)
+    assert verdict.chosen == "aligned" and "rolled back to aligned" in verdict.message
+    assert verdict.speedup("odd") < 1.0 < verdict.speedup("aligned")
+    verdict = tp.search.guard(dense, {"odd": odd}, X, runtime)
+    assert verdict.chosen is None and verdict.message.startswith("guard: refused")
+
+
+def test_a_search_whose_result_is_slower_is_refused(tmp_path):
+    _, result = search_toy(runtime=ChannelCostRuntime(slowdown=10.0))
+    assert not result.accepted and result.model is None and result.metric is None
+    assert "refused" in result.verdict.message
+    tp.search.save_result(result, tmp_path / "toy.safetensors")
+    assert not (tmp_path / "toy.safetensors").exists()
+    assert json.loads((tmp_path / "toy.search.json").read_text())["accepted"] is False
+
+
+def test_real_runtimes_time_models_in_turns():
+    model = toy()
+    wide = [nn.Conv2d(64, 64, 3, padding=1) for _ in range(3)]
+    fast, slow = nn.Conv2d(3, 4, 1).eval(), nn.Sequential(nn.Conv2d(3, 64, 1), *wide).eval()
+    for name in ("torch", "onnxruntime"):
+        runtime = tp.search.Runtime(name, threads=1, repeats=5)
+        dense_ms, small_ms, big_ms = runtime.time_models([model, fast, slow], X)
+        assert small_ms < dense_ms < big_ms
+
+
+# -------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: Target("flops", 0.5), "target kind must be one of macs, params, latency"),
+        (lambda: Target("macs", 1.5), r"target macs must be a fraction in \(0, 1\)"),
+        (
+            lambda: tp.search.sensitivity(toy(), X, len, ratios=(0.5, 1.2)),
+            r"sensitivity ratios must be in \(0, 1\), got 1.2",
+        ),
+        (lambda: tp.search.SearchSpace(toy(), X, units=["head"]), "unit 'head' names no module"),
+        (
+            lambda: tp.search.SearchSpace(toy(), X, units=["stem", "stem.0"]),
+            "units 'stem' and 'stem.0' overlap",
+        ),
+        (lambda: tp.search.SearchSpace(toy(), X, units=["bn1"]), "'bn1' holds no prunable group"),
+        (lambda: tp.search.SearchSpace(toy(), X).check({"conv9": 0.1}), "unknown unit 'conv9'"),
+        (
+            lambda: tp.search.SearchSpace(toy(), X).check({"conv1": 1.0}),
+            r"ratio for unit 'conv1' must be in \[0, 1\)",
+        ),
+        (
+            lambda: tp.search.sensitivity(toy(), X, lambda m: float("nan"), ratios=(0.5,)),
+            "eval_fn returned nan",
+        ),
+        (
+            lambda: tp.search.sensitivity(toy(), X, lambda m: "high", ratios=(0.5,)),
+            "eval_fn must return a number, got str",
+        ),
+        (
+            lambda: search_toy(target=Target("macs", 0.05), rounding="none", use_guard=False),
+            "cannot reach macs <= 0.05 of dense",
+        ),
+        (lambda: search_toy(), "measure on a runtime"),
+        (lambda: tp.search.Runtime("cuda"), "needs a CUDA device"),
+        (lambda: tp.search.Runtime("tpu"), "runtime must be one of"),
+        (lambda: tp.search.output_agreement(toy(), X, "l2"), "agreement kind must be one of"),
+        (lambda: tp.search.SearchSpace(toy(), X, ignored_layers=["head"]), "ignored_layers takes"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()

@@ -1,0 +1,93 @@
+"""Undo a trial: put a model and its dependency graph back as they were, copying no weights.
+
+``Group.prune`` never edits a tensor in place: it replaces parameters and buffers by sliced
+copies, sets attributes (``out_channels``, ``groups``, ``num_heads``, config fields), re-ties
+shared weights and updates the graph's bookkeeping (classes removed per coupling, the terms of
+every coupled parameter dim, the history). A :class:`Checkpoint` keeps references to all of it,
+so restoring costs a few dictionary assignments per module where a deep copy of the model per
+trial would copy every weight.
+
+This is the one place that knows which graph internals pruning changes;
+``tests/test_search.py`` checks that a restored graph is indistinguishable from a fresh one.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+from torch import nn
+
+from torchslim.graph.dependency import HISTORY_ATTRIBUTE, DependencyGraph
+
+
+class _ModuleState:
+    """A module's attributes, parameters and buffers (references), and its config fields."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.attributes = dict(vars(module))
+        self.parameters = dict(module._parameters)
+        self.buffers = dict(module._buffers)
+        config = self.attributes.get("config")
+        keeps_fields = config is not None and hasattr(config, "__dict__")
+        self.config: Optional[tuple[Any, dict]] = (
+            (config, dict(vars(config)))
+            if keeps_fields and not isinstance(config, nn.Module)
+            else None
+        )
+
+    def restore(self) -> None:
+        state = vars(self.module)
+        state.clear()
+        state.update(self.attributes)
+        self.module._parameters.clear()
+        self.module._parameters.update(self.parameters)
+        self.module._buffers.clear()
+        self.module._buffers.update(self.buffers)
+        if self.config is not None:
+            config, fields = self.config
+            vars(config).clear()
+            vars(config).update(fields)
+
+
+class Checkpoint:
+    """Everything pruning through ``graph`` can change, saved by reference."""
+
+    def __init__(self, graph: DependencyGraph) -> None:
+        if graph.model is None or graph.analysis is None:
+            raise RuntimeError("call build_dependency(model, example_inputs) first")
+        self.graph = graph
+        self._model_history = len(vars(graph.model).get(HISTORY_ATTRIBUTE, []))
+        self._modules = [_ModuleState(m) for m in graph.model.modules()]
+        members = {id(m): m for m in graph.analysis.param_dims}
+        for coupling in graph.analysis.couplings.values():
+            members.update((id(m), m) for m in coupling.members)
+        self._terms = [(member, member.terms) for member in members.values()]
+        self._removed = graph._removed
+        self._ties = list(graph._ties.groups)
+        self._history = len(graph.history)
+
+    def restore(self) -> None:
+        for state in self._modules:
+            state.restore()
+        for member, terms in self._terms:
+            member.terms = terms
+        graph = self.graph
+        graph._removed = self._removed
+        graph._ties.groups[:] = self._ties
+        del graph.history[self._history :]
+        history = vars(graph.model).get(HISTORY_ATTRIBUTE)
+        if history is not None:
+            del history[self._model_history :]
+
+
+@contextmanager
+def trial(graph: DependencyGraph) -> Iterator[DependencyGraph]:
+    """Prune through ``graph`` inside the block; on leaving it (even by an error) the model and
+    the graph are back to their state on entry."""
+    checkpoint = Checkpoint(graph)
+    try:
+        yield graph
+    finally:
+        checkpoint.restore()
