@@ -1,15 +1,18 @@
-"""Progress bars for long searches (tqdm when installed, silent otherwise)."""
+"""Progress bars for long searches (tqdm on a terminal when installed, silent otherwise)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 
 def progress(items: Iterable[T], description: str, enabled: bool = True) -> Iterator[T]:
-    """Iterate ``items`` with a tqdm bar named ``description`` (to stderr) when enabled."""
+    """Iterate ``items`` with a tqdm bar named ``description`` when enabled and stderr is a
+    terminal (logs and pipes get no carriage-return noise)."""
     items = list(items)
+    enabled = enabled and sys.stderr.isatty()
     if enabled:
         try:
             from tqdm import tqdm
