@@ -4,7 +4,7 @@
 functions, ``tp.strategy``, ``tp.utils.count_ops_and_params`` and ``tp.verify``.
 """
 
-from torchslim import graph, importance, ops, pruner, pruning, sparsity, strategy, utils
+from torchslim import graph, hf, importance, ops, pruner, pruning, sparsity, strategy, utils
 from torchslim import search as search
 from torchslim.graph.dependency import Dependency, DependencyGraph, Group, GroupItem, Node
 from torchslim.ops import register_rule, rule_for
@@ -32,6 +32,7 @@ __all__ = [
     "Node",
     "VerifyReport",
     "graph",
+    "hf",
     "importance",
     "ops",
     "pruner",

@@ -7,6 +7,7 @@ groups underneath come from the exact index-space analysis in :mod:`.analysis`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -31,6 +32,9 @@ from torchslim.pruning.functions import BasePruningFunc
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 HISTORY_ATTRIBUTE = "_torchslim_history"
+
+#: Called with the model after pruning (e.g. to keep a Hugging Face config in step).
+PRUNE_LISTENERS: list[Callable[[nn.Module], None]] = []
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,11 @@ class Group:
         self.coupling = coupling
         self.root = root
         self.select(idxs)
+
+    @property
+    def graph(self) -> DependencyGraph:
+        """The dependency graph this group belongs to."""
+        return self._graph
 
     @property
     def size(self) -> int:
@@ -206,6 +215,8 @@ class DependencyGraph:
         self.ignored_params: list[nn.Parameter] = []
         self._removed: dict[int, set[int]] = {}
         self._ties: Optional[F.TiedParameters] = None
+        self._deferred = 0
+        self._pending = False
         self.history: list[dict[str, Any]] = []
         self._unsupported: list[Unsupported] = []
         self._calls = 0
@@ -404,7 +415,7 @@ class DependencyGraph:
         ignored = {id(m) for m in ignored_layers}
         visited: set[int] = set()
         for _, module in self.model.named_modules():
-            if not isinstance(module, tuple(root_module_types)) or id(module) in ignored:
+            if not _is_root(module, tuple(root_module_types)) or id(module) in ignored:
                 continue
             for root in self._members(module, "out"):
                 for coupling in self._couplings_of(root):
@@ -535,6 +546,26 @@ class DependencyGraph:
             self.history.append(step)
             model_history(self.model).append(step)
         group._items = None
+        self._pending = True
+        if not self._deferred:
+            self._notify()
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Prune several groups and notify listeners (config sync) once, at the end."""
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+            if not self._deferred:
+                self._notify()
+
+    def _notify(self) -> None:
+        if self._pending:
+            self._pending = False
+            for listener in PRUNE_LISTENERS:
+                listener(self.model)
 
     @staticmethod
     def _drop_classes(coupling: Coupling, removed: np.ndarray) -> None:
@@ -565,6 +596,11 @@ def model_history(model: nn.Module) -> list[dict[str, Any]]:
         history = []
         model.__dict__[HISTORY_ATTRIBUTE] = history
     return history
+
+
+def _is_root(module: nn.Module, types: tuple[type, ...]) -> bool:
+    """A layer of ``types``; layers pruned like ``nn.Linear`` (``Conv1D``) count as Linear."""
+    return isinstance(module, types) or (nn.Linear in types and F.is_linear_like(module))
 
 
 def _layers_not_run(model: nn.Module, state: TraceState) -> list[str]:

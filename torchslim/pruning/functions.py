@@ -246,6 +246,19 @@ class LinearPruner(BasePruningFunc):
         layer.out_features, layer.in_features = layer.weight.shape
 
 
+class TransposedLinearPruner(BasePruningFunc):
+    """Linear layers that store their weight as ``[in, out]`` (transformers' GPT-2 ``Conv1D``)."""
+
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+        return _present(layer, {("weight", 1): "out", ("bias", 0): "out", ("weight", 0): "in"})
+
+    def sync(self, layer: nn.Module) -> None:
+        if hasattr(layer, "nf"):
+            layer.nf = layer.weight.shape[1]
+        if hasattr(layer, "nx"):
+            layer.nx = layer.weight.shape[0]
+
+
 class _SameWidthPruner(BasePruningFunc):
     """Layers whose input and output widths are the same channels (norms, PReLU)."""
 
@@ -462,9 +475,14 @@ _GROUPNORM = GroupNormPruner()
 _PRELU = PReLUPruner()
 _EMBEDDING = EmbeddingPruner()
 _MHA = MultiheadAttentionPruner()
+_TRANSPOSED_LINEAR = TransposedLinearPruner()
 _PARAMETER = _ParameterPruner()
 
 PRUNERS: dict[type, BasePruningFunc] = {}
+#: Pruners for layer classes of optional packages, by ``module.qualname`` (no import needed).
+PRUNERS_BY_NAME: dict[str, BasePruningFunc] = {
+    "transformers.pytorch_utils.Conv1D": _TRANSPOSED_LINEAR,
+}
 
 
 def register_pruner(module_type: type, pruner: BasePruningFunc) -> None:
@@ -507,7 +525,8 @@ def get_pruner(
         custom = customized.get(module) or customized.get(type(module))
         if custom is not None:
             return custom
-    pruner = PRUNERS.get(type(module))
+    kind = type(module)
+    pruner = PRUNERS.get(kind) or PRUNERS_BY_NAME.get(f"{kind.__module__}.{kind.__qualname__}")
     if pruner is not None:
         return pruner
     frozen = _frozen_batchnorm()
@@ -521,6 +540,11 @@ def get_pruner(
     return None
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """A layer pruned like ``nn.Linear`` although it is not one (``Conv1D``)."""
+    return isinstance(get_pruner(module), TransposedLinearPruner)
+
+
 prune_conv_out_channels = _CONV.prune_out_channels
 prune_conv_in_channels = _CONV.prune_in_channels
 prune_depthwise_conv_out_channels = _CONV.prune_out_channels
@@ -529,6 +553,8 @@ prune_batchnorm_out_channels = _BATCHNORM.prune_out_channels
 prune_batchnorm_in_channels = _BATCHNORM.prune_in_channels
 prune_instancenorm_out_channels = _BATCHNORM.prune_out_channels
 prune_instancenorm_in_channels = _BATCHNORM.prune_in_channels
+prune_transposed_linear_out_channels = _TRANSPOSED_LINEAR.prune_out_channels
+prune_transposed_linear_in_channels = _TRANSPOSED_LINEAR.prune_in_channels
 prune_linear_out_channels = _LINEAR.prune_out_channels
 prune_linear_in_channels = _LINEAR.prune_in_channels
 prune_prelu_out_channels = _PRELU.prune_out_channels
@@ -551,6 +577,9 @@ prune_batchnorm = prune_batchnorm_out_channels
 
 __all__ = [
     "PRUNERS",
+    "PRUNERS_BY_NAME",
+    "TransposedLinearPruner",
+    "is_linear_like",
     "TiedParameters",
     "ParameterHandler",
     "BasePruningFunc",

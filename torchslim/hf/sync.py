@@ -1,0 +1,80 @@
+"""Keep a pruned Hugging Face model's ``config`` true, so ``save_pretrained`` just works.
+
+After every pruning step (or once per ``pruner.step()``), :func:`sync_config` looks for the
+config that builds the pruned model exactly (:mod:`.config`). If there is one (every layer pruned
+alike), its fields are written into ``model.config``: ``save_pretrained`` then writes a
+checkpoint that plain ``AutoModel*.from_pretrained`` loads, without torchslim. If there is none
+(widths differ per layer), ``model.config`` keeps the dense fields and records the pruning plan
+under :data:`RECORD_KEY`; :func:`torchslim.hf.from_pretrained` rebuilds such checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any
+
+from torch import nn
+
+from torchslim.graph.dependency import model_history
+from torchslim.hf.config import OPTIONAL_FIELDS, fitting_config
+
+RECORD_KEY = "torchslim_plan"
+DENSE_ATTRIBUTE = "_torchslim_dense_config"
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A ``transformers.PreTrainedModel`` (without importing transformers if it is not)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def dense_config(model: nn.Module) -> Any:
+    """The config the model had before its first pruning step (kept on the model)."""
+    dense = model.__dict__.get(DENSE_ATTRIBUTE)
+    if dense is None:
+        dense = copy.deepcopy(model.config)
+        if hasattr(dense, RECORD_KEY):
+            delattr(dense, RECORD_KEY)
+        model.__dict__[DENSE_ATTRIBUTE] = dense
+    return dense
+
+
+def sync_config(model: nn.Module) -> bool:
+    """Update ``model.config`` to the pruned widths; ``True`` if a plain config fits."""
+    from torchslim.persistence import pruning_plan
+
+    dense = dense_config(model)
+    fitted = fitting_config(model, dense)
+    config = model.config
+    source = fitted if fitted is not None else dense
+    for name, value in vars(source).items():
+        if type(value) is int and getattr(config, name, None) != value:
+            setattr(config, name, value)
+    for name in OPTIONAL_FIELDS:
+        if name in vars(config) and name not in vars(source):
+            delattr(config, name)
+    if fitted is not None:
+        if hasattr(config, RECORD_KEY):
+            delattr(config, RECORD_KEY)
+        return True
+    setattr(config, RECORD_KEY, {**pruning_plan(model), "buffers": computed_buffers(model)})
+    return False
+
+
+def computed_buffers(model: nn.Module) -> dict[str, list]:
+    """Buffers that are not saved with the weights but were pruned (rotary frequencies):
+    ``from_pretrained`` recomputes them for dense widths, so their values travel in the plan."""
+    saved = set(model.state_dict().keys())
+    touched = {op["module"] for step in model_history(model) for op in step["ops"]}
+    return {
+        name: buffer.tolist()
+        for name, buffer in model.named_buffers()
+        if name not in saved and name.rpartition(".")[0] in touched and buffer.device.type != "meta"
+    }
+
+
+def after_pruning(model: nn.Module) -> None:
+    """Listener the dependency graph calls after pruning (see ``DependencyGraph.deferred``)."""
+    if is_hf_model(model):
+        sync_config(model)
