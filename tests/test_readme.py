@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_readme_examples_run_and_prune_exactly(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict = {}
     exec(compile(blocks[0], "README quick start", "exec"), namespace)
     printed = capsys.readouterr().out
@@ -29,3 +29,13 @@ def test_readme_examples_run_and_prune_exactly(capsys, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(namespace["fresh"].eval()(x), model.eval()(x))
     assert (tmp_path / "resnet18_pruned.plan.json").is_file()
+
+    exec(compile(blocks[3], "README search", "exec"), namespace)
+    result = namespace["result"]
+    assert sorted(result.ratios) == ["layer1", "layer2", "layer3", "layer4"]
+    assert (tmp_path / "curves" / "all.png").is_file()
+    assert (tmp_path / "resnet18_searched.search.json").is_file()
+    assert "guard:" in capsys.readouterr().out
+    if result.accepted:
+        assert result.macs <= 0.5 * result.dense["macs"]
+        assert (tmp_path / "resnet18_searched.plan.json").is_file()

@@ -341,6 +341,24 @@ def test_real_runtimes_time_models_in_turns():
         (lambda: tp.search.output_agreement(toy(), X, "l2"), "agreement kind must be one of"),
         (lambda: tp.search.SearchSpace(toy(), X, ignored_layers=["head"]), "ignored_layers takes"),
     ],
+    ids=[
+        "target-kind",
+        "target-fraction",
+        "sensitivity-ratio",
+        "unit-not-a-module",
+        "overlapping-units",
+        "unit-without-group",
+        "unknown-unit",
+        "ratio-out-of-range",
+        "nan-metric",
+        "metric-not-a-number",
+        "unreachable-target",
+        "no-runtime",
+        "no-cuda",
+        "unknown-runtime",
+        "agreement-kind",
+        "ignored-name",
+    ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -83,8 +83,8 @@ def search(
 ) -> SearchResult:
     """Find per-unit ratios meeting ``target`` with the best ``eval_fn`` (higher is better).
 
-    ``sensitivity`` reuses a table from :func:`sensitivity` (else one is computed on
-    ``ratios``). With a ``runtime`` (``"torch"``, ``"onnxruntime"``, ``"cuda"`` or a
+    ``sensitivity`` reuses a table from :func:`sensitivity` and its units (else one is
+    computed on ``ratios``). With a ``runtime`` (``"torch"``, ``"onnxruntime"``, ``"cuda"`` or a
     :class:`Runtime`), ``rounding="latency"`` picks channel counts from measured layer times and
     the guard (``use_guard``) refuses or rolls back a result not faster than dense. ``model`` is
     not modified; ``space_options`` go to :class:`SearchSpace`.
@@ -98,6 +98,8 @@ def search(
             "a latency target, latency-aware rounding and the guard measure on a runtime: "
             "give runtime='torch' (or 'onnxruntime', 'cuda'), or rounding='none', use_guard=False"
         )
+    if units is None and sensitivity is not None:
+        units = sensitivity.units
     space = SearchSpace(model, example_inputs, units=units, **space_options)
     table = sensitivity or analyse(space, eval_fn, ratios, show_progress)
     budget = Budget(space, target, _model_latency(space, runtime) if runtime else None)

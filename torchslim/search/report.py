@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from torchslim.persistence import atomic_write, save_pruned
 from torchslim.search.pipeline import SearchResult
@@ -28,7 +28,7 @@ def sensitivity_markdown(table: Sensitivity) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sensitivity(table: Sensitivity, folder: Path) -> list[Path]:
+def plot_sensitivity(table: Sensitivity, folder: Union[str, Path]) -> list[Path]:
     """``<unit>.png`` per unit (metric and MACs against ratio) and ``all.png`` with every
     curve."""
     import matplotlib
@@ -36,6 +36,7 @@ def plot_sensitivity(table: Sensitivity, folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     overview, everything = plt.subplots(figsize=(7, 4))
@@ -95,7 +96,7 @@ def search_markdown(result: SearchResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_result(result: SearchResult, path: Path) -> Path:
+def save_result(result: SearchResult, path: Union[str, Path]) -> Path:
     """Write the shipped model and its plan (``tp.save_pruned``), ``<stem>.search.json`` (every
     number and every step) and ``<stem>.search.md``. A refused result writes no model."""
     path = Path(path)
