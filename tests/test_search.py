@@ -240,6 +240,16 @@ def test_a_params_target_is_met():
     assert result.params <= 0.7 * result.dense["params"]
 
 
+def test_a_latency_target_is_met_on_the_runtime():
+    runtime = ChannelCostRuntime()
+    model, result = search_toy(
+        target=Target("latency", 0.7), runtime=runtime, rounding="none", use_guard=False
+    )
+    dense_cost, pruned_cost = runtime.time_models([model, result.model], X)
+    assert pruned_cost <= 0.7 * dense_cost
+    assert all(e["fraction"] <= 0.7 for e in result.log if e.get("accepted"))
+
+
 # ---------------------------------------------------------------- rounding and the guard
 
 

@@ -72,6 +72,16 @@ def test_search_reuses_a_sensitivity_table_and_is_deterministic(tmp_path, capsys
     assert plans[0] == plans[1]
 
 
+def test_a_search_recipe_reruns_the_same_search(tmp_path, capsys):
+    argv = ["search", *MODEL, "--target-macs", "0.6", "--eval", "cosine", *FAST, *TIMING]
+    argv += ["--rounding", "none", "--no-guard"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    recipe = tmp_path / "a" / "digits.recipe.yaml"
+    assert main(["search", "--config", str(recipe), "--out", str(tmp_path / "b")]) == 0
+    plans = [(tmp_path / n / "digits.plan.json").read_text() for n in ("a", "b")]
+    assert plans[0] == plans[1]
+
+
 def test_a_result_that_is_not_faster_is_refused(tmp_path, capsys):
     argv = ["search", *MODEL, "--target-macs", "0.5", "--eval", "agreement", *FAST, *TIMING]
     assert main([*argv, "--min-speedup", "1000", "--out", str(tmp_path)]) == 3
