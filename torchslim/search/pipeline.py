@@ -8,6 +8,7 @@ writes), so loading the saved plan reproduces them.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -22,6 +23,7 @@ from torchslim.search.space import EvalFn, Ratios, SearchSpace, evaluate
 from torchslim.utils.ops_counter import count_ops_and_params
 
 ROUNDINGS = ("latency", "none")
+log = logging.getLogger("torchslim.search")
 FALLBACK_ROUND_TO = 8
 
 
@@ -32,15 +34,15 @@ class SearchResult:
     target: Target
     seed: int
     ratios: Ratios
-    applied: dict[str, Any]
-    model: Optional[nn.Module]
-    metric: Optional[float]
-    macs: Optional[int]
-    params: Optional[int]
     dense: dict[str, float]
     sensitivity: Sensitivity
     verdict: Optional[Verdict] = None
     log: list[dict[str, Any]] = field(default_factory=list)
+    applied: dict[str, Any] = field(default_factory=dict)
+    model: Optional[nn.Module] = None
+    metric: Optional[float] = None
+    macs: Optional[int] = None
+    params: Optional[int] = None
 
     @property
     def accepted(self) -> bool:
@@ -102,49 +104,66 @@ def search(
         units = sensitivity.units
     space = SearchSpace(model, example_inputs, units=units, **space_options)
     table = sensitivity or analyse(space, eval_fn, ratios, show_progress)
+    dense = {
+        "metric": evaluate(eval_fn, space.model),
+        "macs": space.dense_macs,
+        "params": space.dense_params,
+    }
+    if dense["metric"] != table.baseline:
+        log.warning(
+            "the sensitivity table's dense metric %.6g differs from this model's %.6g: was it "
+            "computed on another model or eval_fn?",
+            table.baseline,
+            dense["metric"],
+        )
     budget = Budget(space, target, _model_latency(space, runtime) if runtime else None)
     found = search_ratios(space, table, eval_fn, budget, seed, refine_steps, show_progress)
-    log = list(found.log)
-    searched = space.root_ratios(found.ratios)
-    configs: dict[str, tuple[Ratios, Optional[int]]] = {}
+    result = SearchResult(target, seed, found.ratios, dense, table, log=list(found.log))
+    configs = {"searched": (space.root_ratios(found.ratios), None)}
     if rounding == "latency":
         rounded, entries = latency_aware_rounding(
             space, found.ratios, runtime, budget, multiples, show_progress=show_progress
         )
-        log += entries
-        configs["latency-aware"] = (rounded, None)
-    configs["searched"] = (searched, None)
+        result.log += entries
+        configs = {"latency-aware": (rounded, None), **configs}
     if use_guard:
-        configs[f"round_to={FALLBACK_ROUND_TO}"] = (searched, FALLBACK_ROUND_TO)
+        configs[f"round_to={FALLBACK_ROUND_TO}"] = (configs["searched"][0], FALLBACK_ROUND_TO)
     models = _meeting(space, budget, configs)
-    verdict = None
     chosen: Optional[str] = next(iter(models))
     if use_guard:
-        verdict = guard(space.model, models, example_inputs, runtime, min_speedup)
-        log.append({"phase": "guard", **verdict.to_dict()})
-        chosen = verdict.chosen
-    dense = {"metric": table.baseline, "macs": space.dense_macs, "params": space.dense_params}
-    if verdict is not None:
-        dense["latency_ms"] = verdict.dense_ms
-    result = SearchResult(
-        target, seed, found.ratios, {}, None, None, None, None, dense, table, verdict, log
-    )
+        result.verdict = guard(space.model, models, example_inputs, runtime, min_speedup)
+        result.log.append({"phase": "guard", **result.verdict.to_dict()})
+        result.dense["latency_ms"] = result.verdict.dense_ms
+        chosen = result.verdict.chosen
+        if chosen is None:
+            log.warning("%s", result.verdict.message)
     if chosen is not None:
-        config, round_to = configs[chosen]
-        shipped = models[chosen]
-        with space.trial(config, round_to):
-            channels = {name: sum(widths) for name, widths in space.widths().items()}
-        result.applied = {
-            "candidate": chosen,
-            "ratios": config,
-            "round_to": round_to,
-            "channels": channels,
-            "dense_channels": {root.name: root.channels for root in space.roots},
-        }
-        result.model = shipped
-        result.metric = evaluate(eval_fn, shipped)
-        result.macs, result.params = count_ops_and_params(shipped, example_inputs, space.forward_fn)
+        _ship(result, space, eval_fn, chosen, configs[chosen], models[chosen])
     return result
+
+
+def _ship(
+    result: SearchResult,
+    space: SearchSpace,
+    eval_fn: EvalFn,
+    name: str,
+    config: tuple[Ratios, Optional[int]],
+    model: nn.Module,
+) -> None:
+    """Record the shipped model and measure its numbers on the model itself."""
+    ratios, round_to = config
+    with space.trial(ratios, round_to):
+        channels = {root: sum(widths) for root, widths in space.widths().items()}
+    result.applied = {
+        "candidate": name,
+        "ratios": ratios,
+        "round_to": round_to,
+        "channels": channels,
+        "dense_channels": {root.name: root.channels for root in space.roots},
+    }
+    result.model = model
+    result.metric = evaluate(eval_fn, model)
+    result.macs, result.params = count_ops_and_params(model, space.example_inputs, space.forward_fn)
 
 
 def _model_latency(space: SearchSpace, runtime: Runtime):
