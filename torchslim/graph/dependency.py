@@ -32,6 +32,8 @@ from torchslim.pruning.functions import BasePruningFunc
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 HISTORY_ATTRIBUTE = "_torchslim_history"
+#: On the model: ``"module:attribute"`` of the int attributes its forward uses as sizes.
+SIZE_ATTRIBUTES = "_torchslim_size_attributes"
 
 #: Called with the model after pruning (e.g. to keep a Hugging Face config in step).
 PRUNE_LISTENERS: list[Callable[[nn.Module], None]] = []
@@ -278,6 +280,12 @@ class DependencyGraph:
         self._ties = F.TiedParameters(model)
         state.finish()
         self.analysis = Analysis(state)
+        known = model.__dict__.setdefault(SIZE_ATTRIBUTES, set())
+        known.update(
+            f"{slot.module_name}:{slot.name}"
+            for slot in self.analysis.sizes.slots
+            if slot.layout is None or not slot.layout.is_opaque
+        )
         self._removed = {}
         return self
 

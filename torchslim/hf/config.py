@@ -20,14 +20,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 Shapes = dict[str, Any]
 
-#: Fields that many model classes read with ``getattr(config, name, default)``: probed even when
-#: the config does not set them, because setting them is how per-head widths become expressible.
-OPTIONAL_FIELDS = {"head_dim": lambda c: _derived_head_dim(c)}
+#: Fields that model classes derive when the config leaves them unset (``head_dim`` from the
+#: hidden size and head count, GPT-2's ``n_inner`` as 4 x ``n_embd``): setting them explicitly
+#: is how a head size or MLP width that no longer follows the hidden size becomes expressible.
+OPTIONAL_FIELDS = {
+    "head_dim": lambda c: _derived_head_dim(c),
+    "n_inner": lambda c: 4 * c.n_embd if isinstance(getattr(c, "n_embd", None), int) else None,
+}
 PROBE_ATTRIBUTE = "_torchslim_config_probe"
 
 
@@ -41,14 +46,30 @@ def _derived_head_dim(config: Any) -> Optional[int]:
 
 def model_shapes(model: nn.Module) -> Shapes:
     """Shapes of every parameter and persistent buffer, by state-dict name, and every module's
-    public int attributes (``num_heads``, ``head_dim``): equal shapes can hide a different
-    split into heads, so both must match."""
+    public int attributes (``"layers.0.attn:head_dim"``): equal shapes can hide a different
+    split into heads, so the attributes pruning changed must match too."""
     shapes: Shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-    for name, module in model.named_modules():
-        for attribute, value in vars(module).items():
-            if type(value) is int and not attribute.startswith("_"):
-                shapes[f"{name}:{attribute}"] = (value,)
+    shapes.update(int_attributes(model))
     return shapes
+
+
+def int_attributes(model: nn.Module) -> dict[str, tuple[int]]:
+    return {
+        f"{name}:{attribute}": (value,)
+        for name, module in model.named_modules()
+        for attribute, value in vars(module).items()
+        if type(value) is int and not attribute.startswith("_")
+    }
+
+
+def _pruned_signature(model: nn.Module) -> Shapes:
+    """What a fitting config must reproduce: every tensor shape, and the int attributes the
+    forward uses as sizes (which pruning keeps up to date; others may still hold dense values
+    until the fitting config's are copied in)."""
+    from torchslim.graph.dependency import SIZE_ATTRIBUTES
+
+    used = model.__dict__.get(SIZE_ATTRIBUTES, set())
+    return {k: v for k, v in model_shapes(model).items() if ":" not in k or k in used}
 
 
 @contextmanager
@@ -111,9 +132,11 @@ def same_computed_buffers(model: nn.Module, model_class: type, config: Any) -> b
 
 
 def mismatches(built: Optional[Shapes], target: Shapes) -> float:
-    """Number of differing dims plus missing or extra tensors (inf if it did not build)."""
+    """Number of differing dims plus missing or extra tensors (inf if it did not build);
+    attributes count only where ``target`` names them."""
     if built is None:
         return math.inf
+    built = {k: v for k, v in built.items() if ":" not in k or k in target}
     count = len(built.keys() ^ target.keys())
     for name in built.keys() & target.keys():
         a, b = built[name], target[name]
@@ -126,23 +149,41 @@ class FieldProbe:
     """How one config field moves shapes: ``(tensor, dim) -> size ratio`` when it doubles."""
 
     name: str
-    value: int
+    value: float
     ratios: dict[tuple[str, int], float]
 
 
+def _fields(config: Any) -> dict[str, Any]:
+    """Positive numeric fields of a config, list elements included (``"num_heads[2]"``)."""
+    fields: dict[str, Any] = {}
+    for name, value in vars(config).items():
+        if type(value) in (int, float) and value > 0:
+            fields[name] = value
+        elif isinstance(value, list) and value and all(type(v) is int for v in value):
+            fields.update({f"{name}[{i}]": v for i, v in enumerate(value) if v > 0})
+    return fields
+
+
+def set_field(config: Any, name: str, value: Any) -> None:
+    """Set a config field, or one element of a list field (``"num_heads[2]"``)."""
+    if name.endswith("]"):
+        base, _, index = name[:-1].rpartition("[")
+        items = list(getattr(config, base))
+        items[int(index)] = value
+        setattr(config, base, items)
+    else:
+        setattr(config, name, value)
+
+
 def probe_fields(model_class: type, config: Any) -> list[FieldProbe]:
-    """Double each int field of ``config`` once and record which dims follow it."""
+    """Double each numeric field of ``config`` once and record which dims follow it."""
     base = build_shapes(model_class, config)
     if base is None:
         return []
-    fields = {k: v for k, v in vars(config).items() if type(v) is int and v > 0}
-    for name, default in OPTIONAL_FIELDS.items():
-        if getattr(config, name, None) is None and default(config) is not None:
-            fields[name] = default(config)
     probes = []
-    for name, value in fields.items():
+    for name, value in _fields(config).items():
         trial = copy.deepcopy(config)
-        setattr(trial, name, 2 * value)
+        set_field(trial, name, 2 * value)
         built = build_shapes(model_class, trial)
         if built is None:
             continue
@@ -158,54 +199,112 @@ def probe_fields(model_class: type, config: Any) -> list[FieldProbe]:
     return probes
 
 
-def _suggestions(probe: FieldProbe, current: Shapes, target: Shapes) -> list[int]:
-    """Values of a field that the target shapes imply through dims proportional to it."""
-    votes: Counter[int] = Counter()
-    for (key, d), ratio in probe.ratios.items():
-        if key not in target or key not in current or current[key][d] == target[key][d]:
+def _solve(probes: list[FieldProbe], base: Shapes, target: Shapes) -> dict[str, float]:
+    """Field values from a least-squares fit of ``log size = sum(e_f * log field)``, where the
+    exponents ``e_f`` come from the probes (x2 -> 1, x0.5 -> -1): sizes that are products and
+    quotients of fields (``head_dim = hidden_size / num_heads``) are solved jointly."""
+    keys = sorted({key for probe in probes for key in probe.ratios})
+    rows, rhs = [], []
+    for key, d in keys:
+        ratios = [probe.ratios.get((key, d), 1.0) for probe in probes]
+        if key not in target or any(r not in (0.5, 1.0, 2.0) for r in ratios):
             continue
-        was, now = current[key][d], target[key][d]
+        rows.append([math.log2(r) for r in ratios])
+        rhs.append(math.log2(target[key][d] / base[key][d]) if target[key][d] else -30.0)
+    if not rows:
+        return {}
+    solution = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]
+    return {p.name: float(p.value * 2.0**x) for p, x in zip(probes, solution) if abs(x) > 1e-9}
+
+
+def _suggestions(probe: FieldProbe, base: Shapes, target: Shapes) -> set[int]:
+    """Values of an int field that the target shapes imply through dims proportional to it."""
+    votes: Counter[int] = Counter()
+    if not isinstance(probe.value, int):
+        return set()
+    for (key, d), ratio in probe.ratios.items():
+        if key not in target or key not in base or base[key][d] == target[key][d]:
+            continue
+        was, now = base[key][d], target[key][d]
         if ratio == 2 and (probe.value * now) % was == 0:
             votes[probe.value * now // was] += 1
         elif ratio == 0.5 and now and (probe.value * was) % now == 0:
             votes[probe.value * was // now] += 1
-    return [value for value, _ in votes.most_common(3) if value > 0]
+    return {value for value, _ in votes.most_common(3) if value > 0}
 
 
-def fitting_config(model: nn.Module, dense_config: Any, max_trials: int = 4096) -> Optional[Any]:
+def _with_optional_fields(model_class: type, config: Any) -> Optional[Any]:
+    """``config`` with the fields classes derive when unset (``head_dim``) set explicitly, if
+    that builds the same model; ``None`` if there is nothing to set."""
+    explicit = copy.deepcopy(config)
+    changed = False
+    for name, default in OPTIONAL_FIELDS.items():
+        value = default(config)
+        if getattr(config, name, None) is None and value is not None:
+            setattr(explicit, name, value)
+            changed = True
+    same = changed and build_shapes(model_class, explicit) == build_shapes(model_class, config)
+    return explicit if same else None
+
+
+def fitting_config(model: nn.Module, dense_config: Any, max_trials: int = 512) -> Optional[Any]:
     """A copy of ``dense_config`` under which ``type(model)`` builds exactly ``model``'s shapes,
     or ``None`` when no such config exists (widths that differ from layer to layer).
 
-    Every combination of suggested field values is tried, fewest changes first (fields are
-    coupled: a pruned ``q_proj`` may mean fewer heads or a smaller ``head_dim``)."""
+    Candidate values for each field come from a joint log-linear solve and from single-field
+    proportions; combinations are tried fewest changes first, first with the config as it is,
+    then with optional fields (``head_dim``) made explicit."""
     model_class = type(model)
-    target = model_shapes(model)
-    dense_shapes = build_shapes(model_class, dense_config)
-    if mismatches(dense_shapes, target) == 0:
-        fits = same_computed_buffers(model, model_class, dense_config)
-        return copy.deepcopy(dense_config) if fits else None
-    options = [
-        [(probe.name, value) for value in _suggestions(probe, dense_shapes, target)]
-        for probe in _probes(model, model_class, dense_config)
-    ]
-    options = [choices for choices in options if choices]
-    if not options or math.prod(len(c) + 1 for c in options) > max_trials:
-        return None
-    trials = itertools.product(*[[None, *choices] for choices in options])
-    for changes in sorted(trials, key=lambda t: sum(c is not None for c in t)):
-        trial = copy.deepcopy(dense_config)
-        for change in changes:
-            if change is not None:
-                setattr(trial, *change)
-        if mismatches(build_shapes(model_class, trial), target) == 0:
-            return trial if same_computed_buffers(model, model_class, trial) else None
+    target = _pruned_signature(model)
+    bases = [dense_config, _with_optional_fields(model_class, dense_config)]
+    for number, base in enumerate(b for b in bases if b is not None):
+        fitted = _fit(model, model_class, base, target, max_trials, _probes(model, number, base))
+        if fitted is not None:
+            return fitted
     return None
 
 
-def _probes(model: nn.Module, model_class: type, dense_config: Any) -> list[FieldProbe]:
-    """Probes are structural: computed once per model and kept on it."""
-    cached = model.__dict__.get(PROBE_ATTRIBUTE)
-    if cached is None:
-        cached = probe_fields(model_class, dense_config)
-        model.__dict__[PROBE_ATTRIBUTE] = cached
-    return cached
+def _fit(
+    model: nn.Module,
+    model_class: type,
+    base: Any,
+    target: Shapes,
+    max_trials: int,
+    probes: list[FieldProbe],
+) -> Optional[Any]:
+    base_shapes = build_shapes(model_class, base) or {}
+    solved = _solve(probes, base_shapes, target)
+    options = []
+    for probe in probes:
+        values: set[Any] = set(_suggestions(probe, base_shapes, target))
+        solution = solved.get(probe.name)
+        if solution is not None and isinstance(probe.value, int):
+            values.update({math.floor(solution), math.ceil(solution)})
+        elif solution is not None:
+            values.add(round(solution, 6))
+        values.discard(probe.value)
+        options.append([(probe.name, v) for v in sorted(values) if v > 0])
+    options = [choices for choices in options if choices]
+    if math.prod(len(c) + 1 for c in options) > max_trials:
+        return None
+    trials = itertools.product(*[[None, *choices] for choices in options])
+    for changes in sorted(trials, key=lambda t: sum(c is not None for c in t)):
+        trial = copy.deepcopy(base)
+        try:
+            for change in changes:
+                if change is not None:
+                    set_field(trial, *change)
+        except (TypeError, ValueError):  # the config class validates its fields
+            continue
+        shapes_fit = mismatches(build_shapes(model_class, trial), target) == 0
+        if shapes_fit and same_computed_buffers(model, model_class, trial):
+            return trial
+    return None
+
+
+def _probes(model: nn.Module, number: int, base: Any) -> list[FieldProbe]:
+    """Probes are structural: computed once per model (and base config) and kept on it."""
+    cache = model.__dict__.setdefault(PROBE_ATTRIBUTE, {})
+    if number not in cache:
+        cache[number] = probe_fields(type(model), base)
+    return cache[number]

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
 from torchslim.graph.dependency import model_history
-from torchslim.hf.config import OPTIONAL_FIELDS, fitting_config
+from torchslim.hf.config import OPTIONAL_FIELDS, build, fitting_config, int_attributes
 
 RECORD_KEY = "torchslim_plan"
 DENSE_ATTRIBUTE = "_torchslim_dense_config"
@@ -57,9 +57,26 @@ def sync_config(model: nn.Module) -> bool:
     if fitted is not None:
         if hasattr(config, RECORD_KEY):
             delattr(config, RECORD_KEY)
+        _copy_attributes(model, build(type(model), fitted))
         return True
     setattr(config, RECORD_KEY, {**pruning_plan(model), "buffers": computed_buffers(model)})
     return False
+
+
+def _copy_attributes(model: nn.Module, built: Optional[nn.Module]) -> None:
+    """Give every module the int attributes the fitting config builds (``hidden_size`` of a
+    layer that the forward never reads keeps its dense value until now)."""
+    if built is None:
+        return
+    for (name, attribute), (value,) in (
+        (key.split(":"), value) for key, value in int_attributes(built).items()
+    ):
+        module = model.get_submodule(name) if name else model
+        if (
+            getattr(module, attribute, None) != value
+            and type(getattr(module, attribute, None)) is int
+        ):
+            setattr(module, attribute, value)
 
 
 def computed_buffers(model: nn.Module) -> dict[str, list]:

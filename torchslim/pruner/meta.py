@@ -16,6 +16,7 @@ from torch import nn
 
 from torchslim.graph.capture import unwrap_model
 from torchslim.graph.dependency import DependencyGraph, Group
+from torchslim.graph.kinds import KINDS, group_kind
 from torchslim.importance import Importance, MagnitudeImportance
 from torchslim.pruner.schedule import linear_scheduler
 from torchslim.utils.ops_counter import count_ops_and_params
@@ -29,7 +30,11 @@ class MetaPruner:
     """Prune a model by ``pruning_ratio`` of every group's channels, scored by ``importance``.
 
     ``pruning_ratio_dict`` maps a module (or a tuple of modules) to its own ratio, applied to
-    the groups rooted anywhere inside it. ``ignored_layers`` takes modules, module types or
+    the groups rooted anywhere inside it, or a kind of channel (``"heads"``, ``"query_heads"``,
+    ``"head_dim"``, ``"neurons"``, ``"width"``, see :mod:`torchslim.graph.kinds`) to the ratio
+    of the groups of that kind: ``{"heads": 0.25, "neurons": 0.5, "width": 0.25}`` with
+    ``pruning_ratio=0`` prunes a quarter of the heads, half of the MLP and a quarter of the
+    hidden size of a transformer. ``ignored_layers`` takes modules, module types or
     parameters. ``round_to`` keeps the remaining channel count of every group a multiple of it.
     ``target_macs`` / ``target_params`` (fractions of the dense count, e.g. 0.5 for 2x fewer)
     switch to target mode: each step prunes in small global increments until the count is
@@ -94,7 +99,18 @@ class MetaPruner:
         self.root_module_types = tuple(root_module_types or DEFAULT_ROOTS)
 
         self.ignored_modules, self.ignored_params = _split_ignored(model, ignored_layers or [])
-        self.ratio_scopes = _scopes(model, _first(ch_sparsity_dict, pruning_ratio_dict) or {})
+        ratio_dict = dict(_first(ch_sparsity_dict, pruning_ratio_dict) or {})
+        self.kind_ratios = {
+            kind: _ratio(f"pruning_ratio_dict[{kind!r}]", ratio)
+            for kind, ratio in ratio_dict.items()
+            if isinstance(kind, str)
+        }
+        unknown = set(self.kind_ratios) - set(KINDS)
+        if unknown:
+            raise ValueError(f"pruning_ratio_dict: unknown kinds {sorted(unknown)}; use {KINDS}")
+        scoped = {k: v for k, v in ratio_dict.items() if not isinstance(k, str)}
+        self.ratio_scopes = _scopes(model, scoped)
+        self._kinds: dict[int, str] = {}
         parameters = {id(p) for p in model.parameters()}
         for item in unwrapped_parameters or []:
             param = item[0] if isinstance(item, (tuple, list)) else item
@@ -132,6 +148,11 @@ class MetaPruner:
         for members, ratio in self.ratio_scopes:
             if root in members:
                 return ratio
+        if self.kind_ratios:
+            kind = self._kinds.get(group.coupling.id)
+            if kind is None:
+                kind = self._kinds[group.coupling.id] = group_kind(group)
+            return self.kind_ratios.get(kind)
         return None
 
     # ------------------------------------------------------------------------------ steps
@@ -168,8 +189,9 @@ class MetaPruner:
             selections = self._ratio_step(self.schedule[self.current_step - 1])
         if interactive:
             return iter(selections)
-        for group in selections:
-            group.prune()
+        with self.DG.deferred():
+            for group in selections:
+                group.prune()
         return None
 
     def _ratio_step(self, ratio: float) -> Iterator[Group]:

@@ -1,0 +1,263 @@
+"""Transformers without hand-holding: Hugging Face, timm and torchvision attention models.
+
+Every model gets the same recipe, stated by kind of channel (a quarter of the heads, half of the
+MLP neurons, a quarter of the hidden size), with no per-model configuration. Each pruned group
+must be exact against the zero-masked original unless it crosses a normalisation, the pruned
+model must run with the original output shapes, and a Hugging Face model must come back from
+``save_pretrained`` with the same outputs. Tiny random configs only: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as tp
+from torchslim.graph.kinds import group_kind
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+T = transformers
+RECIPE = {"heads": 0.25, "neurons": 0.5, "width": 0.25}
+TOKENS = {"input_ids": torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))}
+PIXELS = {"pixel_values": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+COMMON = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8
+)
+
+#: name -> (factory, inputs, whether a plain config describes the pruned model)
+HF_MODELS: dict[str, tuple[Callable[[], nn.Module], dict, bool]] = {
+    "llama-gqa": (
+        lambda: T.LlamaForCausalLM(T.LlamaConfig(**COMMON, num_key_value_heads=4)),
+        TOKENS,
+        True,
+    ),
+    "qwen2": (
+        lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON, num_key_value_heads=4)),
+        TOKENS,
+        True,
+    ),
+    "mistral": (
+        lambda: T.MistralForCausalLM(T.MistralConfig(**COMMON, num_key_value_heads=4)),
+        TOKENS,
+        True,
+    ),
+    "phi3-fused": (
+        lambda: T.Phi3ForCausalLM(T.Phi3Config(**COMMON, num_key_value_heads=4, pad_token_id=0)),
+        TOKENS,
+        True,
+    ),
+    # Gemma scales embeddings by sqrt(hidden_size), a value a smaller config would change
+    "gemma": (
+        lambda: T.GemmaForCausalLM(T.GemmaConfig(**COMMON, num_key_value_heads=4, head_dim=8)),
+        TOKENS,
+        False,
+    ),
+    "gpt2-conv1d": (
+        lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=8)),
+        TOKENS,
+        True,
+    ),
+    # BERT's pooler is as wide as the hidden size in any config; its neurons are pruned apart
+    "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(**COMMON)), TOKENS, False),
+    "opt": (
+        lambda: T.OPTForCausalLM(
+            T.OPTConfig(
+                vocab_size=97,
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=2,
+                num_attention_heads=8,
+                word_embed_proj_dim=64,
+            )
+        ),
+        TOKENS,
+        True,
+    ),
+    "vit": (
+        lambda: T.ViTForImageClassification(
+            T.ViTConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=8,
+                image_size=32,
+                patch_size=8,
+            )
+        ),
+        PIXELS,
+        True,
+    ),
+    # Swin ties each stage's attention width to its hidden size
+    "swin": (
+        lambda: T.SwinForImageClassification(
+            T.SwinConfig(
+                image_size=32,
+                patch_size=4,
+                embed_dim=16,
+                depths=[1, 1],
+                num_heads=[2, 4],
+                window_size=4,
+            )
+        ),
+        PIXELS,
+        False,
+    ),
+}
+
+
+def _outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    from torchslim.graph.capture import call_forward, iter_tensors
+
+    with torch.no_grad():
+        out = call_forward(model, inputs)
+    if hasattr(out, "logits"):
+        return [out.logits]
+    return list(iter_tensors(out))
+
+
+def prune_with_recipe(model: nn.Module, inputs: Any) -> tuple[tp.VerifyReport, set[str]]:
+    """Prune ``model`` in place with :data:`RECIPE`; each group is verified on its own."""
+    torch.manual_seed(0)
+    pruner = tp.pruner.MagnitudePruner(model, inputs, pruning_ratio=0.0, pruning_ratio_dict=RECIPE)
+    reference = copy.deepcopy(pruner.DG)
+    selections = []
+    kinds = set()
+    with pruner.DG.deferred():
+        for group in pruner.step(interactive=True):
+            kinds.add(group_kind(group))
+            selections.append((reference.group_like(group), list(group.idxs)))
+            group.prune()
+    return tp.verify(reference, inputs, selections, per_group=True), kinds
+
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_hugging_face_model_prunes_exactly_and_round_trips(name, tmp_path):
+    factory, inputs, plain = HF_MODELS[name]
+    model = factory().eval()
+    shapes = [t.shape for t in _outputs(model, inputs)]
+    dense_params = sum(p.numel() for p in model.parameters())
+    report, kinds = prune_with_recipe(model, inputs)
+    assert report.ok, f"{name}\n{report}"
+    assert {"heads", "neurons", "width"} <= kinds, kinds
+    assert any(c.exact_expected for c in report.checks), "some groups cross no norm"
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * dense_params
+    pruned = _outputs(model, inputs)
+    assert [t.shape for t in pruned] == shapes
+    model.save_pretrained(tmp_path)
+    reloaded = tp.hf.from_pretrained(tmp_path)
+    assert torch.allclose(_outputs(reloaded, inputs)[0], pruned[0], atol=1e-6)
+    assert (not hasattr(model.config, tp.hf.RECORD_KEY)) == plain
+    if plain:
+        vanilla = type(model).from_pretrained(tmp_path).eval()
+        assert torch.allclose(_outputs(vanilla, inputs)[0], pruned[0], atol=1e-6)
+    else:
+        with pytest.raises(RuntimeError, match="mismatched_sizes|size mismatch"):
+            type(model).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "phi3-fused", "gpt2-conv1d"])
+def test_pruned_language_models_generate_with_the_kv_cache(name):
+    factory, inputs, _ = HF_MODELS[name]
+    model = factory().eval()
+    prune_with_recipe(model, inputs)
+    ids = inputs["input_ids"][:1]
+    cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape[1] == ids.shape[1] + 6
+
+
+def test_grouped_query_attention_keeps_the_query_to_kv_ratio():
+    factory, inputs, _ = HF_MODELS["llama-gqa"]
+    model = factory().eval()
+    prune_with_recipe(model, inputs)
+    attention = model.model.layers[0].self_attn
+    assert model.config.num_attention_heads == 6 and model.config.num_key_value_heads == 3
+    assert attention.q_proj.out_features == 6 * 8 and attention.k_proj.out_features == 3 * 8
+    assert model.config.hidden_size == 48 and model.config.intermediate_size == 64
+
+
+def _timm_and_torchvision() -> dict[str, Callable[[], nn.Module]]:
+    from timm.models.beit import Beit
+    from timm.models.convnext import ConvNeXt
+    from timm.models.eva import Eva
+    from timm.models.metaformer import MetaFormer
+    from timm.models.mlp_mixer import MlpMixer
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+    from torchvision.models import maxvit, swin_transformer, vision_transformer
+
+    vit = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    return {
+        "timm-vit": lambda: VisionTransformer(**vit),
+        "timm-deit-distilled": lambda: timm.models.deit.VisionTransformerDistilled(**vit),
+        "timm-eva-rope": lambda: Eva(**vit, use_rot_pos_emb=True),
+        "timm-beit": lambda: Beit(**vit, use_rel_pos_bias=True),
+        "timm-swin": lambda: SwinTransformer(
+            img_size=32,
+            patch_size=2,
+            window_size=4,
+            embed_dim=16,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            num_classes=10,
+        ),
+        "timm-convnext": lambda: ConvNeXt(
+            depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=10
+        ),
+        "timm-mixer": lambda: MlpMixer(
+            img_size=32, patch_size=8, num_blocks=2, embed_dim=64, num_classes=10
+        ),
+        "timm-poolformer": lambda: MetaFormer(
+            depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), num_classes=10
+        ),
+        "torchvision-vit": lambda: vision_transformer.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128
+        ),
+        "torchvision-swin": lambda: swin_transformer.SwinTransformer(
+            patch_size=[4, 4],
+            embed_dim=16,
+            depths=[2, 2],
+            num_heads=[2, 4],
+            window_size=[4, 4],
+            num_classes=10,
+        ),
+        "torchvision-maxvit": lambda: maxvit.MaxVit(
+            input_size=(32, 32),
+            stem_channels=16,
+            partition_size=4,
+            block_channels=[16, 32],
+            block_layers=[1, 1],
+            head_dim=8,
+            stochastic_depth_prob=0.0,
+            num_classes=10,
+        ),
+    }
+
+
+VISION = _timm_and_torchvision()
+
+
+@pytest.mark.parametrize("name", list(VISION))
+def test_vision_transformer_prunes_exactly_and_keeps_running(name):
+    model = VISION[name]().eval()
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    shapes = [t.shape for t in _outputs(model, images)]
+    dense_params = sum(p.numel() for p in model.parameters())
+    report, kinds = prune_with_recipe(model, images)
+    assert report.ok, f"{name}\n{report}"
+    assert kinds & {"heads", "neurons", "width"}, kinds
+    assert [t.shape for t in _outputs(model, images)] == shapes
+    assert sum(p.numel() for p in model.parameters()) < 0.9 * dense_params
+
+
+def test_timm_attention_attributes_follow_the_heads():
+    model = VISION["timm-vit"]().eval()
+    prune_with_recipe(model, torch.rand(1, 3, 32, 32))
+    attention = model.blocks[0].attn
+    assert attention.num_heads == 3 and attention.qkv.out_features == 3 * 3 * attention.head_dim
+    assert model.blocks[0].mlp.fc1.out_features == 128 and model.embed_dim == 64
