@@ -29,34 +29,25 @@ COMMON = dict(
     vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8
 )
 
+
+def _gqa_lm(name: str, plain: bool = True, **extra: Any) -> tuple[Callable, dict, bool]:
+    """A tiny causal LM of ``transformers.<name>ForCausalLM`` with 8 query and 4 KV heads."""
+    model_class, config_class = getattr(T, f"{name}ForCausalLM"), getattr(T, f"{name}Config")
+    return (
+        lambda: model_class(config_class(**COMMON, num_key_value_heads=4, **extra)),
+        TOKENS,
+        plain,
+    )
+
+
 #: name -> (factory, inputs, whether a plain config describes the pruned model)
 HF_MODELS: dict[str, tuple[Callable[[], nn.Module], dict, bool]] = {
-    "llama-gqa": (
-        lambda: T.LlamaForCausalLM(T.LlamaConfig(**COMMON, num_key_value_heads=4)),
-        TOKENS,
-        True,
-    ),
-    "qwen2": (
-        lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON, num_key_value_heads=4)),
-        TOKENS,
-        True,
-    ),
-    "mistral": (
-        lambda: T.MistralForCausalLM(T.MistralConfig(**COMMON, num_key_value_heads=4)),
-        TOKENS,
-        True,
-    ),
-    "phi3-fused": (
-        lambda: T.Phi3ForCausalLM(T.Phi3Config(**COMMON, num_key_value_heads=4, pad_token_id=0)),
-        TOKENS,
-        True,
-    ),
+    "llama-gqa": _gqa_lm("Llama"),
+    "qwen2": _gqa_lm("Qwen2"),
+    "mistral": _gqa_lm("Mistral"),
+    "phi3-fused": _gqa_lm("Phi3", pad_token_id=0),
     # Gemma scales embeddings by sqrt(hidden_size), a value a smaller config would change
-    "gemma": (
-        lambda: T.GemmaForCausalLM(T.GemmaConfig(**COMMON, num_key_value_heads=4, head_dim=8)),
-        TOKENS,
-        False,
-    ),
+    "gemma": _gqa_lm("Gemma", plain=False, head_dim=8),
     "gpt2-conv1d": (
         lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=8)),
         TOKENS,
