@@ -140,6 +140,26 @@ def test_activation_importance_averages_output_magnitudes(group):
     close(imp(group), [2.0, 4.0, 6.0])
 
 
+def test_wanda_importance_weighs_weights_by_input_norms(group):
+    model = group._graph.model
+    imp = tp.importance.WandaImportance(group_reduction=None, normalizer=None)
+    with imp.record(model):
+        model(torch.full((1, 1, 2, 2), 1.0))
+        model(torch.full((1, 1, 2, 2), -3.0))
+    norm_in = 40**0.5  # conv0's input: four 1s and four -3s
+    norm_bn = (40 / (1 + 1e-5)) ** 0.5  # BN (eval, unit statistics) scales channel k by gamma_k
+    rows = [abs(w) * norm_in for w in CONV0]  # conv0 filter k: |w_k| * ||x||
+    columns = [  # conv2 input k: ||gamma_k w_k x|| * sum_i |W2_ik|
+        abs(g * w) * norm_bn * sum(abs(r[k]) for r in CONV2)
+        for k, (g, w) in enumerate(zip(GAMMA, CONV0))
+    ]
+    close(imp(group), [a + b for a, b in zip(rows, columns)])
+
+
+def test_wanda_without_calibration_scores_nothing(group):
+    assert tp.importance.WandaImportance()(group) is None
+
+
 def test_random_importance_is_seeded(group):
     torch.manual_seed(1)
     first = tp.importance.RandomImportance()(group)
@@ -154,3 +174,12 @@ def test_bad_options_are_refused():
         tp.importance.MagnitudeImportance(normalizer="l2")
     with pytest.raises(ValueError, match="p must be positive"):
         tp.importance.MagnitudeImportance(p=0)
+
+
+def test_scores_computed_in_blocks_of_positions_are_the_same(group, monkeypatch):
+    import torchslim.importance.base as base
+
+    imp = tp.importance.MagnitudeImportance(p=2, normalizer=None)
+    whole = imp(group)
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 1)
+    assert torch.equal(imp(group), whole)

@@ -252,3 +252,34 @@ def test_timm_attention_attributes_follow_the_heads():
     attention = model.blocks[0].attn
     assert attention.num_heads == 3 and attention.qkv.out_features == 3 * 3 * attention.head_dim
     assert model.blocks[0].mlp.fc1.out_features == 128 and model.embed_dim == 64
+
+
+def test_a_graph_traced_on_meta_prunes_the_real_weights_alike():
+    factory, inputs, _ = HF_MODELS["llama-gqa"]
+    torch.manual_seed(0)
+    model = factory().eval()
+    twin_traced = copy.deepcopy(model)
+    for target, on_meta in ((model, False), (twin_traced, True)):
+        pruner = tp.pruner.MagnitudePruner(
+            target, inputs, pruning_ratio=0.0, pruning_ratio_dict=RECIPE, trace_on_meta=on_meta
+        )
+        pruner.step()
+    assert all(p.device.type == "cpu" for p in twin_traced.parameters())
+    assert torch.equal(_outputs(model, inputs)[0], _outputs(twin_traced, inputs)[0])
+    assert model.config.to_dict() == twin_traced.config.to_dict()
+
+
+def test_pruned_weights_are_freed_not_kept_by_the_graph():
+    import gc
+    import weakref
+
+    factory, inputs, _ = HF_MODELS["llama-gqa"]
+    model = factory().eval()
+    graph = tp.DependencyGraph().build_dependency(model, inputs, trace_on_meta=True)
+    old = weakref.ref(model.model.layers[0].mlp.gate_proj.weight)
+    group = graph.get_pruning_group(
+        model.model.layers[0].mlp.gate_proj, tp.prune_linear_out_channels, [0, 1]
+    )
+    group.prune()
+    gc.collect()
+    assert old() is None and model.model.layers[0].mlp.gate_proj.out_features == 126

@@ -76,13 +76,19 @@ _PROPERTY_PASSTHROUGH = {
 
 @dataclass
 class TensorRef:
-    """A parameter or buffer of the model, by owner and attribute name."""
+    """A parameter or buffer of the model, by owner and attribute name.
+
+    The tensor is looked up when asked for, so a graph never keeps a pruned-away tensor alive
+    (an LLM's old weights are freed as soon as each layer is sliced)."""
 
     module_name: str
     module: nn.Module
     name: str
-    tensor: torch.Tensor
     is_buffer: bool
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.module, self.name)
 
     @property
     def qualified(self) -> str:
@@ -130,14 +136,10 @@ class TraceState:
     def __post_init__(self) -> None:
         for module_name, module in self.model.named_modules(remove_duplicate=False):
             for name, tensor in module.named_parameters(recurse=False):
-                self.refs.setdefault(
-                    id(tensor), TensorRef(module_name, module, name, tensor, False)
-                )
+                self.refs.setdefault(id(tensor), TensorRef(module_name, module, name, False))
             for name, tensor in module.named_buffers(recurse=False):
                 if tensor is not None:
-                    self.refs.setdefault(
-                        id(tensor), TensorRef(module_name, module, name, tensor, True)
-                    )
+                    self.refs.setdefault(id(tensor), TensorRef(module_name, module, name, True))
 
     @property
     def module_path(self) -> str:

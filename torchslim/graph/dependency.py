@@ -26,6 +26,7 @@ from torchslim.graph.capture import (
     unwrap_model,
 )
 from torchslim.graph.layout import opaque
+from torchslim.graph.twin import meta_twin, rebind, to_meta
 from torchslim.ops import lookup
 from torchslim.pruning import functions as F
 from torchslim.pruning.functions import BasePruningFunc
@@ -237,13 +238,16 @@ class DependencyGraph:
         ignored_params: Optional[Iterable[nn.Parameter]] = None,
         verbose: bool = True,
         trace_train_mode: bool = True,
+        trace_on_meta: bool = False,
     ) -> DependencyGraph:
         """Trace ``model`` on ``example_inputs`` and compute its coupled groups.
 
         The forward runs in eval mode. If layers with parameters did not run (auxiliary heads
         that only run while training) and ``trace_train_mode`` is set, it runs once more in
         train mode so they are coupled too; a train-mode forward that fails (e.g. a detector
-        that wants targets) is skipped and noted.
+        that wants targets) is skipped and noted. With ``trace_on_meta`` the forward runs on a
+        weightless ``meta`` copy of the model (no memory, no compute: LLM-sized models), and
+        the graph is then bound to ``model`` itself.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -251,7 +255,10 @@ class DependencyGraph:
         self.model = model
         self.customized_pruners = dict(customized_pruners or {})
         self.ignored_params = list(ignored_params or [])
-        state = TraceState(model)
+        traced = meta_twin(model) if trace_on_meta else model
+        if trace_on_meta:
+            example_inputs = to_meta(example_inputs)
+        state = TraceState(traced)
         inputs = list(iter_tensors(example_inputs))
         if not inputs:
             raise ValueError("example_inputs must contain at least one tensor")
@@ -259,7 +266,7 @@ class DependencyGraph:
             state.layouts[tensor] = [opaque(s, "a model input") for s in tensor.shape]
 
         def call() -> Any:
-            return call_forward(model, example_inputs, forward_fn)
+            return call_forward(traced, example_inputs, forward_fn)
 
         try:
             outputs = run_traced(state, lookup, call)
@@ -269,7 +276,7 @@ class DependencyGraph:
             ) from error
         self._freeze_outputs(state, outputs, output_transform)
         self.notes = []
-        if trace_train_mode and _layers_not_run(model, state):
+        if trace_train_mode and _layers_not_run(traced, state):
             try:
                 outputs = run_traced(state, lookup, call, training=True)
                 self._freeze_outputs(state, outputs, output_transform)
@@ -280,6 +287,8 @@ class DependencyGraph:
         self._ties = F.TiedParameters(model)
         state.finish()
         self.analysis = Analysis(state)
+        if trace_on_meta:
+            rebind(self.analysis, list(state.attributes.values()), model)
         known = model.__dict__.setdefault(SIZE_ATTRIBUTES, set())
         known.update(
             f"{slot.module_name}:{slot.name}"

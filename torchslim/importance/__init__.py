@@ -23,6 +23,7 @@ from torchslim.importance.criteria import (
     OBDImportance,
     RandomImportance,
     TaylorImportance,
+    WandaImportance,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "OBDImportance",
     "RandomImportance",
     "TaylorImportance",
+    "WandaImportance",
     "lamp",
     "normalize",
     "reduce_layers",

@@ -95,6 +95,24 @@ def slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1).double()
 
 
+#: Elements converted to float64 at a time by :func:`per_position` (256 MB).
+CHUNK_ELEMENTS = 1 << 25
+
+
+def per_position(fn: Callable[..., torch.Tensor], dim: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*slices)`` for every position along ``dim``, a block of positions at a time, so a
+    float64 copy of a whole LLM embedding is never made; ``fn`` maps ``[k, rest]`` slices to
+    ``k`` scores."""
+    first = tensors[0]
+    rest = max(1, first.numel() // max(first.shape[dim], 1))
+    step = max(1, CHUNK_ELEMENTS // rest)
+    scores = [
+        fn(*(slices(t, dim) for t in chunk))
+        for chunk in zip(*(t.split(step, dim) for t in tensors))
+    ]
+    return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+
+
 def reduce_layers(per_layer: list[torch.Tensor], how: Optional[str]) -> torch.Tensor:
     """Reduce the score vectors of a group's layers to one (``None``: sum)."""
     stacked = torch.stack(per_layer)

@@ -1,9 +1,10 @@
 """Importance criteria: magnitude, BN scale, group norm, LAMP, FPGM, random, Taylor, Hessian
-(OBD) and activations. Each only says how to score the positions of one parameter dim; the
+(OBD), activations and weights-times-activations (Wanda). Each only says how to score the positions of one parameter dim; the
 group mechanism in :mod:`.base` does the rest."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional
 
 import torch
@@ -16,8 +17,10 @@ from torchslim.importance.base import (
     Importance,
     is_norm_layer,
     normalize,
+    per_position,
     slices,
 )
+from torchslim.pruning.functions import get_pruner
 
 
 class MagnitudeImportance(GroupImportance):
@@ -30,7 +33,7 @@ class MagnitudeImportance(GroupImportance):
         self.p = p
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> torch.Tensor:
-        return slices(tensor, member.dim).abs().pow(self.p).sum(1)
+        return per_position(lambda w: w.abs().pow(self.p).sum(1), member.dim, tensor)
 
 
 class GroupNormImportance(MagnitudeImportance):
@@ -107,8 +110,9 @@ class TaylorImportance(GroupImportance):
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         if tensor.grad is None:
             return None
-        product = slices(tensor, member.dim) * slices(tensor.grad, member.dim)
-        return product.sum(1).abs() if self.multivariate else product.abs().sum(1)
+        if self.multivariate:
+            return per_position(lambda w, g: (w * g).sum(1).abs(), member.dim, tensor, tensor.grad)
+        return per_position(lambda w, g: (w * g).abs().sum(1), member.dim, tensor, tensor.grad)
 
 
 class HessianImportance(GroupImportance):
@@ -145,11 +149,27 @@ class HessianImportance(GroupImportance):
         hessian = self._sum.get(id(tensor))
         if hessian is None or hessian.shape != tensor.shape or not self._batches:
             return None
-        curvature = slices(hessian, member.dim) / self._batches
-        return (0.5 * slices(tensor, member.dim).pow(2) * curvature).sum(1)
+        batches = self._batches
+        return per_position(
+            lambda w, h: (0.5 * w.pow(2) * h / batches).sum(1), member.dim, tensor, hessian
+        )
 
 
-class ActivationImportance(GroupImportance):
+class _Recorder(GroupImportance):
+    """Criteria that need calibration data: ``with imp.record(model): model(batch)`` hooks the
+    layers :meth:`wants` and passes what they see to :meth:`observe`."""
+
+    def record(self, model: nn.Module) -> _Recording:
+        return _Recording(self, model)
+
+    def wants(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def attach(self, module: nn.Module) -> Any:
+        raise NotImplementedError
+
+
+class ActivationImportance(_Recorder):
     """Mean absolute activation of each output channel, recorded on calibration batches.
 
     ``with imp.record(model): model(batch)`` hooks every conv and linear layer and accumulates
@@ -166,8 +186,11 @@ class ActivationImportance(GroupImportance):
         self._sum: dict[int, torch.Tensor] = {}
         self._count: dict[int, int] = {}
 
-    def record(self, model: nn.Module) -> _Recording:
-        return _Recording(self, model)
+    def wants(self, module: nn.Module) -> bool:
+        return isinstance(module, self.layer_types)
+
+    def attach(self, module: nn.Module) -> Any:
+        return module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, _inputs: Any, output: Any) -> None:
         if not isinstance(output, torch.Tensor):
@@ -195,16 +218,89 @@ class ActivationImportance(GroupImportance):
         return scores if scores.numel() == tensor.shape[member.dim] else None
 
 
+class WandaImportance(_Recorder):
+    """Weights times input activations (Wanda, for structured pruning): every weight counts
+    ``|W_ij| * ||X_j||_2``, with ``||X_j||_2`` the norm of the layer's input channel ``j`` over
+    the calibration tokens, and a position's score is the sum over its slice.
+
+    ``with imp.record(model): model(batch)`` on a few calibration batches, then use it like any
+    criterion. An input channel (an MLP neuron seen by ``down_proj``, a head seen by
+    ``o_proj``) scores ``||X_j|| * sum_i |W_ij|``; an output channel ``sum_j |W_ij| ||X_j||``.
+    Only linear and convolution weights whose inputs were recorded take part."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._squares: dict[int, torch.Tensor] = {}
+
+    def wants(self, module: nn.Module) -> bool:
+        return _input_dim(module) is not None
+
+    def attach(self, module: nn.Module) -> Any:
+        return module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: Any) -> None:
+        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if x is None or x.device.type == "meta":
+            return
+        channel = x.dim() - 1 if not isinstance(module, nn.modules.conv._ConvNd) else 1
+        squares = x.detach().double().pow(2).movedim(channel, 0).reshape(x.shape[channel], -1)
+        total = squares.sum(1)
+        key = id(module)
+        if key in self._squares and self._squares[key].shape == total.shape:
+            self._squares[key] += total
+        else:
+            self._squares[key] = total
+
+    def accepts(self, group: Group, member: ParamDim) -> bool:
+        return (
+            id(member.ref.module) in self._squares
+            and member.ref.name == "weight"
+            and super().accepts(group, member)
+        )
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        norms = self._squares[id(member.ref.module)].sqrt()
+        in_dim = _input_dim(member.ref.module)
+        if in_dim is None or tensor.shape[in_dim] != norms.numel():
+            return None
+        if member.dim == in_dim:
+            return per_position(lambda w: w.abs().sum(1), member.dim, tensor) * norms
+        rest = [s for d, s in enumerate(tensor.shape) if d != member.dim]
+        at = in_dim - (in_dim > member.dim)
+        before, after = math.prod(rest[:at]), math.prod(rest[at + 1 :])
+        weights = norms.view(1, 1, -1, 1)
+        return per_position(
+            lambda w: (w.abs().reshape(len(w), before, -1, after) * weights).sum((1, 2, 3)),
+            member.dim,
+            tensor,
+        )
+
+
+def _input_dim(module: nn.Module) -> Optional[int]:
+    """The weight dim of a linear or convolution layer that meets its input channels."""
+    from torchslim.pruning.functions import ConvPruner, LinearPruner, TransposedLinearPruner
+
+    pruner = get_pruner(module)
+    if not isinstance(pruner, (ConvPruner, LinearPruner, TransposedLinearPruner)):
+        return None
+    if isinstance(module, nn.modules.conv._ConvNd) and (module.groups != 1 or module.transposed):
+        return None
+    roles = pruner.param_roles(module)
+    return next(
+        (dim for (name, dim), role in roles.items() if name == "weight" and role == "in"), None
+    )
+
+
 class _Recording:
-    def __init__(self, importance: ActivationImportance, model: nn.Module) -> None:
+    def __init__(self, importance: _Recorder, model: nn.Module) -> None:
         self.importance = importance
         self.model = model
         self.handles: list[Any] = []
 
-    def __enter__(self) -> ActivationImportance:
+    def __enter__(self) -> _Recorder:
         for module in self.model.modules():
-            if isinstance(module, self.importance.layer_types):
-                self.handles.append(module.register_forward_hook(self.importance._hook))
+            if self.importance.wants(module):
+                self.handles.append(self.importance.attach(module))
         return self.importance
 
     def __exit__(self, *exc: Any) -> None:

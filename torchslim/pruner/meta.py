@@ -40,7 +40,8 @@ class MetaPruner:
     switch to target mode: each step prunes in small global increments until the count is
     reached. ``ch_sparsity`` / ``ch_sparsity_dict`` are the older names of the ratios.
     ``graph`` reuses a dependency graph already built on ``model`` instead of tracing it again
-    (searches apply many configurations to one graph).
+    (searches apply many configurations to one graph); ``trace_on_meta`` traces a weightless
+    copy instead of the model (LLM-sized models, see ``DependencyGraph.build_dependency``).
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class MetaPruner:
         ch_sparsity_dict: Optional[dict[Any, float]] = None,
         trace_train_mode: bool = True,
         graph: Optional[DependencyGraph] = None,
+        trace_on_meta: bool = False,
     ) -> None:
         model = unwrap_model(model)
         if graph is not None and graph.model is not model:
@@ -123,6 +125,7 @@ class MetaPruner:
             output_transform=output_transform,
             customized_pruners=customized_pruners,
             trace_train_mode=trace_train_mode,
+            trace_on_meta=trace_on_meta,
         )
         self.initial_sizes = {g.coupling.id: g.size for g in self.groups()}
         targeted = target_macs is not None or target_params is not None
