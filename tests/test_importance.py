@@ -140,20 +140,19 @@ def test_activation_importance_averages_output_magnitudes(group):
     close(imp(group), [2.0, 4.0, 6.0])
 
 
-def test_wanda_importance_weighs_weights_by_input_norms(group):
+def test_wanda_importance_scores_channels_where_they_are_consumed(group):
     model = group._graph.model
-    imp = tp.importance.WandaImportance(group_reduction=None, normalizer=None)
+    imp = tp.importance.WandaImportance(normalizer=None)
     with imp.record(model):
         model(torch.full((1, 1, 2, 2), 1.0))
         model(torch.full((1, 1, 2, 2), -3.0))
-    norm_in = 40**0.5  # conv0's input: four 1s and four -3s
-    norm_bn = (40 / (1 + 1e-5)) ** 0.5  # BN (eval, unit statistics) scales channel k by gamma_k
-    rows = [abs(w) * norm_in for w in CONV0]  # conv0 filter k: |w_k| * ||x||
-    columns = [  # conv2 input k: ||gamma_k w_k x|| * sum_i |W2_ik|
-        abs(g * w) * norm_bn * sum(abs(r[k]) for r in CONV2)
+    # conv2 reads channel k = BN(w_k * x): four 1s and four -3s times gamma_k w_k / sqrt(1+eps)
+    norm = (40 / (1 + 1e-5)) ** 0.5
+    expected = [
+        abs(g * w) * norm * sum(abs(row[k]) for row in CONV2)
         for k, (g, w) in enumerate(zip(GAMMA, CONV0))
     ]
-    close(imp(group), [a + b for a, b in zip(rows, columns)])
+    close(imp(group), expected)
 
 
 def test_wanda_without_calibration_scores_nothing(group):

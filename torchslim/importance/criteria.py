@@ -4,7 +4,6 @@ group mechanism in :mod:`.base` does the rest."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Optional
 
 import torch
@@ -219,14 +218,14 @@ class ActivationImportance(_Recorder):
 
 
 class WandaImportance(_Recorder):
-    """Weights times input activations (Wanda, for structured pruning): every weight counts
-    ``|W_ij| * ||X_j||_2``, with ``||X_j||_2`` the norm of the layer's input channel ``j`` over
-    the calibration tokens, and a position's score is the sum over its slice.
+    """Weights times input activations (Wanda, for structured pruning): a channel is scored
+    where it is consumed, as ``||X_j||_2 * sum_i |W_ij|`` over the weights of every layer that
+    reads it (``down_proj`` for an MLP neuron, ``o_proj`` for a head, every projection reading
+    the hidden state for a width channel), ``||X_j||_2`` being the norm of that input channel
+    over the calibration tokens: the size of what the layer loses without it.
 
     ``with imp.record(model): model(batch)`` on a few calibration batches, then use it like any
-    criterion. An input channel (an MLP neuron seen by ``down_proj``, a head seen by
-    ``o_proj``) scores ``||X_j|| * sum_i |W_ij|``; an output channel ``sum_j |W_ij| ||X_j||``.
-    Only linear and convolution weights whose inputs were recorded take part."""
+    criterion. Only linear and convolution layers whose inputs were recorded take part."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -255,25 +254,15 @@ class WandaImportance(_Recorder):
         return (
             id(member.ref.module) in self._squares
             and member.ref.name == "weight"
+            and member.dim == _input_dim(member.ref.module)
             and super().accepts(group, member)
         )
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         norms = self._squares[id(member.ref.module)].sqrt()
-        in_dim = _input_dim(member.ref.module)
-        if in_dim is None or tensor.shape[in_dim] != norms.numel():
+        if tensor.shape[member.dim] != norms.numel():
             return None
-        if member.dim == in_dim:
-            return per_position(lambda w: w.abs().sum(1), member.dim, tensor) * norms
-        rest = [s for d, s in enumerate(tensor.shape) if d != member.dim]
-        at = in_dim - (in_dim > member.dim)
-        before, after = math.prod(rest[:at]), math.prod(rest[at + 1 :])
-        weights = norms.view(1, 1, -1, 1)
-        return per_position(
-            lambda w: (w.abs().reshape(len(w), before, -1, after) * weights).sum((1, 2, 3)),
-            member.dim,
-            tensor,
-        )
+        return per_position(lambda w: w.abs().sum(1), member.dim, tensor) * norms
 
 
 def _input_dim(module: nn.Module) -> Optional[int]:
