@@ -260,3 +260,12 @@ def test_custom_layers_register_their_own_pruner():
     original = layer.gain.detach().clone()
     tp.pruning.get_pruner(layer).prune_out_channels(layer, REMOVED)
     assert torch.equal(layer.gain, original[keep(8)])
+
+
+def test_gradients_are_sliced_with_their_parameters():
+    layer = nn.Linear(3, 4)
+    layer(torch.randn(2, 3)).sum().backward()
+    grad = layer.weight.grad.clone()
+    tp.prune_linear_out_channels(layer, [1, 2])
+    assert torch.equal(layer.weight.grad, grad[[0, 3]])
+    assert layer.bias.grad.shape == (2,)

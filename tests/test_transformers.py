@@ -283,3 +283,40 @@ def test_pruned_weights_are_freed_not_kept_by_the_graph():
     group.prune()
     gc.collect()
     assert old() is None and model.model.layers[0].mlp.gate_proj.out_features == 126
+
+
+def _calibrated(
+    kind: str, model: nn.Module, batches: list[torch.Tensor]
+) -> tp.importance.Importance:
+    if kind == "wanda":
+        importance = tp.importance.WandaImportance()
+        with importance.record(model), torch.no_grad():
+            for ids in batches:
+                model(ids)
+        return importance
+    for ids in batches:
+        model(ids, labels=ids).loss.backward()
+    return tp.importance.TaylorImportance()
+
+
+@pytest.mark.parametrize("kind", ["wanda", "taylor"])
+def test_calibrated_importance_chooses_the_heads_and_neurons_of_lowest_score(kind):
+    factory, inputs, _ = HF_MODELS["llama-gqa"]
+    torch.manual_seed(0)
+    model = factory().eval()
+    batches = [
+        torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(s)) for s in (1, 2)
+    ]
+    importance = _calibrated(kind, model, batches)
+    pruner = tp.pruner.MetaPruner(
+        model, inputs, importance=importance, pruning_ratio=0.0, pruning_ratio_dict=RECIPE
+    )
+    chosen = {}
+    for group in pruner.step(interactive=True):
+        scores = importance(group)
+        assert scores is not None, f"{kind} scores {group_kind(group)} groups"
+        lowest = sorted(scores.argsort()[: len(group.idxs)].tolist())
+        chosen[group_kind(group)] = group.idxs == lowest
+        group.prune()
+    assert chosen == {"heads": True, "neurons": True, "width": True}
+    assert torch.isfinite(_outputs(model, inputs)[0]).all()

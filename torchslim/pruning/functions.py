@@ -21,14 +21,18 @@ Indices = Union[Sequence[int], np.ndarray, torch.Tensor, range]
 def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> None:
     """Replace parameter or buffer ``name`` of ``module`` by its slice along ``dim``.
 
-    Parameters become new ``nn.Parameter`` objects with the same ``requires_grad``; buffers stay
+    Parameters become new ``nn.Parameter`` objects with the same ``requires_grad`` and their
+    gradient sliced alike (gradient-based importance keeps working between groups); buffers stay
     buffers with the same persistence.
     """
     tensor = getattr(module, name)
     index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
     data = tensor.detach().index_select(dim, index).contiguous()
     if isinstance(tensor, nn.Parameter):
-        setattr(module, name, nn.Parameter(data, requires_grad=tensor.requires_grad))
+        sliced = nn.Parameter(data, requires_grad=tensor.requires_grad)
+        if tensor.grad is not None:
+            sliced.grad = tensor.grad.index_select(dim, index).contiguous()
+        setattr(module, name, sliced)
     elif name in module._buffers:
         module._buffers[name] = data
     else:
