@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_readme_examples_run_and_prune_exactly(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 4
+    assert len(blocks) == 6
     namespace: dict = {}
     exec(compile(blocks[0], "README quick start", "exec"), namespace)
     printed = capsys.readouterr().out
@@ -30,7 +30,15 @@ def test_readme_examples_run_and_prune_exactly(capsys, tmp_path, monkeypatch):
         assert torch.equal(namespace["fresh"].eval()(x), model.eval()(x))
     assert (tmp_path / "resnet18_pruned.plan.json").is_file()
 
-    exec(compile(blocks[3], "README search", "exec"), namespace)
+    exec(compile(blocks[3], "README transformers", "exec"), namespace)
+    assert "6 3 192 256" in capsys.readouterr().out
+    llama = namespace["model"]
+    assert (tmp_path / "pruned-llama" / "config.json").is_file()
+    exec(compile(blocks[4], "README calibration", "exec"), namespace)
+    assert llama.model.layers[0].mlp.gate_proj.out_features == 256 - int(256 * 0.2)
+    assert llama.config.intermediate_size == 205
+
+    exec(compile(blocks[5], "README search", "exec"), namespace)
     result = namespace["result"]
     assert sorted(result.ratios) == ["layer1", "layer2", "layer3", "layer4"]
     assert (tmp_path / "curves" / "all.png").is_file()
