@@ -122,6 +122,8 @@ def test_pruners_do_not_share_state(model):
         ({"target_macs": 1.5}, r"target_macs must be a fraction in \(0, 1\)"),
         ({"ignored_layers": [nn.Conv2d(1, 1, 1)]}, "Conv2d not in the model"),
         ({"pruning_ratio_dict": {nn.Conv2d(1, 1, 1): 0.5}}, "keys must be modules of the model"),
+        ({"pruning_ratio_dict": {"head": 0.5}}, r"unknown kinds \['head'\]; use \('width'"),
+        ({"pruning_ratio_dict": {"heads": 1.5}}, r"pruning_ratio_dict\['heads'\] must be in"),
     ],
 )
 def test_bad_options_fail_clearly(model, kwargs, message):

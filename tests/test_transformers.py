@@ -320,3 +320,18 @@ def test_calibrated_importance_chooses_the_heads_and_neurons_of_lowest_score(kin
         group.prune()
     assert chosen == {"heads": True, "neurons": True, "width": True}
     assert torch.isfinite(_outputs(model, inputs)[0]).all()
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_plan_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    factory, inputs, _ = HF_MODELS["bert"]
+    model = factory().eval()
+    prune_with_recipe(model, inputs)
+    model.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("intermediate.dense.weight"))
+    weights[name] = weights[name][:-1]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(tp.CheckpointError, match="do not fit the replayed plan"):
+        tp.hf.from_pretrained(tmp_path)
