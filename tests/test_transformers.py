@@ -181,6 +181,7 @@ def _timm_and_torchvision() -> dict[str, Callable[[], nn.Module]]:
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
     from torchvision.models import maxvit, swin_transformer, vision_transformer
+    from torchvision.models.video import mvit
 
     vit = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
     return {
@@ -217,6 +218,19 @@ def _timm_and_torchvision() -> dict[str, Callable[[], nn.Module]]:
             window_size=[4, 4],
             num_classes=10,
         ),
+        "torchvision-mvit": lambda: mvit.MViT(
+            spatial_size=(32, 32),
+            temporal_size=4,
+            block_setting=[
+                mvit.MSBlockConfig(2, 16, 16, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 2, 2]),
+                mvit.MSBlockConfig(4, 16, 32, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 1, 1]),
+            ],
+            residual_pool=True,
+            residual_with_cls_embed=False,
+            rel_pos_embed=True,
+            proj_after_attn=True,
+            num_classes=10,
+        ),
         "torchvision-maxvit": lambda: maxvit.MaxVit(
             input_size=(32, 32),
             stem_channels=16,
@@ -236,7 +250,8 @@ VISION = _timm_and_torchvision()
 @pytest.mark.parametrize("name", list(VISION))
 def test_vision_transformer_prunes_exactly_and_keeps_running(name):
     model = VISION[name]().eval()
-    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    shape = (1, 3, 4, 32, 32) if "mvit" in name else (1, 3, 32, 32)
+    images = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
     shapes = [t.shape for t in _outputs(model, images)]
     dense_params = sum(p.numel() for p in model.parameters())
     report, kinds = prune_with_recipe(model, images)
