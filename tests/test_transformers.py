@@ -350,3 +350,11 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_plan_is_refused(tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(tp.CheckpointError, match="do not fit the replayed plan"):
         tp.hf.from_pretrained(tmp_path)
+
+
+def test_multi_query_attention_prunes_query_heads_around_the_single_kv_head():
+    model = T.LlamaForCausalLM(T.LlamaConfig(**COMMON, num_key_value_heads=1)).eval()
+    report, kinds = prune_with_recipe(model, TOKENS)
+    assert report.ok and "heads" in kinds
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 6
+    assert model.model.layers[1].self_attn.k_proj.out_features == 8
