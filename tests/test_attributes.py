@@ -261,3 +261,24 @@ def test_grouped_query_attention_in_sdpa_couples_values_with_keys(scale):
     group = graph.get_pruning_group(graph.model.v, tp.prune_linear_out_channels, [0, 1, 2])
     deps = {dep.target.name: idxs for dep, idxs in group}
     assert deps["k"] == [0, 1, 2] and deps["q"] == list(range(6)) and deps["o"] == list(range(6))
+
+
+class Counting(nn.Module):
+    """Changes an int attribute and caches a size on itself during the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.proj = nn.Linear(12, 12)
+
+    def forward(self, x):
+        self.calls += 1
+        self.last_width = x.shape[-1]
+        return self.proj(x)
+
+
+def test_tracing_leaves_attributes_as_they_were():
+    model = Counting()
+    build(model, TOKENS)
+    assert model.calls == 0 and type(model.calls) is int
+    assert type(model.last_width) is int and model.last_width == 12

@@ -85,14 +85,15 @@ def tracked_attributes(
     """Make int attributes (and config fields) of every module read as tracked ints.
 
     ``slots`` persists across traces of the same model (eval, then train mode), so both runs
-    bind the same slots. Everything is restored on exit.
+    bind the same slots. Every attribute gets its value back on exit, even one the forward
+    changed, and ints the forward stored on modules lose their tracking: tracing leaves no trace.
     """
-    restore: list[tuple[dict, str, Any, Any]] = []
+    restore: list[tuple[dict, str, Any]] = []
     for module_name, module in model.named_modules():
         state = vars(module)
         for name, value in _int_fields(module):
             tracked = _tracked_value(slots, module_name, module, name, value)
-            restore.append((state, name, value, tracked))
+            restore.append((state, name, value))
             state[name] = tracked
         config = state.get("config")
         if config is None or isinstance(config, nn.Module) or not hasattr(config, "__dict__"):
@@ -101,14 +102,18 @@ def tracked_attributes(
         for name, value in _int_fields(config):
             tracked = _tracked_value(slots, module_name, module, CONFIG_PREFIX + name, value)
             vars(reading)[name] = tracked
-        restore.append((state, "config", config, reading))
+        restore.append((state, "config", config))
         state["config"] = reading
     try:
         yield
     finally:
-        for state, name, value, tracked in reversed(restore):
-            if state.get(name) is tracked:
-                state[name] = value
+        for state, name, value in reversed(restore):
+            state[name] = value
+        for module in model.modules():
+            state = vars(module)
+            for name, value in list(state.items()):
+                if isinstance(value, TrackedInt):
+                    state[name] = int(value)
 
 
 def _owner_and_field(module: nn.Module, name: str, writing: bool) -> tuple[dict, str]:
