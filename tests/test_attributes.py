@@ -274,6 +274,7 @@ class Counting(nn.Module):
     def forward(self, x):
         self.calls += 1
         self.last_width = x.shape[-1]
+        self.last_shape = tuple(x.shape)
         return self.proj(x)
 
 
@@ -282,3 +283,4 @@ def test_tracing_leaves_attributes_as_they_were():
     build(model, TOKENS)
     assert model.calls == 0 and type(model.calls) is int
     assert type(model.last_width) is int and model.last_width == 12
+    assert all(type(size) is int for size in model.last_shape)

@@ -114,6 +114,12 @@ def tracked_attributes(
             for name, value in list(state.items()):
                 if isinstance(value, TrackedInt):
                     state[name] = int(value)
+                elif isinstance(value, (tuple, list)) and any(
+                    isinstance(v, TrackedInt) for v in value
+                ):
+                    state[name] = type(value)(
+                        int(v) if isinstance(v, TrackedInt) else v for v in value
+                    )
 
 
 def _owner_and_field(module: nn.Module, name: str, writing: bool) -> tuple[dict, str]:
