@@ -100,17 +100,22 @@ CHUNK_ELEMENTS = 1 << 25
 
 
 def per_position(fn: Callable[..., torch.Tensor], dim: int, *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn(*slices)`` for every position along ``dim``, a block of positions at a time, so a
-    float64 copy of a whole LLM embedding is never made; ``fn`` maps ``[k, rest]`` slices to
-    ``k`` scores."""
+    """``fn(*slices)`` for every position along ``dim``, a block of positions at a time, so no
+    float64 copy of a whole LLM embedding is ever made. ``fn`` maps ``[k, rest]`` slices (in the
+    tensors' own dtype) to ``k`` float64 scores."""
     first = tensors[0]
     rest = max(1, first.numel() // max(first.shape[dim], 1))
     step = max(1, CHUNK_ELEMENTS // rest)
     scores = [
-        fn(*(slices(t, dim) for t in chunk))
+        fn(*(t.detach().movedim(dim, 0).reshape(t.shape[dim], -1) for t in chunk))
         for chunk in zip(*(t.split(step, dim) for t in tensors))
     ]
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+
+
+def norms(rows: torch.Tensor, p: float) -> torch.Tensor:
+    """``sum |x|^p`` of each row, accumulated in float64 without a float64 copy of the rows."""
+    return torch.linalg.vector_norm(rows, ord=p, dim=1, dtype=torch.float64).pow(p)
 
 
 def reduce_layers(per_layer: list[torch.Tensor], how: Optional[str]) -> torch.Tensor:

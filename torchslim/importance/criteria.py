@@ -16,6 +16,7 @@ from torchslim.importance.base import (
     Importance,
     is_norm_layer,
     normalize,
+    norms,
     per_position,
     slices,
 )
@@ -32,7 +33,7 @@ class MagnitudeImportance(GroupImportance):
         self.p = p
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> torch.Tensor:
-        return per_position(lambda w: w.abs().pow(self.p).sum(1), member.dim, tensor)
+        return per_position(lambda w: norms(w, self.p), member.dim, tensor)
 
 
 class GroupNormImportance(MagnitudeImportance):
@@ -110,8 +111,12 @@ class TaylorImportance(GroupImportance):
         if tensor.grad is None:
             return None
         if self.multivariate:
-            return per_position(lambda w, g: (w * g).sum(1).abs(), member.dim, tensor, tensor.grad)
-        return per_position(lambda w, g: (w * g).abs().sum(1), member.dim, tensor, tensor.grad)
+            return per_position(
+                lambda w, g: (w.double() * g.double()).sum(1).abs(), member.dim, tensor, tensor.grad
+            )
+        return per_position(
+            lambda w, g: norms(w.double() * g.double(), 1), member.dim, tensor, tensor.grad
+        )
 
 
 class HessianImportance(GroupImportance):
@@ -150,7 +155,10 @@ class HessianImportance(GroupImportance):
             return None
         batches = self._batches
         return per_position(
-            lambda w, h: (0.5 * w.pow(2) * h / batches).sum(1), member.dim, tensor, hessian
+            lambda w, h: (0.5 * w.double().pow(2) * h.double() / batches).sum(1),
+            member.dim,
+            tensor,
+            hessian,
         )
 
 
@@ -259,10 +267,10 @@ class WandaImportance(_Recorder):
         )
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
-        norms = self._squares[id(member.ref.module)].sqrt()
-        if tensor.shape[member.dim] != norms.numel():
+        inputs = self._squares[id(member.ref.module)].sqrt()
+        if tensor.shape[member.dim] != inputs.numel():
             return None
-        return per_position(lambda w: w.abs().sum(1), member.dim, tensor) * norms
+        return per_position(lambda w: norms(w, 1), member.dim, tensor) * inputs
 
 
 def _input_dim(module: nn.Module) -> Optional[int]:
