@@ -40,9 +40,13 @@ def from_pretrained(
     delattr(config, RECORD_KEY)
     pruned_class = _replaying(model_class, record)
     kwargs.setdefault("config", config)
-    model, info = pruned_class.from_pretrained(path, output_loading_info=True, **kwargs)
-    problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
-    if problems or info.get("error_msgs"):
+    try:
+        model, info = pruned_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    except RuntimeError as error:  # transformers stops at mismatched sizes
+        raise CheckpointError(
+            f"{path}: the saved weights do not fit the replayed plan: {error}"
+        ) from error
+    if any(info.values()):
         raise CheckpointError(f"{path}: the saved weights do not fit the replayed plan: {info}")
     with torch.no_grad():
         for name, values in record.get("buffers", {}).items():
