@@ -27,6 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.report import publish  # noqa: E402
+
 SIZES: dict[str, dict[str, Any]] = {
     "8b": dict(
         vocab_size=128256,
@@ -195,7 +199,8 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
-def markdown(size: str, ratio: float, results: list[dict[str, Any]]) -> str:
+def markdown(size: str, ratio: float, results: list[dict[str, Any]]) -> tuple[list[str], str]:
+    """The table's lines and its footer."""
     shape = SIZES[size]
     lines = [
         "| library | graph s | prune s | total s | peak RSS GB | params | forward after | "
@@ -213,15 +218,14 @@ def markdown(size: str, ratio: float, results: list[dict[str, Any]]) -> str:
             f"{r['peak_gb']:.1f} | {params} | {'yes' if r['forward_ok'] else '**no**'} | "
             f"{'yes' if r['config_fits'] else '**no**'} |  |"
         )
-    lines.append("")
-    lines.append(
+    footer = (
         f"Llama shape {shape['hidden_size']} hidden, {shape['intermediate_size']} MLP, "
         f"{shape['num_hidden_layers']} layers, {shape['num_attention_heads']} heads / "
         f"{shape['num_key_value_heads']} KV heads, vocabulary {shape['vocab_size']}; bf16 random "
         f"weights; {ratio:.0%} of heads, MLP neurons and hidden size pruned by L2 magnitude; "
         f"each library in its own process on this {os.cpu_count()}-core machine."
     )
-    return "\n".join(lines) + "\n"
+    return lines, footer
 
 
 def main() -> None:
@@ -241,11 +245,7 @@ def main() -> None:
         result = run(library, args.size, args.ratio, args.timeout)
         print(json.dumps(result), flush=True)
         results.append(result)
-    table = markdown(args.size, args.ratio, results)
-    print(table)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+    publish(*markdown(args.size, args.ratio, results), args.markdown)
 
 
 if __name__ == "__main__":

