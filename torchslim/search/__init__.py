@@ -8,6 +8,7 @@ tp.search.save_result(result, "net.safetensors")                 # + net.plan.js
 ```
 """
 
+from torchslim.graph.checkpoint import Checkpoint, trial
 from torchslim.search.budget import Budget, Target, TargetUnreachable, greedy_path, search_ratios
 from torchslim.search.guard import Verdict, guard
 from torchslim.search.metrics import output_agreement
@@ -22,7 +23,6 @@ from torchslim.search.rounding import candidate_counts, latency_aware_rounding
 from torchslim.search.runtime import Runtime
 from torchslim.search.sensitivity import Sensitivity, Trial, analyse, sensitivity
 from torchslim.search.space import SearchSpace, Unit, evaluate, keep_ratio
-from torchslim.search.undo import Checkpoint, trial
 
 __all__ = [
     "Budget",

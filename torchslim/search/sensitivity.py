@@ -1,7 +1,7 @@
 """Sensitivity analysis: prune one unit alone at several ratios and measure the metric each time.
 
 The model is traced once; every trial prunes the working copy and is undone afterwards
-(:mod:`torchslim.search.undo`), so a trial costs the pruning, a MACs count and ``eval_fn``.
+(:mod:`torchslim.graph.checkpoint`), so a trial costs the pruning, a MACs count and ``eval_fn``.
 """
 
 from __future__ import annotations

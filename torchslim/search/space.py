@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from torchslim.graph.capture import unwrap_model
+from torchslim.graph.checkpoint import trial
 from torchslim.graph.dependency import DependencyGraph
 from torchslim.importance import Importance, MagnitudeImportance
 from torchslim.pruner.meta import MetaPruner
-from torchslim.search.undo import trial
 from torchslim.utils.ops_counter import count_ops_and_params
 
 EvalFn = Callable[[nn.Module], float]

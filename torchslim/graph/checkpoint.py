@@ -7,8 +7,9 @@ every coupled parameter dim, the history). A :class:`Checkpoint` keeps reference
 so restoring costs a few dictionary assignments per module where a deep copy of the model per
 trial would copy every weight.
 
-This is the one place that knows which graph internals pruning changes;
-``tests/test_search.py`` checks that a restored graph is indistinguishable from a fresh one.
+It lives next to the graph because it is the one place outside it that knows which graph
+internals pruning changes; ``tests/test_search.py`` checks that a restored graph is
+indistinguishable from a fresh one.
 """
 
 from __future__ import annotations
