@@ -135,7 +135,8 @@ def _owner_and_field(module: nn.Module, name: str, writing: bool) -> tuple[dict,
     return vars(state["config"]), name[len(CONFIG_PREFIX) :]
 
 
-def _split_index(key: str) -> tuple[str, Optional[int]]:
+def split_index(key: str) -> tuple[str, Optional[int]]:
+    """``"shape[0]"`` -> ``("shape", 0)``; a plain name -> ``(name, None)``."""
     if key.endswith("]") and "[" in key:
         base, _, index = key[:-1].rpartition("[")
         return base, int(index)
@@ -146,7 +147,7 @@ def set_attribute(module: nn.Module, name: str, value: int) -> None:
     """Set an int attribute, an element of a tuple/list attribute (``"shape[0]"``), or a
     config field (``"config.head_dim"``) of ``module``."""
     holder, key = _owner_and_field(module, name, writing=True)
-    key, index = _split_index(key)
+    key, index = split_index(key)
     if index is None:
         holder[key] = int(value)
         return
@@ -160,6 +161,6 @@ def get_attribute(module: nn.Module, name: str) -> Optional[int]:
         holder, key = _owner_and_field(module, name, writing=False)
     except KeyError:
         return None
-    key, index = _split_index(key)
+    key, index = split_index(key)
     value = holder.get(key)
     return value if index is None or value is None else value[index]

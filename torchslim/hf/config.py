@@ -3,11 +3,12 @@
 After pruning, a ``PreTrainedModel``'s ``config`` still describes the dense widths. The config
 that fits is found without per-model tables: the model's class is built on the ``meta`` device
 (no memory, milliseconds) from trial configs, and a trial fits when it builds exactly the pruned
-model's parameter shapes. Which field moves which shapes is learnt once per model by *probing*:
-doubling one int field at a time (``hidden_size``, ``num_attention_heads``, ``head_dim``, ...).
-The pruned shapes then suggest values for each field, and the combinations of those
-suggestions are tried until one builds the pruned shapes exactly. Models pruned to different widths per
-layer have no such config; :func:`fitting_config` returns ``None`` for them.
+model's parameter shapes, the attributes its forward uses as sizes and the buffers it computes.
+Which field moves which sizes is learnt once per model by *probing*: doubling one numeric field
+at a time (``hidden_size``, ``num_attention_heads``, ``head_dim``, list elements...). A joint
+log-linear solve and single-field proportions then suggest values, and their combinations are
+built, fewest changes first, until one fits. Models pruned to different widths per layer have no
+such config; :func:`fitting_config` returns ``None`` for them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 from torch import nn
+
+from torchslim.graph.attributes import split_index
 
 Shapes = dict[str, Any]
 
@@ -166,13 +169,13 @@ def _fields(config: Any) -> dict[str, Any]:
 
 def set_field(config: Any, name: str, value: Any) -> None:
     """Set a config field, or one element of a list field (``"num_heads[2]"``)."""
-    if name.endswith("]"):
-        base, _, index = name[:-1].rpartition("[")
-        items = list(getattr(config, base))
-        items[int(index)] = value
-        setattr(config, base, items)
-    else:
+    base, index = split_index(name)
+    if index is None:
         setattr(config, name, value)
+        return
+    items = list(getattr(config, base))
+    items[index] = value
+    setattr(config, base, items)
 
 
 def probe_fields(model_class: type, config: Any) -> list[FieldProbe]:
