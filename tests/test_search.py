@@ -250,6 +250,31 @@ def test_a_latency_target_is_met_on_the_runtime():
     assert all(e["fraction"] <= 0.7 for e in result.log if e.get("accepted"))
 
 
+def test_a_metric_after_a_short_finetune_trains_copies_only():
+    teacher = toy()
+    inputs = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    # a rule the toy can learn: the signs of the first two input channels' means
+    labels = (inputs[:, 0].mean((1, 2)) > 0).long() + 2 * (inputs[:, 1].mean((1, 2)) > 0).long()
+    batches = [(inputs[i : i + 16], labels[i : i + 16]) for i in range(0, 64, 16)] * 5
+
+    def agreement(model):
+        return float((model(inputs).argmax(1) == labels).float().mean())
+
+    metric = tp.search.after_finetune(agreement, tp.search.short_finetune(batches, lr=0.1))
+    space = tp.search.SearchSpace(teacher, X, ignored_layers=["fc"])
+    dense = {k: v.clone() for k, v in space.model.state_dict().items()}
+    with space.trial({"conv1": 0.75, "down.0": 0.75}) as pruned:
+        before = tp.search.evaluate(agreement, pruned)
+        after = tp.search.evaluate(metric, pruned)
+        assert after == tp.search.evaluate(metric, pruned)  # same steps, same number
+        assert after > before + 0.25  # a few steps learn what the untrained cut cannot
+        assert tp.search.evaluate(agreement, pruned) == before  # the candidate is untouched
+    # every trial trained a copy: the dense weights the trials share are untouched
+    table = tp.search.analyse(space, metric, (0.5,), show_progress=False)
+    assert all(torch.equal(v, dense[k]) for k, v in space.model.state_dict().items())
+    assert tp.search.evaluate(metric, space.model) == table.baseline
+
+
 # ---------------------------------------------------------------- rounding and the guard
 
 
@@ -258,24 +283,74 @@ def test_candidate_counts_round_both_ways_within_the_size():
     assert tp.search.candidate_counts(5, 6, (4,)) == [4, 5]
 
 
-def test_rounding_keeps_the_largest_count_among_the_fastest():
+SEARCHED = {"stem.0": 0.3, "conv1": 0.5, "down.0": 0.3}  # 12, 12 and 28 channels kept
+
+
+def proportional_cost(layer: nn.Module) -> float:
+    """Time in proportion to the weight: no count is faster than its size says."""
+    return float(layer.weight.numel())
+
+
+def small_kernel_cost(speed: float):
+    """Proportional, but layers of at most 8 output channels run ``speed`` times the time."""
+    return lambda layer: layer.weight.numel() * (speed if layer.weight.shape[0] <= 8 else 1.0)
+
+
+def rounded(cost, fraction=None, ratios=SEARCHED):
+    """Latency-aware rounding of ``ratios`` on the toy with a stand-in runtime: the channels
+    kept per group root, the MACs fraction, the stand-in time, and the log."""
     space = tp.search.SearchSpace(toy(), X, ignored_layers=["fc"])
-    runtime = ChannelCostRuntime(aligned_cost)
-    # conv1 at ratio 0.5 keeps 12 of 24 channels (unaligned); 8 and 16 are equally fast
-    chosen = {}
-    for fraction in (None, 0.7):
-        budget = tp.search.Budget(space, Target("macs", fraction)) if fraction else None
-        config, log = tp.search.latency_aware_rounding(
-            space, {"conv1": 0.5}, runtime, budget, show_progress=False
-        )
-        (entry,) = log
-        assert entry["unit"] == "conv1" and entry["searched"] == 12
-        chosen[fraction] = entry["chosen"]
-        with space.trial(config) as model:
-            assert model.conv1.out_channels == entry["chosen"]
-            assert fraction is None or budget.met(budget.measure())
-    # the largest count within tolerance of the fastest, among those meeting the target
-    assert chosen == {None: 16, 0.7: 8}
+    budget = tp.search.Budget(space, Target("macs", fraction)) if fraction else None
+    runtime = ChannelCostRuntime(cost)
+    config, log = tp.search.latency_aware_rounding(
+        space, ratios, runtime, budget, show_progress=False
+    )
+    with space.trial(config) as model:
+        kept = {root: sum(widths) for root, widths in space.widths().items()}
+        macs = space.count()[0] / space.dense_macs
+        ms = runtime.time_models([model], X)[0]
+    return kept, macs, ms, log
+
+
+def test_rounding_rounds_up_when_the_extra_channels_are_free():
+    # only alignment costs time: the next multiple of 8 is free, and taken
+    kept, _, ms, log = rounded(aligned_cost)
+    assert kept == {"stem.0": 16, "conv1": 16, "down.0": 32}
+    assert [e["rule"] for e in log] == ["free"] * 3
+    assert ms == 4 * 1.0 + 3.0  # four aligned convs; the classifier's 10 outputs are not
+    # time in proportion to channels: no count is worth more or less than its MACs, none moves
+    kept, _, _, log = rounded(proportional_cost)
+    assert kept == {"stem.0": 12, "conv1": 12, "down.0": 28}
+    assert [e["rule"] for e in log] == ["kept"] * 3
+
+
+def test_rounding_rounds_down_only_when_the_time_saved_beats_the_macs_removed():
+    # 8 channels run at 0.4x: the time saved is more than 1.5x what 4 fewer channels explain
+    kept, _, _, log = rounded(small_kernel_cost(0.4))
+    assert kept["conv1"] == 8 and log[1]["rule"] == "worth it"
+    ms, expected = log[1]["ms"], log[1]["expected_ms"]
+    assert ms["12"] - ms["8"] >= 1.5 * (ms["12"] - expected["8"]) > 0
+    # at 0.9x it saves only ~1.2x the proportional time: not worth the channels
+    kept, _, _, log = rounded(small_kernel_cost(0.9))
+    assert kept == {"stem.0": 12, "conv1": 12, "down.0": 28}
+    assert [e["rule"] for e in log] == ["kept"] * 3
+
+
+def test_rounding_up_trades_for_the_target_instead_of_missing_it():
+    space = tp.search.SearchSpace(toy(), X, ignored_layers=["fc"])
+    with space.trial(SEARCHED) as model:
+        searched_macs = space.count()[0] / space.dense_macs
+        searched_ms = ChannelCostRuntime(aligned_cost).time_models([model], X)[0]
+    kept, macs, ms, log = rounded(aligned_cost, searched_macs + 1e-9)
+    # all three round-ups are free but together miss the target: the repair rounds conv1 and
+    # down.0 down to aligned counts to pay for the stem's, then checks the target again
+    assert macs <= searched_macs and macs > 0.95 * searched_macs
+    assert kept == {"stem.0": 16, "conv1": 8, "down.0": 24}
+    assert ms < 0.5 * searched_ms
+    repairs = [(e["unit"], e["from"], e["to"]) for e in log if e["phase"] == "round-repair"]
+    assert repairs == [("down.0", 32, 24), ("conv1", 16, 8)]
+    # with a proportional runtime nothing is free and the searched counts stand
+    assert rounded(proportional_cost, searched_macs + 1e-9)[1] == searched_macs
 
 
 def test_the_guard_rolls_back_or_refuses_a_slower_model():

@@ -11,7 +11,7 @@ tp.search.save_result(result, "net.safetensors")                 # + net.plan.js
 from torchslim.graph.checkpoint import Checkpoint, trial
 from torchslim.search.budget import Budget, Target, TargetUnreachable, greedy_path, search_ratios
 from torchslim.search.guard import Verdict, guard
-from torchslim.search.metrics import output_agreement
+from torchslim.search.metrics import after_finetune, output_agreement, short_finetune
 from torchslim.search.pipeline import SearchResult, search
 from torchslim.search.report import (
     plot_sensitivity,
@@ -36,6 +36,7 @@ __all__ = [
     "Trial",
     "Unit",
     "Verdict",
+    "after_finetune",
     "analyse",
     "candidate_counts",
     "evaluate",
@@ -51,5 +52,6 @@ __all__ = [
     "search_ratios",
     "sensitivity",
     "sensitivity_markdown",
+    "short_finetune",
     "trial",
 ]

@@ -1,8 +1,10 @@
-"""Ready-made ``eval_fn`` metrics (higher is better) for searches without labels."""
+"""Ready-made ``eval_fn`` metrics (higher is better): agreement with the dense model for
+searches without labels, and any metric measured after a short fine-tune of each candidate."""
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from torchslim.graph.capture import call_forward, iter_tensors
 from torchslim.search.space import EvalFn
 
 AGREEMENTS = ("top1", "cosine")
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def output_agreement(reference: nn.Module, inputs: Any, kind: str = "top1") -> EvalFn:
@@ -38,3 +41,43 @@ def _output(model: nn.Module, inputs: Any) -> torch.Tensor:
     if not outputs:
         raise ValueError("the model returned no tensor to compare")
     return outputs[0].float()
+
+
+def after_finetune(eval_fn: EvalFn, finetune: Callable[[nn.Module], None]) -> EvalFn:
+    """``eval_fn`` of each candidate after ``finetune`` trained a copy of it (NetAdapt's
+    short-term fine-tune). Right after pruning, accuracy mostly tells how much the cut disturbed
+    the rest of the network; after a few steps of training it tells more of what the structure
+    can still learn, which is what the real fine-tune will exploit. The candidate is not
+    touched: searches share its unpruned parameters with the dense model."""
+
+    def metric(model: nn.Module) -> float:
+        tuned = copy.deepcopy(model)
+        with torch.enable_grad():
+            finetune(tuned)
+        tuned.eval()
+        with torch.no_grad():
+            return eval_fn(tuned)
+
+    return metric
+
+
+def short_finetune(
+    batches: Sequence[Batch],
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> Callable[[nn.Module], None]:
+    """One SGD step per ``(inputs, targets)`` batch, in order, in train mode: every candidate
+    gets the same steps, so the metric stays deterministic for a deterministic model."""
+    if not batches:
+        raise ValueError("short_finetune needs at least one (inputs, targets) batch")
+
+    def finetune(model: nn.Module) -> None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        model.train()
+        for inputs, targets in batches:
+            optimizer.zero_grad()
+            loss(model(inputs), targets).backward()
+            optimizer.step()
+
+    return finetune
