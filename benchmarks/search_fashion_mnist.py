@@ -7,11 +7,11 @@ set (accuracy on 2,000 of them; the test set is never seen by the search). Then:
 - uniform: the smallest uniform ratio that halves the MACs (bisection), L2 magnitude;
 - searched, accuracy right after pruning: ``tp.search.search`` to ``Target("macs", 0.5)`` with
   ``eval_fn`` = validation accuracy, same importance, no rounding;
+- the same + latency-aware rounding and the guard (PyTorch CPU, one thread);
 - searched, accuracy after a short fine-tune: the same search with ``eval_fn`` =
   ``tp.search.after_finetune(validation accuracy, tp.search.short_finetune(batches))``, every
   candidate (sensitivity trials included) trained for ``--probe-steps`` fixed batches of the
-  training images first;
-- the same with latency-aware rounding and the guard (PyTorch CPU, one thread).
+  training images first.
 
 Each model is fine-tuned with the same schedule for every budget in ``--finetune`` and every seed
 in ``--seeds``, and evaluated on the 10,000 test images.
@@ -108,23 +108,23 @@ def main(argv: Optional[list[str]] = None) -> None:
         ignored_layers=["fc"],
     )
     plain = ts.search.search(dense, INPUT, eval_fn, rounding="none", use_guard=False, **options)
-    searched = ts.search.search(dense, INPUT, after, rounding="none", use_guard=False, **options)
     aware = ts.search.search(
         dense,
         INPUT,
-        after,
-        sensitivity=searched.sensitivity,
+        eval_fn,
+        sensitivity=plain.sensitivity,
         runtime=ts.search.Runtime("torch", threads=1),
         **options,
     )
+    probed = ts.search.search(dense, INPUT, after, rounding="none", use_guard=False, **options)
     if args.out:
-        for name, result in (("plain", plain), ("searched", searched), ("aware", aware)):
+        for name, result in (("plain", plain), ("aware", aware), ("probed", probed)):
             ts.search.save_result(result, args.out / f"{name}.safetensors")
     candidates = {
         f"uniform ratio {ratio:.3f}": uniform,
         "searched, accuracy right after pruning": plain.model,
-        "searched, accuracy after a short fine-tune": searched.model,
         "the same + latency-aware rounding": aware.model,
+        "searched, accuracy after a short fine-tune": probed.model,
     }
     budgets = " | ".join(f"test acc. after {e:g} epoch(s)" for e in args.finetune)
     lines = [
@@ -149,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"{eval_fn(model):.4f} | {accuracy(model, test_data):.4f} | {cells} |"
         )
     lines += ["", *verdicts(tuned, f"uniform ratio {ratio:.3f}"), ""]
-    for label, result in (("right after pruning", plain), ("after a short fine-tune", searched)):
+    for label, result in (("right after pruning", plain), ("after a short fine-tune", probed)):
         lines.append(
             f"Channels per group root, searched on accuracy {label} (dense -> kept): "
             + ", ".join(
