@@ -355,6 +355,25 @@ def test_slicing_with_tracked_bounds_and_a_selected_position():
     assert other.refusal() is None
 
 
+class ForegroundScores(nn.Module):
+    """A detector's post-processing with two classes: drop the background column, flatten the
+    ``(boxes, 1)`` foreground scores, keep those above a threshold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(4, 2)
+
+    def forward(self, x):
+        scores = F.softmax(self.cls_score(x), -1)[:, 1:].reshape(-1)
+        return scores[torch.where(scores > 0.1)[0]]
+
+
+def test_a_size_one_dim_flattened_away_keeps_its_position():
+    graph = build(ForegroundScores(), torch.randn(5, 4))
+    group = graph.get_pruning_group(graph.model.cls_score, tp.prune_linear_out_channels, [1])
+    assert "a size-1 dim removed by a reshape" in group.refusal()
+
+
 class Unknown(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -52,6 +52,8 @@ def reshape_layout(
             else:
                 raise ValueError(f"cannot map shape {in_sizes} to {out_sizes}")
         if not block_out:
+            for k in block_in:  # a size-1 dim dropped: the one position it holds must stay
+                ctx.freeze(layout[k], "a size-1 dim removed by a reshape")
             continue
         if not block_in:
             result.extend(ctx.opaque(out_sizes[k]) for k in block_out)
