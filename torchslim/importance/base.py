@@ -90,9 +90,15 @@ def _scatter(scores: torch.Tensor, index: np.ndarray, size: int) -> torch.Tensor
     return out.index_add_(0, target, scores[keep])
 
 
+def rows(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[positions, everything else]``: the slice of each position along ``dim``, in the
+    tensor's own dtype."""
+    return tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1)
+
+
 def slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """``[positions, everything else]``: the slice of each position along ``dim``."""
-    return tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1).double()
+    """:func:`rows` in float64."""
+    return rows(tensor, dim).double()
 
 
 #: Elements converted to float64 at a time by :func:`per_position` (256 MB).
@@ -107,8 +113,7 @@ def per_position(fn: Callable[..., torch.Tensor], dim: int, *tensors: torch.Tens
     rest = max(1, first.numel() // max(first.shape[dim], 1))
     step = max(1, CHUNK_ELEMENTS // rest)
     scores = [
-        fn(*(t.detach().movedim(dim, 0).reshape(t.shape[dim], -1) for t in chunk))
-        for chunk in zip(*(t.split(step, dim) for t in tensors))
+        fn(*(rows(t, dim) for t in chunk)) for chunk in zip(*(t.split(step, dim) for t in tensors))
     ]
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
