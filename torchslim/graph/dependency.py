@@ -152,6 +152,12 @@ class Group:
             self.select(idxs)
         self._graph._prune(self, record_history)
 
+    def selected_classes(self) -> list[int]:
+        """The classes ``idxs`` stand for: stable ids of the selected channels, which stay valid
+        while other channels of the group are pruned (see :meth:`DependencyGraph.group_of`)."""
+        live = self._graph._live_classes(self.coupling)
+        return [live[i] for i in self.idxs]
+
     def removed_positions(self, idxs: Sequence[int]) -> list[tuple[ParamDim, np.ndarray]]:
         """For every coupled parameter dim, the positions removing ``idxs`` would delete."""
         live = self._graph._live_classes(self.coupling)
@@ -463,6 +469,12 @@ class DependencyGraph:
                 groups.append(Group(self, coupling, root, []))
         return groups
 
+    def group_of(self, coupling: Coupling, root: ParamDim, classes: Iterable[int]) -> Group:
+        """The group of ``coupling`` selecting the channels with these class ids (from
+        :meth:`Group.selected_classes`; classes pruned since are left out)."""
+        index = {c: i for i, c in enumerate(self._live_classes(coupling))}
+        return Group(self, coupling, root, [index[c] for c in classes if c in index])
+
     def group_like(self, group: Group) -> Group:
         """The same group in this graph (e.g. a deep copy of the graph ``group`` came from)."""
         analysis = self._require()
@@ -568,13 +580,17 @@ class DependencyGraph:
             self._notify()
 
     @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Prune several groups and notify listeners (config sync) once, at the end."""
+    def deferred(self, notify: bool = True) -> Iterator[None]:
+        """Prune several groups and notify listeners (config sync) once, at the end; with
+        ``notify=False`` not at all (pruning that is undone afterwards, see ``trial``)."""
+        pending = self._pending
         self._deferred += 1
         try:
             yield
         finally:
             self._deferred -= 1
+            if not notify:
+                self._pending = pending
             if not self._deferred:
                 self._notify()
 

@@ -24,7 +24,12 @@ Normalizer = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
 
 
 class Importance:
-    """Anything that maps a group to one score per group index (or ``None``: skip the group)."""
+    """Anything that maps a group to one score per group index (or ``None``: skip the group).
+
+    ``calibrated``: whether the scores come from data the model saw (activations, gradients),
+    not from the weights alone."""
+
+    calibrated: bool = False
 
     def __call__(self, group: Group) -> Optional[torch.Tensor]:
         raise NotImplementedError

@@ -1,9 +1,10 @@
 """Importance criteria: magnitude, BN scale, group norm, LAMP, FPGM, random, Taylor, Hessian
-(OBD), activations and weights-times-activations (Wanda). Each only says how to score the positions of one parameter dim; the
+(OBD), activations, weights-times-activations (Wanda) and structured OBS. Each only says how to score the positions of one parameter dim; the
 group mechanism in :mod:`.base` does the rest."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from torchslim.graph.analysis import ParamDim
 from torchslim.graph.dependency import Group
+from torchslim.importance import moments
 from torchslim.importance.base import (
     GroupImportance,
     Importance,
@@ -103,6 +105,8 @@ class TaylorImportance(GroupImportance):
     ``multivariate=True`` takes the absolute value after summing (the whole slice as one
     variable); the default sums per-weight absolute values."""
 
+    calibrated = True
+
     def __init__(self, multivariate: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.multivariate = multivariate
@@ -126,6 +130,8 @@ class HessianImportance(GroupImportance):
     Call :meth:`accumulate_grad` after every ``loss.backward()``; the mean is over the batches
     accumulated so far, so the score does not grow with the number of batches.
     """
+
+    calibrated = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -165,6 +171,8 @@ class HessianImportance(GroupImportance):
 class _Recorder(GroupImportance):
     """Criteria that need calibration data: ``with imp.record(model): model(batch)`` hooks the
     layers :meth:`wants` and passes what they see to :meth:`observe`."""
+
+    calibrated = True
 
     def record(self, model: nn.Module) -> _Recording:
         return _Recording(self, model)
@@ -309,3 +317,126 @@ GroupMagnitudeImportance = MagnitudeImportance
 GroupTaylorImportance = TaylorImportance
 GroupHessianImportance = HessianImportance
 OBDImportance = HessianImportance
+
+
+class OBSImportance(_Recorder):
+    """Structured Optimal Brain Surgeon: the output error a channel's removal leaves in the
+    layers that read it *after* they are refit (ZipLM / SlimGPT-style), from calibration inputs.
+
+    ``with imp.record(model): model(batch)`` accumulates the input second moments ``H = E[x
+    x^T]`` of every linear and convolution layer. For a group, channels are then removed
+    greedily, the cheapest first, from all its consumers at once: removing the block ``B`` of
+    input features costs ``tr(W_B (H^-1)_BB^-1 W_B^T)`` and the remaining weights are updated by
+    the least-squares compensation, so redundant channels (whose contribution others can take
+    over) go first, where magnitude or Wanda see only each channel alone. A channel's score is the
+    cumulative error, relative to each consumer's output energy and averaged over consumers,
+    after it is removed: scores are comparable across groups, so global pruning allocates the
+    removals where the error stays smallest. ``steps`` bounds the greedy rounds per group (blocks
+    of channels are removed per round); ``damping`` is added to ``H``'s diagonal, relative to
+    its mean. Pair it with ``step(reconstruct=batches)``, which applies the compensation."""
+
+    def __init__(self, steps: int = 64, damping: float = 1e-2, **kwargs: Any) -> None:
+        kwargs.setdefault("normalizer", None)
+        super().__init__(**kwargs)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        self.steps = steps
+        self.damping = damping
+        self._moments: dict[int, moments.InputMoments] = {}
+
+    def wants(self, module: nn.Module) -> bool:
+        return moments.unsupported(module) is None
+
+    def attach(self, module: nn.Module) -> Any:
+        stats = self._moments.get(id(module))
+        if stats is None or stats.features != moments.input_channels(module) * (
+            moments.kernel_size(module)
+        ):
+            stats = self._moments[id(module)] = moments.InputMoments(module, type(module).__name__)
+        return module.register_forward_pre_hook(stats.observe)
+
+    @torch.no_grad()
+    def __call__(self, group: Group) -> Optional[torch.Tensor]:
+        consumers = [c for c in (self._consumer(group, m, i) for m, i in group.index_maps()) if c]
+        if not consumers:
+            return None
+        alive = list(group.prunable_idxs)
+        scores = torch.zeros(group.size, dtype=torch.float64)
+        batch = max(1, math.ceil(len(alive) / self.steps))
+        cumulative = 0.0
+        while alive:
+            costs = sum(c.costs(alive) for c in consumers) / len(consumers)
+            order = torch.argsort(costs, stable=True)[:batch].tolist()
+            taken = [alive[k] for k in order]
+            scores[taken] = cumulative + costs[order]
+            joint = sum(c.remove(taken) for c in consumers) / len(consumers)
+            cumulative = max(cumulative + joint, float(scores[taken].max()))
+            chosen = set(taken)
+            alive = [i for i in alive if i not in chosen]
+        frozen = set(range(group.size)) - set(group.prunable_idxs)
+        scores[sorted(frozen)] = cumulative
+        return normalize(scores, self.normalizer)
+
+    def _consumer(self, group: Group, member: ParamDim, index: Any) -> Optional[_Surgeon]:
+        module = member.ref.module
+        stats = self._moments.get(id(module))
+        if (
+            stats is None
+            or not stats.count
+            or member.ref.name != "weight"
+            or group.handler_role(member) != "in"
+            or len(index) != moments.input_channels(module)
+        ):
+            return None
+        return _Surgeon(module, stats, index, self.damping)
+
+
+class _Surgeon:
+    """One consumer during the greedy removal: its weight rows and inverse input moments,
+    updated as blocks of features are removed."""
+
+    def __init__(self, module: nn.Module, stats: moments.InputMoments, index: Any, damping: float):
+        self.weight = moments.weight_rows(module).clone()
+        hessian = stats.second()
+        self.energy = float(torch.einsum("goi,gij,goj->", self.weight, hessian, self.weight))
+        diagonal = hessian.diagonal(dim1=1, dim2=2)
+        eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
+        hessian = hessian + (damping * diagonal.mean(1).clamp(min=1e-12)).view(-1, 1, 1) * eye
+        self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+        per_channel = moments.kernel_size(module)
+        self.blocks: dict[int, list[int]] = {}
+        for position, i in enumerate(index.tolist()):
+            if i >= 0:
+                block = self.blocks.setdefault(i, [])
+                block.extend(range(position * per_channel, (position + 1) * per_channel))
+
+    def costs(self, channels: list[int]) -> torch.Tensor:
+        """Relative output error of removing each channel alone, from the current state."""
+        out = torch.zeros(len(channels), dtype=torch.float64)
+        by_size: dict[int, list[int]] = {}
+        for k, i in enumerate(channels):
+            if i in self.blocks:
+                by_size.setdefault(len(self.blocks[i]), []).append(k)
+        for ks in by_size.values():
+            features = torch.tensor([self.blocks[channels[k]] for k in ks])
+            inverse = self.inverse[:, features.unsqueeze(-1), features.unsqueeze(-2)]
+            rows = self.weight[:, :, features].permute(0, 2, 3, 1)
+            solved = torch.linalg.solve(inverse, rows)
+            out[ks] = (rows * solved).sum((0, 2, 3)) / max(self.energy, 1e-300)
+        return out
+
+    def remove(self, channels: list[int]) -> float:
+        """Remove the channels' features with the optimal update; their joint relative cost."""
+        features = [f for i in channels for f in self.blocks.pop(i, [])]
+        if not features:
+            return 0.0
+        block = torch.tensor(features)
+        inverse_bb = self.inverse[:, block][:, :, block]
+        through = torch.linalg.solve(inverse_bb, self.inverse[:, block, :])
+        rows = self.weight[:, :, block]
+        cost = float((rows * torch.linalg.solve(inverse_bb, rows.transpose(1, 2)).mT).sum())
+        self.weight -= rows @ through
+        self.inverse -= self.inverse[:, :, block] @ through
+        return cost / max(self.energy, 1e-300)

@@ -39,6 +39,21 @@ def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> No
         setattr(module, name, data)
 
 
+def add_bias(layer: nn.Module) -> None:
+    """Give a linear or convolution layer without a bias a zero one, in its weight's dtype and
+    on its device (bias compensation moves removed channels' mean contribution into it)."""
+    if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
+        raise ValueError(f"cannot add a bias to a {type(layer).__name__}")
+    if layer.bias is not None:
+        raise ValueError(f"the {type(layer).__name__} already has a bias")
+    weight = layer.weight
+    out = weight.shape[1] * layer.groups if getattr(layer, "transposed", False) else weight.shape[0]
+    layer.bias = nn.Parameter(
+        torch.zeros(out, dtype=weight.dtype, device=weight.device),
+        requires_grad=weight.requires_grad,
+    )
+
+
 class TiedParameters:
     """Parameters shared by several modules (tied input and output embeddings).
 
