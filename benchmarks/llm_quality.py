@@ -8,7 +8,9 @@ compensation), adaptive widths (``global_pruning=True``: one ranking over all la
 of a kind, standardised scores, at most half of a layer), and reconstruction-aware selection
 (``OBSImportance``); searched widths come from ``tp.search`` (per-layer sensitivity measured as
 perplexity on two held-out news blocks, then the budget search). Seconds are the whole prune on this machine: calibration passes, scoring,
-refit and slicing.
+refit and slicing, and healing where a row has it (AdamW on 256-token blocks of the news
+text, KL divergence to the dense model's next-token distribution, stopped after the minutes
+given).
 
     make llm-data
     .venv/bin/python benchmarks/llm_quality.py --markdown benchmarks/results/llm_quality.md
@@ -40,6 +42,8 @@ BLOCK = 512
 EVAL_BLOCKS = 8
 CALIBRATION_BLOCKS = 32
 BATCH = 2
+HEAL_BLOCK = 256
+HEAL_LR = 1e-4
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Recipe:
     reconstruct: Optional[dict[str, Any]] = None
     adaptive: bool = False
     searched: bool = False
+    heal_minutes: float = 0.0
 
 
 RECON = {}
@@ -75,6 +80,14 @@ RECIPES = [
         "wanda",
         RECON,
         searched=True,
+    ),
+    Recipe(
+        "20% MLP neurons: Wanda, adaptive + reconstruction, then 10 min healing (distillation)",
+        TWENTY,
+        "wanda",
+        RECON,
+        True,
+        heal_minutes=10.0,
     ),
     Recipe("30% MLP neurons: Wanda", THIRTY, "wanda"),
     Recipe("30% MLP neurons: Wanda + reconstruction", THIRTY, "wanda", RECON),
@@ -148,7 +161,11 @@ def searched_ratios(
 
 
 def prune(
-    dense: nn.Module, recipe: Recipe, calibration: list[torch.Tensor], held_out: torch.Tensor
+    dense: nn.Module,
+    tokenizer: Any,
+    recipe: Recipe,
+    calibration: list[torch.Tensor],
+    held_out: torch.Tensor,
 ) -> nn.Module:
     ratios: dict[Any, float] = recipe.ratios
     if recipe.searched:
@@ -172,6 +189,12 @@ def prune(
     )
     pruner.step(reconstruct=reconstruct)
     model.zero_grad(set_to_none=True)
+    if recipe.heal_minutes:
+        news = token_blocks(tokenizer, CACHE / "text" / "news.txt", HEAL_BLOCK)
+        log = tp.hf.heal(
+            model, news, teacher=dense, minutes=recipe.heal_minutes, batch_size=4, lr=HEAL_LR
+        )
+        print(f"healing: {len(log.losses)} steps, {log.tokens} tokens", flush=True)
     return model
 
 
@@ -206,7 +229,7 @@ def main() -> None:
         if args.only and not any(s in recipe.label for s in args.only):
             continue
         began = time.time()
-        model = prune(dense, recipe, calibration, held_out)
+        model = prune(dense, tokenizer, recipe, calibration, held_out)
         seconds = time.time() - began
         ppl = perplexity(model, evaluation.split(BATCH))
         lines.append(

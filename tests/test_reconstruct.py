@@ -362,7 +362,7 @@ def test_a_reconstructed_language_model_round_trips_through_save_pretrained(tmp_
 def test_a_language_model_recipe_with_an_uncalibrated_criterion_says_so():
     model = _tiny_llama(layers=1)
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match=r"MagnitudeImportance ranks neurons by the weights alone"):
+    with pytest.warns(UserWarning, match=r"MagnitudeImportance ranks neurons without calibration data"):
         tp.pruner.MetaPruner(model, ids, pruning_ratio=0.0, pruning_ratio_dict={"neurons": 0.2})
     wanda = tp.importance.WandaImportance()
     with wanda.record(model), torch.no_grad():

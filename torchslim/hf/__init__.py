@@ -1,4 +1,5 @@
-"""Hugging Face transformers: configs that follow pruning, and loading pruned checkpoints.
+"""Hugging Face transformers: configs that follow pruning, loading pruned checkpoints, text
+blocks and perplexity, and healing a pruned causal LM.
 
 Importing torchslim registers :func:`~torchslim.hf.sync.after_pruning` with the dependency graph;
 it does nothing for models that are not ``transformers.PreTrainedModel`` instances.
@@ -7,15 +8,22 @@ it does nothing for models that are not ``transformers.PreTrainedModel`` instanc
 from torchslim.graph.dependency import PRUNE_LISTENERS
 from torchslim.hf.checkpoint import from_pretrained
 from torchslim.hf.config import fitting_config
+from torchslim.hf.heal import HealingLog, distillation_loss, heal
 from torchslim.hf.sync import RECORD_KEY, after_pruning, is_hf_model, sync_config
+from torchslim.hf.text import perplexity, token_blocks
 
 if after_pruning not in PRUNE_LISTENERS:
     PRUNE_LISTENERS.append(after_pruning)
 
 __all__ = [
     "RECORD_KEY",
+    "HealingLog",
+    "distillation_loss",
     "fitting_config",
     "from_pretrained",
+    "heal",
     "is_hf_model",
+    "perplexity",
     "sync_config",
+    "token_blocks",
 ]

@@ -41,11 +41,6 @@ def token_blocks(
     return blocks
 
 
-def batches(blocks: torch.Tensor, batch_size: int = 1) -> list[torch.Tensor]:
-    """The blocks as a list of ``[batch_size, block_size]`` batches (calibration input)."""
-    return list(blocks.split(batch_size))
-
-
 @torch.no_grad()
 def perplexity(model: nn.Module, blocks: Union[torch.Tensor, Iterable[torch.Tensor]]) -> float:
     """``exp`` of the mean next-token cross-entropy of a causal LM over the blocks (each block

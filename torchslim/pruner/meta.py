@@ -119,7 +119,7 @@ class MetaPruner:
         if self.kind_ratios and not getattr(self.importance, "calibrated", False):
             warnings.warn(
                 f"{type(self.importance).__name__} ranks {', '.join(sorted(self.kind_ratios))} "
-                "by the weights alone: on a pretrained language model that can destroy it "
+                "without calibration data: on a pretrained language model that can destroy it "
                 "(SmolLM2-135M, 20% of MLP neurons by L2 magnitude: perplexity 24 -> 568,180). "
                 "Use a calibrated criterion (tp.importance.WandaImportance() recorded with "
                 "imp.record(model) on a few batches) and step(reconstruct=batches)",

@@ -1,0 +1,130 @@
+"""Healing a pruned causal LM: distillation from the dense model, stopping rules, checkpoints,
+bad input, and DistributedDataParallel under torchrun."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchslim as tp
+from torchslim.hf.heal import distillation_loss, heal
+from torchslim.hf.text import perplexity, token_blocks
+
+transformers = pytest.importorskip("transformers")
+
+
+def _pruned_llama() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    config = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,  # peaked outputs, so that pruning half the MLP changes them
+    )
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(config).eval()
+    blocks = torch.randint(0, 97, (16, 24), generator=torch.Generator().manual_seed(0))
+    model = copy.deepcopy(dense)
+    tp.pruner.MetaPruner(
+        model,
+        blocks[:1],
+        importance=tp.importance.RandomImportance(),
+        pruning_ratio=0.0,
+        pruning_ratio_dict={"neurons": 0.5},
+    ).step()
+    return dense, model, blocks
+
+
+def test_distillation_brings_the_pruned_model_towards_the_dense_one(tmp_path):
+    dense, model, blocks = _pruned_llama()
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float(distillation_loss(model(blocks).logits, dense(blocks).logits))
+
+    before = gap()
+    log = heal(model, blocks, teacher=dense, steps=30, lr=1e-3, show_progress=False)
+    assert len(log.losses) == 30 and log.tokens == 30 * 2 * 24 and log.stopped_by == "steps"
+    assert gap() < 0.7 * before
+    assert sum(log.losses[-5:]) < sum(log.losses[:5])
+    log.plot(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_healing_is_deterministic_for_a_seed_and_checkpoints_reload(tmp_path):
+    results = []
+    for run in range(2):
+        dense, model, blocks = _pruned_llama()
+        path = tmp_path / f"run{run}.safetensors"
+        heal(model, blocks, steps=3, lr=1e-3, seed=1, checkpoint=path, show_progress=False)
+        results.append(model)
+    first, second = results
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    fresh = transformers.LlamaForCausalLM(first.config.__class__(**dense.config.to_dict()))
+    loaded = tp.load_pruned(fresh.eval(), tmp_path / "run0.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(blocks).logits, first(blocks).logits)
+
+
+def test_minutes_stop_the_run():
+    _, model, blocks = _pruned_llama()
+    log = heal(model, blocks, minutes=1e-9, show_progress=False)
+    assert log.stopped_by == "minutes" and log.losses == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "needs steps= or minutes="),
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"steps": 1, "blocks": torch.rand(2, 8)}, "tensor of token ids"),
+    ],
+)
+def test_bad_healing_input_gets_a_clear_error(kwargs, message):
+    _, model, blocks = _pruned_llama()
+    kwargs.setdefault("blocks", blocks)
+    with pytest.raises(ValueError, match=message):
+        heal(model, **kwargs)
+
+
+def test_text_blocks_and_perplexity():
+    class Chars:
+        def __call__(self, text, return_tensors, add_special_tokens):
+            return {"input_ids": torch.tensor([[ord(c) % 97 for c in text]])}
+
+    blocks = token_blocks(Chars(), "abcdefghij" * 5, block_size=8, skip_blocks=1, max_blocks=3)
+    assert blocks.shape == (3, 8) and blocks[0, 0] == ord("i") % 97
+    with pytest.raises(ValueError, match="not enough for one block"):
+        token_blocks(Chars(), "abc", block_size=8)
+    dense, _, ids = _pruned_llama()
+    with torch.no_grad():
+        logits = dense(ids[:2]).logits[:, :-1]
+        expected = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, 97), ids[:2, 1:].reshape(-1)
+        ).exp()
+    assert perplexity(dense, [ids[:1], ids[1:2]]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_healing_runs_data_parallel_under_torchrun(tmp_path):
+    worker = Path(__file__).with_name("heal_worker.py")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    assert ranks[0]["tokens"] == 4 * 2 * 16 * 2
+    assert (tmp_path / "healed.safetensors").is_file()
