@@ -58,7 +58,7 @@ class Recipe:
 
 
 RECON = {}
-BIAS_ONLY = {"weights": False}
+BIAS_ONLY = {"weights": False, "add_bias": True}
 TWENTY = {"neurons": 0.2}
 THIRTY = {"neurons": 0.3}
 KV_GROUP = {"heads": 1 / 3}

@@ -72,6 +72,23 @@ def test_prune_to_a_macs_target(capsys):
         (["prune", "resnet18", "--ratio", "0.5", "--ignore", "head"], "--ignore names no module"),
         (["inspect", "resnet18", "--input-shape", "1,3,a"], "--input-shape must be integers"),
         (["inspect", "torchvision.models:nothing"], "has no attribute 'nothing'"),
+        (
+            ["prune", "resnet18", "--ratio", "0.5", "--importance", "wanda"],
+            "need calibration images: give --calibration",
+        ),
+        (
+            [
+                "prune",
+                "resnet18",
+                *SMALL,
+                "--ratio",
+                "0.5",
+                "--reconstruct",
+                "--calibration",
+                "digits",
+            ],
+            "calibration batch 0 failed in the model's forward",
+        ),
     ],
 )
 def test_errors_are_one_clear_line(argv, message, capsys):
@@ -79,6 +96,16 @@ def test_errors_are_one_clear_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("torchslim: error:") and len(err.strip().splitlines()) == 1
     assert re.search(message, err)
+
+
+def test_prune_calibrates_and_reconstructs_on_real_images(capsys):
+    factory = "torchslim.cli.demo:DigitsNet"
+    argv = ["prune", factory, "--input-shape", "1,1,8,8", "--ratio", "0.5", "--verify"]
+    calibrated = ["--importance", "wanda", "--calibration", "digits", "--calibration-size", "256"]
+    assert main([*argv, *calibrated, "--reconstruct"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"reconstruction \(deliberate weight change\): [1-9]\d* layers refit", out)
+    assert "exactness check: ok" in out
 
 
 def test_pickled_models_need_explicit_trust(tmp_path, capsys):

@@ -113,6 +113,7 @@ def test_without_bias_compensation_no_bias_is_added():
     )
     pruner.step(reconstruct=Reconstruction([x], bias=False))
     assert model.b.bias is None and not pruner.reconstruction.layers[0].added_bias
+    assert "1 without bias compensation" in str(pruner.reconstruction)
 
 
 class Convs(nn.Module):
@@ -362,7 +363,9 @@ def test_a_reconstructed_language_model_round_trips_through_save_pretrained(tmp_
 def test_a_language_model_recipe_with_an_uncalibrated_criterion_says_so():
     model = _tiny_llama(layers=1)
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match=r"MagnitudeImportance ranks neurons without calibration data"):
+    with pytest.warns(
+        UserWarning, match=r"MagnitudeImportance ranks neurons without calibration data"
+    ):
         tp.pruner.MetaPruner(model, ids, pruning_ratio=0.0, pruning_ratio_dict={"neurons": 0.2})
     wanda = tp.importance.WandaImportance()
     with wanda.record(model), torch.no_grad():
@@ -372,3 +375,16 @@ def test_a_language_model_recipe_with_an_uncalibrated_criterion_says_so():
         tp.pruner.MetaPruner(
             model, ids, importance=wanda, pruning_ratio=0.0, pruning_ratio_dict={"neurons": 0.2}
         )
+
+
+def test_a_consumer_the_batches_never_reach_is_named():
+    class Bypass(LinearMLP):
+        def forward(self, x: torch.Tensor, through: bool = True) -> torch.Tensor:
+            return self.b(self.a(x)) if through else self.a(x)
+
+    model = Bypass().eval()
+    x = _inputs(16, 8)
+    pruner = tp.pruner.MagnitudePruner(model, x[:2], pruning_ratio=0.25, ignored_layers=[model.b])
+    with pytest.raises(ReconstructionError, match=r"^b received no calibration input"):
+        pruner.step(reconstruct=[(x, False)])
+    assert model.a.out_features == 16

@@ -32,7 +32,10 @@ IMPORTANCE = {
     "fpgm": lambda: tp.importance.FPGMImportance(),
     "bn": lambda: tp.importance.BNScaleImportance(),
     "random": lambda: tp.importance.RandomImportance(),
+    "wanda": lambda: tp.importance.WandaImportance(),
+    "obs": lambda: tp.importance.OBSImportance(),
 }
+CALIBRATION_BATCH = 128
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--steps", type=int, default=1, help="iterative steps (default 1)")
     prune.add_argument("--ignore", action="append", default=[], help="module name(s) to keep")
     prune.add_argument("--verify", action="store_true", help="run the exactness check")
+    prune.add_argument(
+        "--calibration",
+        choices=("digits", "fashion-mnist", "mnist"),
+        help="training images that calibrate --importance wanda/obs and --reconstruct",
+    )
+    prune.add_argument("--data-dir", type=Path, help="folder with the IDX files (mnist)")
+    prune.add_argument(
+        "--calibration-size", type=int, default=1024, help="calibration images (default 1024)"
+    )
+    prune.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="refit the layers reading removed channels on the calibration images",
+    )
     prune.add_argument("--out", type=Path, help="directory for <model>.safetensors + plan")
     add_search_commands(model_command)
     return parser
@@ -279,6 +296,25 @@ def inspect(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -
     return 0
 
 
+def calibration_batches(args: argparse.Namespace, importance: object) -> list[torch.Tensor]:
+    """Batches of training images for calibrated criteria and reconstruction (none needed:
+    an empty list)."""
+    wanted = args.reconstruct or hasattr(importance, "record")
+    if not wanted:
+        return []
+    if args.calibration is None:
+        raise ValueError(
+            f"--importance {args.importance} and --reconstruct need calibration images: "
+            "give --calibration digits, fashion-mnist or mnist (with --data-dir)"
+        )
+    if args.calibration_size < 1:
+        raise ValueError(f"--calibration-size must be positive, got {args.calibration_size}")
+    from torchslim.data import load_dataset
+
+    (images, _), _ = load_dataset(args.calibration, args.data_dir)
+    return list(images[: args.calibration_size].split(CALIBRATION_BATCH))
+
+
 def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
     if (args.ratio is None) == (args.target_macs is None):
         raise ValueError("give exactly one of --ratio and --target-macs")
@@ -287,10 +323,16 @@ def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
     if missing:
         raise ValueError(f"--ignore names no module of this model: {', '.join(missing)}")
     before_macs, before_params = tp.utils.count_ops_and_params(model, example)
+    importance = IMPORTANCE[args.importance]()
+    batches = calibration_batches(args, importance)
+    if hasattr(importance, "record"):
+        with importance.record(model), torch.no_grad():
+            for batch in batches:
+                model(batch)
     pruner = tp.pruner.MetaPruner(
         model,
         example,
-        importance=IMPORTANCE[args.importance](),
+        importance=importance,
         pruning_ratio=args.ratio if args.ratio is not None else 0.0,
         target_macs=args.target_macs,
         global_pruning=args.global_pruning or args.target_macs is not None,
@@ -301,7 +343,13 @@ def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
     from tqdm import tqdm
 
     steps = tqdm(range(args.steps), desc="pruning", unit="step", disable=args.steps == 1)
-    reports = [pruner.step_and_verify() if args.verify else pruner.step() for _ in steps]
+    reconstruct = batches if args.reconstruct else None
+    reports = [
+        pruner.step_and_verify(reconstruct=reconstruct)
+        if args.verify
+        else pruner.step(reconstruct=reconstruct)
+        for _ in steps
+    ]
     macs, params = tp.utils.count_ops_and_params(model, example)
     rows = [
         (
@@ -313,6 +361,8 @@ def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
         ("MACs", f"{before_macs / 1e9:.4f} G", f"{macs / 1e9:.4f} G", f"{before_macs / macs:.2f}x"),
     ]
     print(_table(rows, ("", "before", "after", "reduction")))
+    if pruner.reconstruction is not None:
+        print(pruner.reconstruction)
     if args.verify:
         worst = max(report.worst for report in reports)
         status = "ok" if all(report.ok for report in reports) else "FAIL"

@@ -190,9 +190,7 @@ class MetaPruner:
         ``reconstruct`` the reference is the model after the refit (a deliberate weight change,
         reported in :attr:`reconstruction`), so the check is still of the structural prune."""
         groups = self.step(interactive=True, reconstruct=reconstruct)
-        if reconstruct is not None:
-            groups = iter(list(groups))
-        reference = copy.deepcopy(self.DG)
+        reference = copy.deepcopy(self.DG)  # after any refit: step() refits before it returns
         selections = []
         for group in groups:
             selections.append((reference.group_like(group), list(group.idxs)))

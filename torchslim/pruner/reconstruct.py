@@ -40,7 +40,8 @@ class Reconstruction:
     when compensating (recorded in the pruning plan, so ``tp.load_pruned`` and
     ``tp.hf.from_pretrained`` rebuild it); by default (``None``) only where the model allows
     it: not in a model that saves itself through its config (``save_pretrained``), whose
-    config has no field for one layer's new bias. ``ridge``: damping of the least squares, relative to
+    config has no field for one layer's new bias (the report counts the layers left without
+    compensation). ``ridge``: damping of the least squares, relative to
     the mean variance of the kept inputs. ``max_memory``: bytes of float64 statistics held per
     calibration pass."""
 
@@ -71,6 +72,7 @@ class LayerResult:
     before: float
     after: float
     added_bias: bool = False
+    compensated: bool = False
 
 
 @dataclass
@@ -88,10 +90,13 @@ class ReconstructionReport:
             before = sum(r.before for r in self.layers) / len(self.layers)
             after = sum(r.after for r in self.layers) / len(self.layers)
             added = sum(r.added_bias for r in self.layers)
+            without = sum(not r.compensated for r in self.layers)
             lines = [
                 f"reconstruction (deliberate weight change): {len(self.layers)} layers refit on "
                 f"{self.tokens} calibration positions; mean relative output error "
-                f"{before:.4f} -> {after:.4f}" + (f"; biases added to {added}" if added else "")
+                f"{before:.4f} -> {after:.4f}"
+                + (f"; biases added to {added}" if added else "")
+                + (f"; {without} without bias compensation" if without else "")
             ]
         lines += [f"  not refit: {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
@@ -256,7 +261,7 @@ class _Layer(moments.InputMoments):
         self._write(new_weight, shift)
         removed = len(self.removed_channels)
         return LayerResult(
-            self.name, removed, self.channels - removed, before, after, self.added_bias
+            self.name, removed, self.channels - removed, before, after, self.added_bias, with_bias
         )
 
     def _refit(self, weight: torch.Tensor, fitted: torch.Tensor, ridge: float) -> torch.Tensor:
