@@ -309,7 +309,7 @@ def _tiny_llama(layers: int) -> nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def test_global_pruning_by_kind_allocates_across_layers_within_the_cap():
+def test_global_pruning_by_kind_allocates_across_layers_within_the_cap(tmp_path):
     model = _tiny_llama(layers=3)
     with torch.no_grad():  # half of layer 1's neurons are dead: removing them costs nothing
         model.model.layers[1].mlp.up_proj.weight[:32] = 0.0
@@ -331,7 +331,11 @@ def test_global_pruning_by_kind_allocates_across_layers_within_the_cap():
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
     assert sum(64 - w for w in widths) == 48
     assert widths[1] == 32 and min(widths) >= 32
-    assert torch.isfinite(model(ids).logits).all()
+    model.save_pretrained(tmp_path)  # per-layer widths: the config records the plan
+    loaded = tp.hf.from_pretrained(tmp_path).eval()
+    assert [layer.mlp.down_proj.in_features for layer in loaded.model.layers] == widths
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
 
 
 def test_a_reconstructed_language_model_round_trips_through_save_pretrained(tmp_path):
