@@ -4,28 +4,21 @@ with DistributedDataParallel over gloo and write what each rank ends with."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-import torchslim as tp
-from torchslim.hf.heal import heal
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torchslim as tp  # noqa: E402
+from tests.helpers import tiny_llama  # noqa: E402
+from torchslim.hf.heal import heal  # noqa: E402
 
 
 def main(out: str) -> None:
-    import transformers
-
     dist.init_process_group("gloo")
-    config = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=2)
     blocks = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(0))
     tp.pruner.MetaPruner(
         model,

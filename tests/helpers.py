@@ -51,3 +51,21 @@ def _outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
 
 def group_sizes(graph: tp.DependencyGraph) -> list[int]:
     return sorted(g.size for g in graph.get_all_groups(root_module_types=(nn.Module,)))
+
+
+def tiny_llama(layers: int = 2, **extra: Any) -> nn.Module:
+    """A random ``LlamaForCausalLM`` (vocabulary 97, hidden 32, 64 MLP neurons per layer, 4
+    query and 2 KV heads), seeded, in eval mode."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import torchslim as tp
+from tests.helpers import tiny_llama
 from torchslim.hf.heal import distillation_loss, heal
 from torchslim.hf.text import perplexity, token_blocks
 
@@ -19,17 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def _pruned_llama() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
-    config = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,  # peaked outputs, so that pruning half the MLP changes them
-    )
-    torch.manual_seed(0)
-    dense = transformers.LlamaForCausalLM(config).eval()
+    # peaked outputs (a larger init), so that pruning half the MLP changes them
+    dense = tiny_llama(layers=2, initializer_range=0.2)
     blocks = torch.randint(0, 97, (16, 24), generator=torch.Generator().manual_seed(0))
     model = copy.deepcopy(dense)
     tp.pruner.MetaPruner(
@@ -67,8 +59,7 @@ def test_healing_is_deterministic_for_a_seed_and_checkpoints_reload(tmp_path):
         results.append(model)
     first, second = results
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
-    fresh = transformers.LlamaForCausalLM(first.config.__class__(**dense.config.to_dict()))
-    loaded = tp.load_pruned(fresh.eval(), tmp_path / "run0.safetensors")
+    loaded = tp.load_pruned(tiny_llama(layers=2), tmp_path / "run0.safetensors")
     with torch.no_grad():
         assert torch.equal(loaded(blocks).logits, first(blocks).logits)
 

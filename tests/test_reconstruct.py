@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import torchslim as tp
+from tests.helpers import tiny_llama
 from torchslim.pruner.reconstruct import Reconstruction, ReconstructionError
 
 
@@ -294,23 +295,8 @@ def test_obs_finds_a_duplicated_channel_that_magnitude_keeps():
     assert int(tp.importance.MagnitudeImportance()(group).argmin()) not in (0, 5)
 
 
-def _tiny_llama(layers: int) -> nn.Module:
-    """A random Llama with 64 MLP neurons per layer, 4 query and 2 KV heads."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_global_pruning_by_kind_allocates_across_layers_within_the_cap(tmp_path):
-    model = _tiny_llama(layers=3)
+    model = tiny_llama(layers=3)
     with torch.no_grad():  # half of layer 1's neurons are dead: removing them costs nothing
         model.model.layers[1].mlp.up_proj.weight[:32] = 0.0
     ids = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -344,7 +330,7 @@ def test_a_reconstructed_language_model_round_trips_through_save_pretrained(tmp_
     ``tp.hf.from_pretrained`` rebuilds them."""
     ids = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
     for add_bias in (True, None):
-        model = _tiny_llama(layers=2)
+        model = tiny_llama(layers=2)
         wanda = tp.importance.WandaImportance()
         with wanda.record(model), torch.no_grad():
             model(ids)
@@ -365,7 +351,7 @@ def test_a_reconstructed_language_model_round_trips_through_save_pretrained(tmp_
 
 
 def test_a_language_model_recipe_with_an_uncalibrated_criterion_says_so():
-    model = _tiny_llama(layers=1)
+    model = tiny_llama(layers=1)
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
     with pytest.warns(
         UserWarning, match=r"MagnitudeImportance ranks neurons without calibration data"
