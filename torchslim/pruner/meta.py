@@ -40,8 +40,8 @@ class MetaPruner:
     ``pruning_ratio=0`` prunes a quarter of the heads, half of the MLP and a quarter of the
     hidden size of a transformer; with ``global_pruning`` the groups of each kind are ranked
     together (``{"neurons": 0.2}``: a fifth of the model's MLP neurons, taken where the scores
-    are lowest, each layer within ``max_pruning_ratio``). ``ignored_layers`` takes modules, module types or
-    parameters. ``round_to`` keeps the remaining channel count of every group a multiple of it.
+    are lowest, each layer within ``max_pruning_ratio``). ``ignored_layers`` takes modules,
+    module types or parameters. ``round_to`` keeps the remaining channel count of every group a multiple of it.
     ``target_macs`` / ``target_params`` (fractions of the dense count, e.g. 0.5 for 2x fewer)
     switch to target mode: each step prunes in small global increments until the count is
     reached. ``ch_sparsity`` / ``ch_sparsity_dict`` are the older names of the ratios.
