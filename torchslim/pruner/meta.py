@@ -191,10 +191,13 @@ class MetaPruner:
         reported in :attr:`reconstruction`), so the check is still of the structural prune."""
         groups = self.step(interactive=True, reconstruct=reconstruct)
         reference = copy.deepcopy(self.DG)  # after any refit: step() refits before it returns
+        with self.DG.deferred():
+            chosen = _prune_merged(groups)
         selections = []
-        for group in groups:
-            selections.append((reference.group_like(group), list(group.idxs)))
-            group.prune()
+        for group, classes in chosen:
+            like = reference.group_like(group)
+            merged = reference.group_of(like.coupling, like.root, classes)
+            selections.append((merged, list(merged.idxs)))
         return verify(
             reference,
             self.example_inputs,
@@ -243,17 +246,9 @@ class MetaPruner:
         """The step's groups, found by pruning them in a trial that is then undone (target
         mode counts MACs between increments), merged per coupling, with their consumers refit
         on the model as it was before the step."""
-        chosen: dict[int, tuple[Group, list[int]]] = {}
         with trial(self.DG), self.DG.deferred(notify=False):
-            for group in selections:
-                classes = group.selected_classes()
-                _, merged = chosen.setdefault(group.coupling.id, (group, []))
-                merged.extend(classes)
-                group.prune()
-        groups = [
-            self.DG.group_of(group.coupling, group.root, classes)
-            for group, classes in chosen.values()
-        ]
+            chosen = _prune_merged(selections)
+        groups = [self.DG.group_of(g.coupling, g.root, classes) for g, classes in chosen]
         self.reconstruction = reconstruct(self.model, groups, config, self.forward_fn)
         return groups
 
@@ -394,6 +389,17 @@ class MetaPruner:
 
     def update_regularizer(self) -> None:
         """Refresh the groups regularisation acts on (call after pruning)."""
+
+
+def _prune_merged(groups: Iterable[Group]) -> list[tuple[Group, list[int]]]:
+    """Prune each group, and return the classes removed per coupling (the same coupling can be
+    chosen again in a later increment, with indices relative to what was left then)."""
+    chosen: dict[int, tuple[Group, list[int]]] = {}
+    for group in groups:
+        _, classes = chosen.setdefault(group.coupling.id, (group, []))
+        classes.extend(group.selected_classes())
+        group.prune()
+    return list(chosen.values())
 
 
 def _reconstruction(value: Calibration) -> Optional[Reconstruction]:
