@@ -316,3 +316,19 @@ def test_unwrapped_parameters_must_belong_to_the_model():
         tp.pruner.MagnitudePruner(
             model, torch.randn(1, 3, 8, 8), unwrapped_parameters=[(nn.Parameter(torch.ones(1)), 0)]
         )
+
+
+def test_step_and_verify_checks_target_mode_whose_increments_revisit_a_group():
+    """Target mode prunes in increments and may take from the same group again, with indices
+    relative to what the earlier increment left: the check must still compare like with like."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.Conv2d(32, 8, 3)
+    ).eval()
+    x = torch.randn(1, 3, 16, 16)
+    pruner = tp.pruner.MagnitudePruner(model, x, target_macs=0.5, global_pruning=True)
+    report = pruner.step_and_verify()
+    assert report.ok and report.worst < 1e-10
+    assert sum(check.removed for check in report.checks) == (32 - model[0].out_channels) + (
+        32 - model[2].out_channels
+    )
