@@ -197,12 +197,11 @@ class _Recorder(GroupImportance):
         return alive
 
     def current(
-        self, member: ParamDim, role: str, recorded: torch.Tensor
+        self, member: ParamDim, role: str, recorded: torch.Tensor, size: int
     ) -> Optional[torch.Tensor]:
-        """``recorded`` (one value per recorded position) restricted to the positions the
-        member's dim still has; ``None`` if the history does not explain its size."""
-        size = member.ref.module.weight.shape[member.dim] if member.ref.name == "weight" else None
-        if size is None or size == recorded.numel():
+        """``recorded`` (one value per recorded position) restricted to the ``size`` positions
+        the member's dim still has; ``None`` if the history does not explain that size."""
+        if size == recorded.numel():
             return recorded
         alive = self.surviving(member.ref.module_name, role, recorded.numel())
         return recorded[alive] if len(alive) == size else None
@@ -259,8 +258,8 @@ class ActivationImportance(_Recorder):
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         key = id(member.ref.module)
-        scores = self.current(member, "out", self._sum[key] / self._count[key])
-        return scores if scores is not None and scores.numel() == tensor.shape[member.dim] else None
+        size = tensor.shape[member.dim]
+        return self.current(member, "out", self._sum[key] / self._count[key], size)
 
 
 class WandaImportance(_Recorder):
@@ -305,8 +304,9 @@ class WandaImportance(_Recorder):
         )
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
-        inputs = self.current(member, "in", self._squares[id(member.ref.module)].sqrt())
-        if inputs is None or tensor.shape[member.dim] != inputs.numel():
+        recorded = self._squares[id(member.ref.module)].sqrt()
+        inputs = self.current(member, "in", recorded, tensor.shape[member.dim])
+        if inputs is None:
             return None
         return per_position(lambda w: norms(w, 1), member.dim, tensor) * inputs
 
