@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from torchslim.graph.attributes import set_attribute
-from torchslim.graph.dependency import HISTORY_ATTRIBUTE, model_history
+from torchslim.graph.history import HISTORY_ATTRIBUTE, model_history
 from torchslim.pruning import functions as F
 
 FORMAT = "torchslim.pruned/1"

@@ -5,7 +5,7 @@ For each selection of (group, indices) the original model is copied twice. In th
 every coupled parameter slice of the removed channels is set to zero (out-channel rows, in-channel
 columns, norm statistics, bare parameters); in the *pruned* copy the group is physically removed.
 Both run in float64 on the same inputs and the worst relative error of the outputs is reported.
-Groups whose channels pass through a channel-mixing op (LayerNorm, GroupNorm, RMSNorm, a mean
+A weight computed by weight norm or spectral norm gets its computed slices zeroed. Groups whose channels pass through a channel-mixing op (LayerNorm, GroupNorm, RMSNorm, a mean
 over channels, the default attention scale) are legitimately not equivalent; they are reported
 as such, never hidden.
 """
@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchslim.graph.capture import call_forward, iter_tensors
 from torchslim.graph.dependency import DependencyGraph, Group
+from torchslim.pruning.reparametrised import detach_cached, zero_positions
 
 Selection = Union[Group, tuple[Group, Sequence[int]]]
 
@@ -149,16 +150,16 @@ def _unchecked(pair: tuple[Group, list[int]], tolerance: float) -> GroupCheck:
 
 
 def _check(graph, example_inputs, pairs, forward_fn, tolerance) -> GroupCheck:
+    detach_cached(graph.model)
     reference = copy.deepcopy(graph.model)
     memo: dict[int, Any] = {id(graph.model): reference}
     for name, module in graph.model.named_modules():
         memo[id(module)] = reference.get_submodule(name) if name else reference
     for group, idxs in pairs:
         for member, positions in group.removed_positions(idxs):
-            copied = memo[id(member.ref.module)]
-            tensor = getattr(copied, member.ref.name)
-            with torch.no_grad():
-                tensor.index_fill_(member.dim, torch.as_tensor(positions, dtype=torch.long), 0)
+            _, module, name, dim = graph._logical(member)
+            if dim is not None:
+                zero_positions(memo[id(module)], name, dim, positions)
     pruned_graph = copy.deepcopy(graph)
     for group, idxs in pairs:
         pruned_graph.group_like(group).prune(idxs)

@@ -17,9 +17,10 @@ import numpy as np
 
 from torchslim.graph.atoms import NO_ATOM, AtomTable
 from torchslim.graph.attributes import AttributeSlot
-from torchslim.graph.capture import TensorRef, TraceState
+from torchslim.graph.capture import SizeCheck, TensorRef, TraceState
 from torchslim.graph.layout import DimLayout
 from torchslim.graph.sizes import SizeModel, surviving, unknown_in
+from torchslim.graph.symbolic import describe
 
 
 @dataclass
@@ -97,12 +98,33 @@ class Analysis:
                 self.param_dims.append(ParamDim(ref, d, self.expand(dim)))
         self._evaluate_checks(state)
         self.couplings = self._collect()
+        self.cofactors = self._cofactors()
         self._expanded.clear()
         self.checks = state.checks
         self._check_couplings = [self._couplings_in(self.sizes.involved(c)) for c in self.checks]
+        self.comparisons = state.comparisons
+        self._comparison_couplings = [
+            self._couplings_in(self.sizes.involved_in(c.lhs) + self.sizes.involved_in(c.rhs))
+            for c in self.comparisons
+        ]
         self._slot_couplings = [
             self._couplings_in(self.sizes.involved(s)) for s in self.sizes.slots
         ]
+
+    def _cofactors(self) -> dict[int, set[int]]:
+        """For each coupling, the couplings whose classes multiply its own in some parameter
+        dim (attention heads and the offsets inside a head: one width, two groups)."""
+        partners: dict[int, set[int]] = {}
+        for member in self.param_dims:
+            if member.terms.shape[1] < 2 or member.terms.shape[0] == 0:
+                continue
+            classes, inverse = np.unique(member.terms, return_inverse=True)
+            owners = np.array([self.coupling_of(int(c)) for c in classes], np.int64)
+            for row in np.unique(owners[inverse.reshape(member.terms.shape)], axis=0):
+                factors = set(row.tolist()) - {-1}
+                for coupling in factors:
+                    partners.setdefault(coupling, set()).update(factors - {coupling})
+        return partners
 
     def _couplings_in(self, terms: list[np.ndarray]) -> set[int]:
         if not terms:
@@ -123,7 +145,15 @@ class Analysis:
                 got = self.sizes.value(check, gone)
                 expected = surviving(self.sizes.terms(check.atoms), gone)
                 if got != expected:
-                    return f"size argument {got} != {expected} after pruning, in {check.where}"
+                    return _size_argument_breaks(check, got, expected)
+        for comparison, couplings in zip(self.comparisons, self._comparison_couplings):
+            if coupling in couplings and not self.sizes.holds(
+                comparison, self._removed_for(couplings, removed)
+            ):
+                return (
+                    f"pruning would change the outcome of `{comparison.text}` (now "
+                    f"{comparison.outcome}) in {comparison.where}"
+                )
         for slot, value in self.attribute_values(coupling, removed):
             if value < 0:
                 return f"no value of attribute {slot.label} fits the pruned sizes"
@@ -176,10 +206,7 @@ class Analysis:
                     expected = surviving(sizes.terms(check.atoms), removed)
                     got = sizes.value(check, removed)
                     if got != expected:
-                        reason = (
-                            f"size argument {got} != {expected} after pruning, in {check.where}"
-                        )
-                        self._freeze_coupling(coupling, reason)
+                        self._freeze_coupling(coupling, _size_argument_breaks(check, got, expected))
                         break
 
     def _freeze_coupling(self, coupling: int, reason: str) -> None:
@@ -247,6 +274,13 @@ def _signatures(
         return sorted(set(sorted_dims[lo:hi].tolist()))
 
     return members_of, dict(zip(unique.tolist(), sums.tolist()))
+
+
+def _size_argument_breaks(check: SizeCheck, got: int, expected: int) -> str:
+    return (
+        f"size argument `{describe(check.expr)}` in {check.where} would give {got} where "
+        f"{expected} positions remain after pruning"
+    )
 
 
 def _perturbations(classes: np.ndarray) -> list[np.ndarray]:

@@ -9,6 +9,8 @@ updates the dimension layouts; calls with no rule freeze everything they touch.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -22,14 +24,18 @@ from torchslim.graph.atoms import AtomTable
 from torchslim.graph.attributes import AttributeSlot, tracked_attributes
 from torchslim.graph.layout import DimLayout, TensorLayout, opaque, same_positions, unify
 from torchslim.graph.symbolic import (
+    COMPARISON_LISTENERS,
+    COMPARISON_SYMBOLS,
     VALUE_USE_LISTENERS,
     TrackedInt,
     TrackedShape,
+    describe,
     expr_of,
     is_literal,
     symbols,
 )
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PASSTHROUGH = {
     torch.Tensor.dim,
     torch.Tensor.ndimension,
@@ -109,6 +115,22 @@ class SizeCheck:
 
 
 @dataclass
+class Comparison:
+    """A comparison the forward made between a tracked size and an int (``if``, ``assert``):
+    pruning must not change its outcome."""
+
+    op: str
+    lhs: Any
+    rhs: Any
+    outcome: bool
+    where: str
+
+    @property
+    def text(self) -> str:
+        return f"{describe(self.lhs)} {COMPARISON_SYMBOLS[self.op]} {describe(self.rhs)}"
+
+
+@dataclass
 class Unsupported:
     """An op with no rule: what it was, where it ran, and how many tensors it touched."""
 
@@ -127,11 +149,13 @@ class TraceState:
     param_layouts: dict[int, TensorLayout] = field(default_factory=dict)
     module_stack: list[str] = field(default_factory=list)
     checks: list[SizeCheck] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
     attributes: dict[tuple[int, str], AttributeSlot] = field(default_factory=dict)
     attribute_values: list[tuple[AttributeSlot, str]] = field(default_factory=list)
     unsupported: list[Unsupported] = field(default_factory=list)
     ran: set[int] = field(default_factory=set)
     calls: int = 0
+    inside_op: int = 0
 
     def __post_init__(self) -> None:
         for module_name, module in self.model.named_modules(remove_duplicate=False):
@@ -210,9 +234,39 @@ class TraceState:
         if dim.is_opaque and not attributes:
             return
         if is_literal(value):
-            self.table.freeze_many(dim.atoms, f"hard-coded size {int(value)} in {where}")
+            self.table.freeze_many(
+                dim.atoms,
+                f"hard-coded size {int(value)} in {where} (a literal, or a size the model "
+                "turned into a plain int with int() or math: it cannot follow pruning)",
+            )
         else:
             self.checks.append(SizeCheck(expr, dim.atoms, where))
+
+    def compare(self, op: str, lhs: Any, rhs: Any, outcome: bool, filename: str) -> None:
+        """A comparison made by the model's own code: not inside an op with a rule, and not in
+        torch's own layers (their fast-path checks choose between equal computations).
+
+        An equality between a tensor dim and another size couples them like a size argument
+        (an attribute compared with it follows the dim; a literal freezes it); any other
+        comparison of prunable sizes is checked when a group is pruned."""
+        if self.inside_op or filename.startswith(_TORCH_DIR):
+            return
+        where = self.module_path
+        exprs = (expr_of(lhs), expr_of(rhs))
+        keys = [key for expr in exprs for key in symbols(expr)]
+        if not any(isinstance(key, AttributeSlot) or not key.is_opaque for key in keys):
+            return
+        if outcome == (op == "eq") and op in ("eq", "ne"):
+            for side, other in ((exprs[0], rhs), (exprs[1], lhs)):
+                if side[0] == "dim" and not side[1].is_opaque:
+                    if is_literal(other):
+                        self.table.freeze_many(
+                            side[1].atoms, f"a size compared with {int(other)} in {where}"
+                        )
+                    else:
+                        self.require_size(other, side[1], where)
+                    return
+        self.comparisons.append(Comparison(op, exprs[0], exprs[1], outcome, where))
 
     def _bind(self, slot: AttributeSlot, dim: DimLayout, where: str) -> None:
         slot.uses.append(where)
@@ -271,11 +325,15 @@ class Recorder(TorchFunctionMode):
             return self._sizes(func, args)
         if func in _PASSTHROUGH or getattr(owner, "__name__", None) in _PROPERTY_PASSTHROUGH:
             return func(*args, **kwargs)
-        out = func(*args, **kwargs)
-        self.state.calls += 1
         from torchslim.ops.registry import OpContext, apply_rule
 
-        apply_rule(OpContext(self.state, func, args, kwargs, out), self.lookup(func))
+        self.state.inside_op += 1
+        try:
+            out = func(*args, **kwargs)
+            self.state.calls += 1
+            apply_rule(OpContext(self.state, func, args, kwargs, out), self.lookup(func))
+        finally:
+            self.state.inside_op -= 1
         return out
 
     def _sizes(self, func, args):
@@ -333,18 +391,53 @@ def call_forward(
     return model(example_inputs)
 
 
-def run_traced(
-    state: TraceState,
-    lookup: Callable[[Any], Optional[Callable]],
-    call: Callable[[], Any],
-    training: bool = False,
-) -> Any:
-    """Run ``call()`` (the forward) under the recorder without autograd.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_CACHE_TYPES = (dict, list, torch.Tensor)
+Snapshot = list[tuple[dict, dict[str, tuple[Any, Any]]]]
 
-    The model's train/eval flags, its buffers (BatchNorm statistics move in train mode) and the
-    global RNG state are restored afterwards, so tracing leaves no trace on the model.
-    """
-    model = state.model
+
+def _cache_snapshot(model: nn.Module) -> Snapshot:
+    """Each module's plain attributes, with the contents of its dicts and lists: what a
+    forward may fill as a cache (timm's ``attention_bias_cache``, torchvision's ``scales``)."""
+    snapshot = []
+    for module in model.modules():
+        state = vars(module)
+        entries = {
+            name: (value, type(value)(value) if isinstance(value, (dict, list)) else None)
+            for name, value in state.items()
+            if name not in _MODULE_INTERNALS
+        }
+        snapshot.append((state, entries))
+    return snapshot
+
+
+def _restore_caches(snapshot: Snapshot) -> None:
+    """Undo what the traced forward stored on modules: a tensor cached from dense weights
+    would not fit the pruned model."""
+    for state, entries in snapshot:
+        added = [
+            name
+            for name, value in state.items()
+            if name not in entries
+            and name not in _MODULE_INTERNALS
+            and isinstance(value, _CACHE_TYPES)
+        ]
+        for name in added:
+            del state[name]
+        for name, (value, contents) in entries.items():
+            if isinstance(value, dict):
+                value.clear()
+                value.update(contents)
+            elif isinstance(value, list):
+                value[:] = contents
+            state[name] = value
+
+
+@contextmanager
+def untouched(model: nn.Module, training: bool = False) -> Iterator[None]:
+    """Run a forward inside the block in the given mode, without autograd, and put back the
+    model's train/eval flags, its buffers (BatchNorm statistics move in train mode), what the
+    forward cached on modules and the global RNG state afterwards."""
     modes = {m: m.training for m in model.modules()}
     saved = {
         name: buffer.clone()
@@ -352,20 +445,12 @@ def run_traced(
         if training and buffer is not None and buffer.device.type != "meta"
     }
     rng = torch.random.get_rng_state()
-    handles = module_stack_hooks(model, state.module_stack, state.ran)
-
-    def listener(expr: Any) -> None:
-        state.value_use(expr, state.module_path)
-
-    VALUE_USE_LISTENERS.append(listener)
+    caches = _cache_snapshot(model)
     try:
         model.train(training)
-        with torch.no_grad(), tracked_attributes(model, state.attributes), Recorder(state, lookup):
-            return call()
+        with torch.no_grad():
+            yield
     finally:
-        VALUE_USE_LISTENERS.remove(listener)
-        for handle in handles:
-            handle.remove()
         for module, mode in modes.items():
             module.training = mode
         with torch.no_grad():
@@ -373,4 +458,35 @@ def run_traced(
                 if name in saved:
                     buffer.copy_(saved[name])
         torch.random.set_rng_state(rng)
+        _restore_caches(caches)
+
+
+def run_traced(
+    state: TraceState,
+    lookup: Callable[[Any], Optional[Callable]],
+    call: Callable[[], Any],
+    training: bool = False,
+) -> Any:
+    """Run ``call()`` (the forward) under the recorder, leaving no trace on the model (see
+    :func:`untouched`)."""
+    model = state.model
+    handles = module_stack_hooks(model, state.module_stack, state.ran)
+
+    def listener(expr: Any) -> None:
+        state.value_use(expr, state.module_path)
+
+    VALUE_USE_LISTENERS.append(listener)
+    COMPARISON_LISTENERS.append(state.compare)
+    try:
+        with (
+            untouched(model, training),
+            tracked_attributes(model, state.attributes),
+            Recorder(state, lookup),
+        ):
+            return call()
+    finally:
+        VALUE_USE_LISTENERS.remove(listener)
+        COMPARISON_LISTENERS.remove(state.compare)
+        for handle in handles:
+            handle.remove()
         state.module_stack.clear()

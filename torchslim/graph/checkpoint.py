@@ -15,11 +15,14 @@ indistinguishable from a fresh one.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from torch import nn
 
-from torchslim.graph.dependency import HISTORY_ATTRIBUTE, DependencyGraph
+from torchslim.graph.history import HISTORY_ATTRIBUTE
+
+if TYPE_CHECKING:
+    from torchslim.graph.dependency import DependencyGraph
 
 
 class _ModuleState:

@@ -25,14 +25,15 @@ from torchslim.graph.capture import (
     run_traced,
     unwrap_model,
 )
+from torchslim.graph.history import model_history
 from torchslim.graph.layout import opaque
 from torchslim.graph.twin import meta_twin, rebind, to_meta
 from torchslim.ops import lookup
 from torchslim.pruning import functions as F
 from torchslim.pruning.functions import BasePruningFunc
+from torchslim.pruning.reparametrised import resolve as resolve_reparametrised
 
 ForwardFn = Callable[[nn.Module, Any], Any]
-HISTORY_ATTRIBUTE = "_torchslim_history"
 #: On the model: ``"module:attribute"`` of the int attributes its forward uses as sizes.
 SIZE_ATTRIBUTES = "_torchslim_size_attributes"
 
@@ -335,17 +336,31 @@ class DependencyGraph:
         return F.get_pruner(module, self.customized_pruners)
 
     def _handler(self, member: ParamDim) -> tuple[Optional[Callable], Optional[str]]:
-        """The pruning function for a parameter dim, and its role ("out"/"in"/"param")."""
-        module = member.ref.module
+        """The pruning function for a parameter dim, and its role ("out"/"in"/"param"; a
+        tensor that a weight norm or spectral norm slices along with the weight: "covered")."""
+        _, module, name, dim = self._logical(member)
+        if dim is None:
+            return None, "covered"
         pruner = self.get_pruner_of_module(module)
         if pruner is None:
-            return F.ParameterHandler(member.ref.name, member.dim), "param"
-        role = pruner.param_roles(module).get((member.ref.name, member.dim))
+            return F.ParameterHandler(name, dim), "param"
+        role = pruner.param_roles(module).get((name, dim))
         if role == "out":
             return pruner.prune_out_channels, role
         if role == "in":
             return pruner.prune_in_channels, role
         return None, None
+
+    def _logical(self, member: ParamDim) -> tuple[str, nn.Module, str, Optional[int]]:
+        """The layer, tensor name and dim a member's positions are pruned through: itself, or
+        for the tensors of a weight norm / spectral norm, the layer weight they compute."""
+        ref = member.ref
+        found = resolve_reparametrised(
+            self.model, ref.module_name, ref.module, ref.name, member.dim
+        )
+        if found is None:
+            return ref.module_name, ref.module, ref.name, member.dim
+        return found.owner_name, found.owner, found.name, found.dim
 
     # -------------------------------------------------------------------------- groups
 
@@ -487,8 +502,8 @@ class DependencyGraph:
     def _structural_refusal(self, coupling: Coupling) -> Optional[str]:
         """Why no index of this group can be pruned, whatever the indices."""
         for member in coupling.members:
-            handler, _ = self._handler(member)
-            if handler is None:
+            handler, role = self._handler(member)
+            if handler is None and role != "covered":
                 return f"{member.label} has no pruning function"
         return None
 
@@ -538,10 +553,11 @@ class DependencyGraph:
             handler, _ = self._handler(member)
             if handler is None:
                 continue
-            positions = _role_positions(member, member.positions_of(removed))
+            target_name, target_module, name, dim = self._logical(member)
+            positions = _role_positions(target_module, name, dim, member.positions_of(removed))
             if positions.size == 0 and member is not root:
                 continue
-            target = Node(member.ref.module, member.ref.module_name)
+            target = Node(target_module, target_name)
             dep = Dependency(root_handler or handler, handler, source, target)
             if dep in by_dep:
                 continue
@@ -621,16 +637,6 @@ def _operation(item: GroupItem) -> dict[str, Any]:
     return op
 
 
-def model_history(model: nn.Module) -> list[dict[str, Any]]:
-    """The pruning steps applied to ``model``, kept on the model so that it can be saved with
-    its plan (:func:`torchslim.save_pruned`) without the graph that pruned it."""
-    history = model.__dict__.get(HISTORY_ATTRIBUTE)
-    if history is None:
-        history = []
-        model.__dict__[HISTORY_ATTRIBUTE] = history
-    return history
-
-
 def _is_root(module: nn.Module, types: tuple[type, ...]) -> bool:
     """A layer of ``types``; layers pruned like ``nn.Linear`` (``Conv1D``) count as Linear."""
     return isinstance(module, types) or (nn.Linear in types and F.is_linear_like(module))
@@ -647,18 +653,19 @@ def _layers_not_run(model: nn.Module, state: TraceState) -> list[str]:
     ]
 
 
-def _role_positions(member: ParamDim, positions: np.ndarray) -> np.ndarray:
+def _role_positions(
+    module: nn.Module, name: str, dim: Optional[int], positions: np.ndarray
+) -> np.ndarray:
     """Positions in a parameter dim, as the layer's handler counts channels.
 
     A grouped convolution's weight dim 1 holds one group's worth of channels (inputs, or outputs
     when transposed); its handler counts channels of the whole layer: the same offsets in every
     group.
     """
-    module = member.ref.module
     if (
         not isinstance(module, nn.modules.conv._ConvNd)
         or module.groups == 1
-        or (member.ref.name, member.dim) != ("weight", 1)
+        or (name, dim) != ("weight", 1)
     ):
         return positions
     width = module.weight.shape[1]

@@ -16,9 +16,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from torchslim.graph.attributes import AttributeSlot
-from torchslim.graph.capture import SizeCheck
+from torchslim.graph.capture import Comparison, SizeCheck
 from torchslim.graph.layout import DimLayout
-from torchslim.graph.symbolic import evaluate, symbols
+from torchslim.graph.symbolic import Expr, compare, evaluate, symbols
 
 
 class UnknownAttribute(Exception):
@@ -77,6 +77,25 @@ class SizeModel:
                 raise UnknownAttribute(key)
             return self._solve(key, definition, removed)
         return surviving(self.terms(key), removed)
+
+    def involved_in(self, expr: Expr) -> list[np.ndarray]:
+        """Every terms array the value of an expression depends on."""
+        return [terms for key in symbols(expr) for terms in self.involved(key)]
+
+    def current(self, key: Any, removed: np.ndarray) -> int:
+        """Like :meth:`size`, but an attribute that pruning never sets keeps its value."""
+        if isinstance(key, AttributeSlot) and key.layout is None and not self.defined(key):
+            return key.value
+        return self.size(key, removed)
+
+    def holds(self, comparison: Comparison, removed: np.ndarray) -> bool:
+        """Whether a comparison keeps the outcome it had while tracing."""
+
+        def size(key: Any) -> int:
+            return self.current(key, removed)
+
+        lhs, rhs = evaluate(comparison.lhs, size), evaluate(comparison.rhs, size)
+        return compare(comparison.op, lhs, rhs) == comparison.outcome
 
     def value(self, check: SizeCheck, removed: np.ndarray) -> int:
         """What a size argument evaluates to once ``removed`` classes are gone."""

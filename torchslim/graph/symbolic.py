@@ -9,6 +9,7 @@ its history (``int(c / 2)``, a config value) is a literal, the safe assumption.
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Callable
 
 Expr = Any  # ("lit", int) | ("dim", key) | ("attr", slot) | (op_name, Expr, Expr) | ("neg", Expr)
@@ -29,6 +30,25 @@ _BINARY: dict[str, Callable[[int, int], int]] = {
 #: Called with an expression whenever a tracked size turns into a value that is not a size (a
 #: float such as ``c ** -0.5`` or ``math.sqrt(c)``): pruning that dim changes the value.
 VALUE_USE_LISTENERS: list[Callable[[Expr], None]] = []
+
+
+#: Called with ``(op, lhs, rhs, outcome, filename)`` whenever a tracked size is compared with an
+#: int (``assert x.shape[1] == self.channels``), naming the file of the code that compared.
+COMPARISON_LISTENERS: list[Callable[[str, int, int, bool, str], None]] = []
+
+_COMPARE: dict[str, Callable[[int, int], bool]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+}
+COMPARISON_SYMBOLS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+def compare(op: str, lhs: int, rhs: int) -> bool:
+    return _COMPARE[op](lhs, rhs)
 
 
 def report_value_use(expr: Expr) -> None:
@@ -89,6 +109,38 @@ def _binary(name: str, reflected: bool = False) -> Callable[[TrackedInt, Any], A
     return method
 
 
+def _comparison(name: str) -> Callable[[TrackedInt, Any], Any]:
+    fn = _COMPARE[name]
+    fallback = getattr(int, f"__{name}__")
+
+    def method(self: TrackedInt, other: Any) -> Any:
+        if not isinstance(other, int) or isinstance(other, bool):
+            return fallback(self, other)
+        outcome = fn(int(self), int(other))
+        if COMPARISON_LISTENERS:
+            filename = sys._getframe(1).f_code.co_filename
+            for listener in COMPARISON_LISTENERS:
+                listener(name, self, other, outcome, filename)
+        return outcome
+
+    return method
+
+
+def describe(expr: Expr) -> str:
+    """Readable form of an expression: ``(size(16) * block.heads)``."""
+    kind = expr[0]
+    if kind == "lit":
+        return str(expr[1])
+    if kind == "dim":
+        return f"size({expr[1].size})"
+    if kind == "attr":
+        return expr[1].label
+    if kind == "neg":
+        return f"-{describe(expr[1])}"
+    signs = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "mod": "%", "pow": "**"}
+    return f"({describe(expr[1])} {signs.get(kind, '/')} {describe(expr[2])})"
+
+
 class TrackedInt(int):
     """An ``int`` carrying the expression it was computed from."""
 
@@ -112,6 +164,13 @@ class TrackedInt(int):
     __pow__ = _binary("pow")
     __truediv__ = _binary("truediv")
     __rtruediv__ = _binary("truediv", reflected=True)
+    __eq__ = _comparison("eq")
+    __ne__ = _comparison("ne")
+    __lt__ = _comparison("lt")
+    __le__ = _comparison("le")
+    __gt__ = _comparison("gt")
+    __ge__ = _comparison("ge")
+    __hash__ = int.__hash__
 
     def __float__(self) -> float:
         report_value_use(self.expr)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from torchslim.graph.dependency import model_history
+from torchslim.graph.history import model_history
 from torchslim.hf.config import OPTIONAL_FIELDS, build, fitting_config, int_attributes
 
 RECORD_KEY = "torchslim_plan"

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from torchslim.graph.analysis import ParamDim
-from torchslim.graph.dependency import Group, model_history
+from torchslim.graph.dependency import Group
+from torchslim.graph.history import model_history
 from torchslim.importance import moments
 from torchslim.importance.base import (
     GroupImportance,

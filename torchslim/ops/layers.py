@@ -165,3 +165,16 @@ def prelu_rule(ctx: OpContext) -> None:
     if weight.numel() > 1:
         ctx.unify(ctx.layout(weight)[0], xl[1] if x.dim() > 1 else xl[0])
     ctx.set_out(ctx.out, list(xl))
+
+
+@rule_for("_weight_norm")
+def weight_norm_rule(ctx: OpContext) -> None:
+    """``w = g * v / ||v||`` (the norm over every dim but ``dim``; over all of ``v`` for -1):
+    ``w`` has ``v``'s positions and ``g`` scales its ``dim``. Pruning inside the norm stays
+    exact because ``g`` absorbs the change (see ``pruning.reparametrised``)."""
+    v, g = ctx.arg(0, "v"), ctx.arg(1, "g")
+    dim = ctx.arg(2, "dim", 0)
+    layout = list(ctx.layout(v))
+    if dim != -1 and g.dim() == v.dim():
+        ctx.unify(ctx.layout(g)[dim], layout[dim])
+    ctx.set_out(ctx.out, layout)

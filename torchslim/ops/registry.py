@@ -164,10 +164,17 @@ def apply_rule(ctx: OpContext, rule: Optional[Rule]) -> None:
 
 
 def refuse(ctx: OpContext, reason: str) -> None:
-    """Freeze every channel an op touches and give its outputs fixed-size layouts."""
-    ctx.state.unsupported.append(Unsupported(ctx.name, ctx.module))
+    """Freeze every channel an op touches and give its outputs fixed-size layouts.
+
+    The op is listed in ``DependencyGraph.unsupported()`` when it touched channels of a
+    floating-point tensor or made one; ops on lengths, masks and indices only (``__rshift__``,
+    ``__invert__``) freeze no channel worth naming."""
     inputs = ctx.input_tensors()
     outputs = ctx.output_tensors()
+    if any(_floating(t) and not all(d.is_opaque for d in ctx.layout(t)) for t in inputs) or any(
+        _floating(t) for t in outputs
+    ):
+        ctx.state.unsupported.append(Unsupported(ctx.name, ctx.module))
     for tensor in inputs:
         for dim in ctx.layout(tensor):
             ctx.table.freeze_many(dim.atoms, reason)
@@ -175,6 +182,10 @@ def refuse(ctx: OpContext, reason: str) -> None:
         if any(tensor is t for t in inputs):
             continue
         ctx.state.layouts[tensor] = [opaque(size, reason) for size in tensor.shape]
+
+
+def _floating(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
 
 
 def normalize_dim(dim: int, ndim: int) -> int:

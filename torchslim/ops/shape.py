@@ -213,11 +213,17 @@ def _set_parts(ctx: OpContext, dim: int, parts: Sequence[DimLayout]) -> None:
         ctx.set_out(tensor, out_layout)
 
 
-def _equal_parts(ctx: OpContext, source: DimLayout, count: int, size: Any) -> list[DimLayout]:
-    """``count`` parts of ``size``: a factorisation whose outer factor (the part) must stay."""
-    outer, inner = ctx.split(source, [count, int(size)])
+def _equal_parts(
+    ctx: OpContext, source: DimLayout, count: int, sizes: Sequence[Any]
+) -> list[DimLayout]:
+    """``count`` parts of equal size: a factorisation whose outer factor (the part) must stay.
+
+    Every size given (one, or one per part as in ``split(x, self.sizes)``) must keep matching
+    the part, so attributes holding them all follow the pruned part."""
+    outer, inner = ctx.split(source, [count, int(sizes[0])])
     ctx.freeze(outer, "the number of parts of a split")
-    ctx.require_size(size, inner)
+    for size in sizes:
+        ctx.require_size(size, inner)
     return [inner] * count
 
 
@@ -241,12 +247,12 @@ def split_rule(ctx: OpContext) -> None:
     source = ctx.layout(x)[dim]
     if isinstance(sizes, int):
         if source.size % sizes == 0:
-            parts = _equal_parts(ctx, source, source.size // sizes, sizes)
+            parts = _equal_parts(ctx, source, source.size // sizes, [sizes])
         else:
             n = math.ceil(source.size / sizes)
             parts = _ranges(ctx, source, [sizes] * (n - 1) + [source.size - sizes * (n - 1)])
     elif len(set(sizes)) == 1 and all(isinstance(s, TrackedInt) for s in sizes):
-        parts = _equal_parts(ctx, source, len(sizes), sizes[0])
+        parts = _equal_parts(ctx, source, len(sizes), sizes)
     else:
         parts = _ranges(ctx, source, sizes)
     _set_parts(ctx, dim, parts)
@@ -261,7 +267,7 @@ def chunk_rule(ctx: OpContext) -> None:
     count = len(ctx.out)
     if source.size % count == 0 and count == int(chunks):
         sizes = ctx.state.tracked_sizes(x)
-        parts = _equal_parts(ctx, source, count, sizes[dim] // chunks)
+        parts = _equal_parts(ctx, source, count, [sizes[dim] // chunks])
     else:
         step = math.ceil(source.size / int(chunks))
         parts = [

@@ -48,7 +48,7 @@ def _matmul(ctx: OpContext, a: torch.Tensor, b: torch.Tensor) -> TensorLayout:
     return out
 
 
-@rule_for("matmul", "__matmul__", "mm", "bmm", "mv", "dot", "inner")
+@rule_for("matmul", "__matmul__", "mm", "bmm", "mv", "dot", "vdot", "inner")
 def matmul_rule(ctx: OpContext) -> None:
     ctx.set_out(ctx.out, _matmul(ctx, ctx.arg(0, "input"), ctx.arg(1, "other")))
 

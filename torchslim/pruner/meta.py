@@ -256,8 +256,12 @@ class MetaPruner:
         groups = self.groups()
         local, pooled = [], []
         by_kind: dict[str, list[Group]] = {}
+        sources = {g.coupling.id: self._ratio_source(g) for g in groups}
+        followers = self._factor_followers([g for g in groups if sources[g.coupling.id][0] is None])
         for group in groups:
-            custom, kind = self._ratio_source(group)
+            custom, kind = sources[group.coupling.id]
+            if custom is None and group.coupling.id in followers:
+                continue
             if not self.global_pruning or (custom is not None and kind is None):
                 local.append((group, ratio if custom is None else self._scheduled(custom)))
             elif custom is not None:
@@ -271,6 +275,25 @@ class MetaPruner:
         for kind, members in by_kind.items():
             yield from self._select_global(members, self._scheduled(self.kind_ratios[kind]))
         yield from self._select_global(pooled, ratio)
+
+    def _factor_followers(self, groups: list[Group]) -> set[int]:
+        """Groups the default ratio leaves alone because a width they factor is already cut.
+
+        Where one width is the product of several groups (a residual width feeding
+        ``nn.MultiheadAttention`` is heads x offsets), cutting every factor by the ratio would
+        remove far more than asked (0.5 -> 75%); the factor with the most channels takes the
+        ratio, and the others keep their size unless a ratio of their own is given."""
+        sizes = {g.coupling.id: self.initial_sizes.get(g.coupling.id, g.size) for g in groups}
+        cofactors = self.DG.analysis.cofactors
+
+        def rank(coupling: int) -> tuple[int, int]:
+            return sizes[coupling], -coupling
+
+        return {
+            coupling
+            for coupling in sizes
+            if any(rank(o) > rank(coupling) for o in cofactors.get(coupling, ()) if o in sizes)
+        }
 
     def _scheduled(self, ratio: float) -> float:
         return self.scheduler(ratio, self.iterative_steps)[self.current_step - 1]

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from torchslim.graph.capture import call_forward
-from torchslim.graph.dependency import Group, model_history
+from torchslim.graph.dependency import Group
+from torchslim.graph.history import model_history
 from torchslim.importance import moments
 from torchslim.pruning.functions import TiedParameters, add_bias
 

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.pruning.reparametrised import find as find_reparametrised
+from torchslim.pruning.reparametrised import slice_weight
+
 Indices = Union[Sequence[int], np.ndarray, torch.Tensor, range]
 
 
@@ -23,8 +26,13 @@ def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> No
 
     Parameters become new ``nn.Parameter`` objects with the same ``requires_grad`` and their
     gradient sliced alike (gradient-based importance keeps working between groups); buffers stay
-    buffers with the same persistence.
+    buffers with the same persistence. A weight computed by weight norm or spectral norm is
+    sliced through the tensors it is computed from.
     """
+    reparametrised = find_reparametrised(module, name)
+    if reparametrised is not None:
+        slice_weight(reparametrised, dim, list(keep))
+        return
     tensor = getattr(module, name)
     index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
     data = tensor.detach().index_select(dim, index).contiguous()

@@ -1,0 +1,247 @@
+"""Pruned models keep running: sizes compared in the forward, size lists in attributes, caches
+filled by the forward, weight norm and spectral norm, and ratios on widths split into factors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_exact, build
+from torch import nn
+
+import torchslim as tp
+
+PARAM = nn.utils.parametrizations
+
+
+class AssertsChannels(nn.Module):
+    """diffusers' Upsample2D / Downsample2D: ``assert x.shape[1] == self.channels``."""
+
+    def __init__(self, channels: int, literal: bool = False) -> None:
+        super().__init__()
+        self.channels = channels
+        self.literal = literal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.literal:
+            assert x.shape[1] == 16
+        else:
+            assert x.shape[1] == self.channels
+        return x * 2
+
+
+class DoublesWide(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[1] > 8 else x
+
+
+def _sandwich(middle: nn.Module, width: int = 16) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), middle, nn.Conv2d(width, 4, 1))
+
+
+def _prune(model: nn.Module, inputs: torch.Tensor, ratio: float = 0.5, **kwargs) -> nn.Module:
+    tp.pruner.MagnitudePruner(model.eval(), inputs, pruning_ratio=ratio, **kwargs).step()
+    return model
+
+
+def test_an_attribute_compared_with_a_size_follows_the_pruned_channels():
+    x = torch.randn(1, 3, 8, 8)
+    model = _sandwich(AssertsChannels(16))
+    assert_exact(model, x)
+    _prune(model, x)
+    assert model[0].out_channels == 8 and model[1].channels == 8
+    assert model(x).shape == (1, 4, 8, 8)
+
+
+def test_a_size_compared_with_a_literal_freezes_its_channels_naming_the_comparison():
+    x = torch.randn(1, 3, 8, 8)
+    model = _sandwich(AssertsChannels(16, literal=True))
+    graph = build(model, x)
+    assert not list(graph.get_all_groups())
+    reasons = {r for c in graph.analysis.couplings.values() for r in c.frozen.values()}
+    assert any("a size compared with 16 in 1" in r for r in reasons), reasons
+    _prune(model, x)
+    assert model(x).shape == (1, 4, 8, 8)
+
+
+def test_pruning_that_would_flip_a_comparison_is_refused_with_the_comparison_named():
+    x = torch.randn(1, 3, 8, 8)
+    model = _sandwich(DoublesWide())
+    (group,) = list(build(model, x).get_all_groups())
+    assert group.refusal(list(range(7))) is None  # 9 channels left: still wider than 8
+    reason = group.refusal(list(range(8)))
+    assert "`size(16) > 8` (now True) in 1" in reason
+    _prune(model, x)  # 50% would leave 8: refused, the model is left whole
+    assert model[0].out_channels == 16
+
+
+class SplitsBySizes(nn.Module):
+    """timm's InceptionDWConv2d with equal branches: ``split(x, self.split_indexes)``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.split_indexes = (width // 4,) * 4
+        self.branch = nn.Conv2d(width // 4, width // 4, 3, padding=1, groups=width // 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c, d = torch.split(x, self.split_indexes, dim=1)
+        return torch.cat([a, self.branch(b), c, d], dim=1)
+
+
+def test_equal_split_sizes_held_in_an_attribute_all_follow_pruning():
+    x = torch.randn(1, 3, 8, 8)
+    model = _sandwich(SplitsBySizes(16))
+    assert_exact(model, x)
+    _prune(model, x)
+    assert model[1].split_indexes == (2, 2, 2, 2)
+    assert model(x).shape == (1, 4, 8, 8)
+
+
+class CachesBias(nn.Module):
+    """timm's EfficientFormerV2 attention: a bias gathered from a parameter, cached in eval."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(width, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            if "bias" not in self.cache:
+                self.cache["bias"] = self.bias * 1.0
+            return x + self.cache["bias"]
+        return x + self.bias
+
+
+def test_a_cache_the_traced_forward_fills_is_left_as_it_was():
+    x = torch.randn(1, 3, 8, 8)
+    model = _sandwich(CachesBias(16))
+    _prune(model, x)
+    assert model[1].cache == {} and model[1].bias.shape == (8, 1, 1)
+    assert model(x).shape == (1, 4, 8, 8)
+
+
+NORMS = {
+    "weight_norm hook": nn.utils.weight_norm,
+    "weight_norm parametrization": PARAM.weight_norm,
+    "spectral_norm hook": nn.utils.spectral_norm,
+    "spectral_norm parametrization": PARAM.spectral_norm,
+}
+
+
+def _normed_net(wrap) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        wrap(nn.Conv2d(16, 16, 3)),
+        nn.ReLU(),
+        wrap(nn.ConvTranspose2d(16, 12, 3)),
+        nn.ReLU(),
+        wrap(nn.Conv2d(12, 6, 1)),
+    ).eval()
+
+
+@pytest.mark.parametrize("form", sorted(NORMS))
+def test_weight_and_spectral_norm_prune_like_plain_layers_and_stay_exact(form):
+    x = torch.randn(1, 3, 12, 12)
+    model = _normed_net(NORMS[form])
+    plain = _normed_net(lambda layer: layer)
+    graph = assert_exact(model, x, min_groups=3)
+    assert not graph.unsupported()
+    assert len(list(graph.get_all_groups())) == len(list(build(plain, x).get_all_groups()))
+    _prune(model, x)
+    assert model(x).shape == (1, 6, 10, 10)
+    widths = [m.out_channels for m in model if isinstance(m, nn.modules.conv._ConvNd)]
+    assert widths == [8, 8, 6, 6]
+
+
+def test_pruning_inside_the_norm_rescales_g_so_the_weight_keeps_its_columns():
+    x = torch.randn(1, 3, 12, 12)
+    model = _normed_net(nn.utils.weight_norm)
+    normed = model[2]
+    before = normed.weight.detach().clone()
+    (group,) = [g for g in build(model, x).get_all_groups() if g.root.ref.module is model[0]]
+    group.prune([1, 5, 9])
+    model(x)
+    kept = [c for c in range(16) if c not in (1, 5, 9)]
+    torch.testing.assert_close(normed.weight, before[:, kept], rtol=1e-6, atol=1e-7)
+
+
+def test_a_residual_width_feeding_multihead_attention_loses_the_ratio_once():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 64)
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.head = nn.Linear(64, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            return self.head(h + self.attn(h, h, h)[0])
+
+    x = torch.randn(2, 5, 8)
+    model = _prune(Block(), x)
+    assert (model.attn.embed_dim, model.attn.num_heads, model.attn.head_dim) == (32, 4, 8)
+    heads = _prune(Block(), x, pruning_ratio_dict={"heads": 0.5})
+    assert heads.attn.num_heads == 2
+    assert model(x).shape == (2, 5, 8)
+
+
+def test_timm_models_whose_pruned_forward_used_to_fail_now_run():
+    timm = pytest.importorskip("timm")
+    x = torch.randn(1, 3, 224, 224)
+    for name in ("inception_next_atto", "efficientformerv2_s0"):
+        model = timm.create_model(name).eval()
+        shape = model(x).shape
+        _prune(model, x)
+        assert model(x).shape == shape, name
+
+
+def test_wav2vec2_hidden_width_passes_its_weight_normed_positional_conv():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Wav2Vec2Config(
+        vocab_size=12,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(config).eval()
+    x = torch.randn(1, 1600)
+    graph = build(model, x)
+    hidden = [
+        g
+        for g in graph.get_all_groups()
+        if g.root.label == "wav2vec2.feature_projection.projection.weight[dim 0]"
+    ]
+    assert hidden and not graph.unsupported()
+    report = tp.verify(graph, x, [(hidden[0], [0, 3])])
+    assert report.checks[0].mixing  # LayerNorm: reported, not exact
+    _prune(model, x, ignored_layers=[model.lm_head])
+    conv = model.wav2vec2.encoder.pos_conv_embed.conv
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (16, 16, 4)
+    assert model.lm_head.in_features == 16
+    assert model(x).logits.shape == (1, 159, 12)
+
+
+def test_ops_without_rules_on_lengths_and_masks_are_not_listed_as_unsupported():
+    class Lengths(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(3, 8, 1)
+            self.register_buffer("lengths", torch.tensor([6, 4]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            halved = self.lengths >> 1
+            keep = torch.arange(x.shape[-1])[None] < halved[:, None]
+            y = self.conv(x) * keep[:, None]
+            return torch.special.i0(y)
+
+    graph = build(Lengths(), torch.randn(2, 3, 6))
+    assert [u.op for u in graph.unsupported()] == ["torch.special_i0"]
