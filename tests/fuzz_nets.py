@@ -4,7 +4,9 @@ A net is a list of *blocks* drawn by hypothesis, applied to a ``[batch, channels
 feature map. Every block maps ``(x, C)`` to ``(y, C')`` and is built from what real models
 use: conv/BN stacks, residual adds, concatenations (including the same tensor twice), chunk
 and split, grouped and depthwise conv, reshape-to-heads attention, channel shuffle, bare
-parameters, modules used twice and unused branches. A linear head ends the net.
+parameters, modules used twice and unused branches, sizes compared with attributes, split
+sizes kept in an attribute, weight norm and spectral norm, and ``nn.MultiheadAttention`` on a
+residual width. A linear head ends the net.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ BLOCKS = (
     "shared",
     "unused",
     "layernorm",
+    "asserts",
+    "split_sizes",
+    "normed",
+    "mha",
 )
 
 
@@ -82,6 +88,24 @@ class Block(nn.Module):
             self.norm = nn.LayerNorm(c)
             self.fc = nn.Linear(c, w)
             self.out = w
+        elif kind == "asserts":
+            self.conv = nn.Conv2d(c, w, 1)
+            self.channels = w
+            self.out = w
+        elif kind == "split_sizes":
+            self.conv = nn.Conv2d(c, 3 * w, 1)
+            self.sizes = (w, 2 * w) if w % 2 else (w, w, w)
+            self.mid = nn.Conv2d(w, w, 3, padding=1)
+            self.out = 3 * w
+        elif kind == "normed":
+            param = nn.utils.parametrizations
+            self.first = param.weight_norm(nn.Conv2d(c, w, 3, padding=1))
+            self.second = param.spectral_norm(nn.Conv2d(w, w, 1))
+            self.out = w
+        elif kind == "mha":
+            self.embed = nn.Conv2d(c, 2 * w, 1)
+            self.attn = nn.MultiheadAttention(2 * w, 2, batch_first=True)
+            self.out = 2 * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.kind
@@ -116,6 +140,21 @@ class Block(nn.Module):
             return self.inner(F.relu(self.inner(x)))
         if kind == "unused":
             return self.used(x)
+        if kind == "asserts":
+            y = self.conv(x)
+            assert y.shape[1] == self.channels
+            return y
+        if kind == "split_sizes":
+            first, *rest = torch.split(self.conv(x), self.sizes, dim=1)
+            return torch.cat([F.relu(self.mid(first)), *rest], 1)
+        if kind == "normed":
+            return self.second(F.relu(self.first(x)))
+        if kind == "mha":
+            y = self.embed(x)
+            n, c, h, w = y.shape
+            tokens = y.flatten(2).transpose(1, 2)
+            tokens = tokens + self.attn(tokens, tokens, tokens, need_weights=False)[0]
+            return tokens.transpose(1, 2).reshape(n, c, h, w)
         tokens = x.permute(0, 2, 3, 1)
         return self.fc(self.norm(tokens)).permute(0, 3, 1, 2)
 

@@ -237,3 +237,15 @@ def test_a_pruned_checkpoint_can_be_pruned_further(tmp_path, capsys):
     assert plan["shapes"]["conv1.weight"][0] == 16  # 64 -> 32 -> 16
     fresh = tp.load_pruned(torchvision.models.resnet18(), tmp_path / "b" / "resnet18.safetensors")
     assert fresh.layer4[0].conv1.out_channels == 128
+
+
+def test_prune_reports_mixing_groups_and_exact_only_leaves_them_alone(capsys):
+    argv = ["prune", "test_never_broken:Normed", "--input-shape", "3,6", "--ratio", "0.5"]
+    assert main([*argv, "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "1 pruned groups pass through channel-mixing ops" in out
+    assert re.search(r"exactness check: ok \(relative error .*; 1 mixing groups not checked\)", out)
+    assert main([*argv, "--verify", "--exact-only"]) == 0
+    out = capsys.readouterr().out
+    assert "channel-mixing" not in out and "not checked" not in out
+    assert "exactness check: ok" in out

@@ -2,6 +2,7 @@
 for exactness (or refused with a reason). ``FUZZ_EXAMPLES`` sets the number of cases."""
 
 import os
+from typing import Callable
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -15,13 +16,22 @@ from torchslim.zoo import randomize_constant_parameters
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-@given(blocks=architectures(), ratio=st.floats(0.1, 0.7), seed=st.integers(0, 2**16))
+def fuzzed(examples: int) -> Callable[[Callable], Callable]:
+    """Run a test on ``examples`` random (architecture, ratio, seed) cases, reproducibly."""
+
+    def decorate(test: Callable) -> Callable:
+        cases = given(blocks=architectures(), ratio=st.floats(0.1, 0.7), seed=st.integers(0, 2**16))
+        return settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow],
+        )(cases(test))
+
+    return decorate
+
+
+@fuzzed(EXAMPLES)
 def test_random_architectures_prune_exactly(blocks, ratio, seed):
     torch.manual_seed(seed)
     model = randomize_constant_parameters(FuzzNet(blocks).eval(), seed)
@@ -40,3 +50,17 @@ def test_random_architectures_prune_exactly(blocks, ratio, seed):
         group.prune(idxs)
     with torch.no_grad():
         assert model(x).shape == expected_shape
+
+
+@fuzzed(max(EXAMPLES // 3, 10))
+def test_a_pruning_ratio_never_removes_more_than_asked_of_any_dim(blocks, ratio, seed):
+    torch.manual_seed(seed)
+    model = randomize_constant_parameters(FuzzNet(blocks).eval(), seed)
+    x = torch.randn(2, 3, 6, 6)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    expected_shape = model(x).shape
+    tp.pruner.MagnitudePruner(model, x, pruning_ratio=ratio).step()
+    assert model(x).shape == expected_shape
+    for name, param in model.named_parameters():
+        for before, after in zip(shapes[name], param.shape):
+            assert before - after <= ratio * before + 1e-9, (blocks, name, before, after)

@@ -245,3 +245,97 @@ def test_ops_without_rules_on_lengths_and_masks_are_not_listed_as_unsupported():
 
     graph = build(Lengths(), torch.randn(2, 3, 6))
     assert [u.op for u in graph.unsupported()] == ["torch.special_i0"]
+
+
+class ChecksWidthAsText(nn.Module):
+    """A check the tracer cannot see (the size goes through a string)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if f"{x.shape[1]}" != "16":
+            raise ValueError(f"expected 16 channels, got {x.shape[1]}")
+        return x
+
+
+class TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.check = ChecksWidthAsText()
+        self.b = nn.Conv2d(3, 12, 1)
+        self.head = nn.Conv2d(28, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.check(self.a(x)), self.b(x)], dim=1))
+
+
+def test_a_step_refuses_the_groups_that_break_the_forward_and_prunes_the_rest():
+    x = torch.randn(1, 3, 4, 4)
+    model = TwoBranches().eval()
+    pruner = tp.pruner.MagnitudePruner(model, x, pruning_ratio=0.5)
+    pruner.step()
+    assert (model.a.out_channels, model.b.out_channels) == (16, 6)
+    assert model(x).shape == (1, 4, 4, 4)
+    ((label, reason),) = pruner.last_step.refused
+    assert label == "a.weight[dim 0]"
+    assert "fails in check: ValueError: expected 16 channels, got 8" in reason
+    assert pruner.last_step.pruned == [("b.weight[dim 0]", 6)]
+    assert list(pruner.refused.values()) == [reason]
+
+
+def test_group_prune_that_breaks_the_forward_raises_and_leaves_the_model_whole():
+    x = torch.randn(1, 3, 4, 4)
+    model = TwoBranches().eval()
+    graph = build(model, x)
+    (group,) = [g for g in graph.get_all_groups() if g.root.ref.module is model.a]
+    weights = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="fails in check: ValueError: expected 16"):
+        group.prune([0, 1])
+    assert model.a.out_channels == 16 and model.head.in_channels == 28
+    assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
+    assert model(x).shape == (1, 4, 4, 4)
+
+
+def test_a_pruning_function_that_fails_halfway_leaves_the_model_whole():
+    class Failing(tp.pruning.functions.ConvPruner):
+        def prune_in_channels(self, layer, idxs):
+            raise RuntimeError("disk full")
+
+    x = torch.randn(1, 3, 4, 4)
+    model = _sandwich(nn.ReLU())
+    graph = build(model, x, customized_pruners={model[2]: Failing()})
+    (group,) = list(graph.get_all_groups())
+    with pytest.raises(RuntimeError, match="disk full"):
+        group.prune([0, 1])
+    assert model[0].weight.shape == (16, 3, 3, 3) and model[0].out_channels == 16
+    assert model(x).shape == (1, 4, 4, 4)
+
+
+class Normed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.norm = nn.LayerNorm(16)
+        self.b = nn.Linear(6, 12)
+        self.head = nn.Linear(28, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.norm(self.a(x)), torch.relu(self.b(x))], dim=-1))
+
+
+def test_exact_only_leaves_mixing_groups_alone_and_steps_report_them():
+    x = torch.randn(3, 6)
+    model = Normed().eval()
+    pruner = tp.pruner.MagnitudePruner(model, x, pruning_ratio=0.5, exact_only=True)
+    pruner.step()
+    assert (model.a.out_features, model.b.out_features) == (16, 6)
+    assert pruner.last_step.skipped_mixing == ["a.weight[dim 0]"]
+    report = tp.verify(build(Normed().eval(), x), x)
+    assert {c.status for c in report.checks} == {"ok", "mixing"}
+
+    model = Normed().eval()
+    pruner = tp.pruner.MagnitudePruner(model, x, pruning_ratio=0.5)
+    with pytest.warns(UserWarning, match=r"1 of the 2 groups this step pruned pass through"):
+        pruner.step()
+    assert model.a.out_features == 8
+    assert [label for label, _ in pruner.last_step.mixing] == ["a.weight[dim 0]"]
+    assert "LayerNorm statistics" in pruner.last_step.mixing[0][1][0]

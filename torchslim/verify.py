@@ -161,8 +161,9 @@ def _check(graph, example_inputs, pairs, forward_fn, tolerance) -> GroupCheck:
             if dim is not None:
                 zero_positions(memo[id(module)], name, dim, positions)
     pruned_graph = copy.deepcopy(graph)
-    for group, idxs in pairs:
-        pruned_graph.group_like(group).prune(idxs)
+    with pruned_graph.deferred():
+        for group, idxs in pairs:
+            pruned_graph.group_like(group).prune(idxs)
     inputs = copy.deepcopy(example_inputs)
     expected = run_float64(reference, inputs, forward_fn)
     actual = run_float64(pruned_graph.model, inputs, forward_fn)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--steps", type=int, default=1, help="iterative steps (default 1)")
     prune.add_argument("--ignore", action="append", default=[], help="module name(s) to keep")
     prune.add_argument("--verify", action="store_true", help="run the exactness check")
+    prune.add_argument(
+        "--exact-only",
+        action="store_true",
+        help="leave alone groups whose channels pass through channel-mixing ops (LayerNorm ...)",
+    )
     prune.add_argument(
         "--calibration",
         choices=("digits", "fashion-mnist", "mnist"),
@@ -339,17 +345,22 @@ def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
         iterative_steps=args.steps,
         round_to=args.round_to,
         ignored_layers=[modules[name] for name in args.ignore],
+        exact_only=args.exact_only,
     )
     from tqdm import tqdm
 
     steps = tqdm(range(args.steps), desc="pruning", unit="step", disable=args.steps == 1)
     reconstruct = batches if args.reconstruct else None
-    reports = [
-        pruner.step_and_verify(reconstruct=reconstruct)
-        if args.verify
-        else pruner.step(reconstruct=reconstruct)
-        for _ in steps
-    ]
+    reports, mixing, refused = [], set(), {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "of the .* groups this step pruned pass through")
+        for _ in steps:
+            if args.verify:
+                reports.append(pruner.step_and_verify(reconstruct=reconstruct))
+            else:
+                pruner.step(reconstruct=reconstruct)
+            mixing.update(label for label, _ in pruner.last_step.mixing)
+            refused.update(pruner.last_step.refused)
     macs, params = tp.utils.count_ops_and_params(model, example)
     rows = [
         (
@@ -363,10 +374,21 @@ def prune(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> 
     print(_table(rows, ("", "before", "after", "reduction")))
     if pruner.reconstruction is not None:
         print(pruner.reconstruction)
+    if mixing:
+        print(
+            f"{len(mixing)} pruned groups pass through channel-mixing ops (LayerNorm, a head "
+            "size used as a scale): not exactly the original with their channels zeroed; "
+            "--exact-only leaves them alone"
+        )
+    for label, reason in refused.items():
+        print(f"refused {label}: {reason}")
     if args.verify:
         worst = max(report.worst for report in reports)
         status = "ok" if all(report.ok for report in reports) else "FAIL"
-        print(f"exactness check: {status} (relative error {worst:.1e})")
+        print(
+            f"exactness check: {status} (relative error {worst:.1e}"
+            + (f"; {len(mixing)} mixing groups not checked)" if mixing else ")")
+        )
     if args.out:
         name = output_name(args.model)
         path = tp.save_pruned(model, args.out / f"{name}.safetensors")

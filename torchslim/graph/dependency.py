@@ -25,6 +25,8 @@ from torchslim.graph.capture import (
     run_traced,
     unwrap_model,
 )
+from torchslim.graph.checkpoint import Checkpoint
+from torchslim.graph.forward_check import ForwardCheck, ForwardFailure
 from torchslim.graph.history import model_history
 from torchslim.graph.layout import opaque
 from torchslim.graph.twin import meta_twin, rebind, to_meta
@@ -231,6 +233,9 @@ class DependencyGraph:
         self._unsupported: list[Unsupported] = []
         self._calls = 0
         self.notes: list[str] = []
+        #: Run after each ``Group.prune`` outside a pruner's step (see :meth:`forward_failure`);
+        #: set to ``None`` to skip.
+        self.forward_check: Optional[ForwardCheck] = None
 
     # ------------------------------------------------------------------------- building
 
@@ -282,6 +287,8 @@ class DependencyGraph:
                 f"the model's forward failed on the example inputs while tracing: {error}"
             ) from error
         self._freeze_outputs(state, outputs, output_transform)
+        check = ForwardCheck(model, example_inputs, forward_fn, outputs, on_meta=trace_on_meta)
+        self.forward_check = check if trace_on_meta else check.probed()
         self.notes = []
         if trace_train_mode and _layers_not_run(traced, state):
             try:
@@ -324,6 +331,11 @@ class DependencyGraph:
         for entry in self._unsupported:
             unique.setdefault((entry.op, entry.module), entry)
         return list(unique.values())
+
+    def forward_failure(self) -> Optional[ForwardFailure]:
+        """Why the model, as pruned so far, no longer runs the forward it was traced with (or
+        gives outputs of another structure); ``None`` if it does (see :mod:`.forward_check`)."""
+        return None if self.forward_check is None else self.forward_check.failure()
 
     def _require(self) -> Analysis:
         if self.analysis is None:
@@ -567,9 +579,29 @@ class DependencyGraph:
         return list(by_dep.values())
 
     def _prune(self, group: Group, record_history: bool = True) -> None:
+        """Prune one group. Outside a pruner's step (``deferred``) an error leaves the model
+        as it was, and so does a pruned model that fails its forward check."""
         reason = group.refusal()
         if reason is not None:
             raise ValueError(f"cannot prune this group: {reason}")
+        if self._deferred:
+            self._apply(group, record_history)
+            self._pending = True
+            return
+        checkpoint = Checkpoint(self)
+        try:
+            self._apply(group, record_history)
+            failure = self.forward_failure()
+        except BaseException:
+            checkpoint.restore()
+            raise
+        if failure is not None:
+            checkpoint.restore()
+            raise ValueError(f"cannot prune this group, {failure}; the model is left as it was")
+        self._pending = True
+        self._notify()
+
+    def _apply(self, group: Group, record_history: bool) -> None:
         live = self._live_classes(group.coupling)
         removed = np.array([live[i] for i in group.idxs], np.int64)
         operations = []
@@ -591,9 +623,6 @@ class DependencyGraph:
             self.history.append(step)
             model_history(self.model).append(step)
         group._items = None
-        self._pending = True
-        if not self._deferred:
-            self._notify()
 
     @contextmanager
     def deferred(self, notify: bool = True) -> Iterator[None]:

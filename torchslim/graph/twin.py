@@ -21,9 +21,16 @@ from torchslim.graph.capture import TensorRef
 
 
 def meta_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers live on ``meta``."""
+    """A deep copy of ``model`` whose parameters, buffers and tensor attributes (weights that
+    an old-style ``weight_norm`` hook computed, caches) live on ``meta``."""
     memo: dict[int, Any] = {}
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
+    attributes = (
+        value
+        for module in model.modules()
+        for value in vars(module).values()
+        if isinstance(value, torch.Tensor)
+    )
+    for tensor in itertools.chain(model.parameters(), model.buffers(), attributes):
         twin = torch.empty_like(tensor, device="meta")
         if isinstance(tensor, nn.Parameter):
             twin = nn.Parameter(twin, requires_grad=tensor.requires_grad)

@@ -21,7 +21,9 @@ from torchslim.graph.dependency import DependencyGraph, Group
 from torchslim.graph.kinds import KINDS, group_kind
 from torchslim.importance import Importance, MagnitudeImportance
 from torchslim.pruner.reconstruct import Reconstruction, ReconstructionReport, reconstruct
+from torchslim.pruner.safety import SafePruning, StepReport, prune_checked, prune_merged
 from torchslim.pruner.schedule import linear_scheduler
+from torchslim.pruning.reparametrised import detach_cached
 from torchslim.utils.ops_counter import count_ops_and_params
 from torchslim.verify import VerifyReport, verify
 
@@ -48,6 +50,11 @@ class MetaPruner:
     ``graph`` reuses a dependency graph already built on ``model`` instead of tracing it again
     (searches apply many configurations to one graph); ``trace_on_meta`` traces a weightless
     copy instead of the model (LLM-sized models, see ``DependencyGraph.build_dependency``).
+    ``exact_only`` leaves alone the groups whose channels pass through channel-mixing ops
+    (LayerNorm statistics, a head size used as a scale): what remains is exactly the original
+    with the removed channels zeroed. Every step ends with a forward check of the pruned model
+    (on ``meta`` where possible); groups that break it are refused and the rest pruned
+    (:attr:`refused`, :attr:`last_step`).
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class MetaPruner:
         trace_train_mode: bool = True,
         graph: Optional[DependencyGraph] = None,
         trace_on_meta: bool = False,
+        exact_only: bool = False,
     ) -> None:
         model = unwrap_model(model)
         if graph is not None and graph.model is not model:
@@ -143,6 +151,12 @@ class MetaPruner:
             trace_train_mode=trace_train_mode,
             trace_on_meta=trace_on_meta,
         )
+        self.exact_only = exact_only
+        #: Groups the safety net refused (the pruned forward failed), with the failure.
+        self.refused: dict[int, str] = {}
+        #: What the last step pruned and did not (``None`` before any, and after an
+        #: interactive step whose groups the caller prunes).
+        self.last_step: Optional[StepReport] = None
         self.initial_sizes = {g.coupling.id: g.size for g in self.groups()}
         #: What the last ``step(reconstruct=...)`` refit (``None`` before any).
         self.reconstruction: Optional[ReconstructionReport] = None
@@ -152,11 +166,24 @@ class MetaPruner:
     # ------------------------------------------------------------------------------ groups
 
     def groups(self) -> list[Group]:
-        """The groups this pruner may prune (ignored layers and parameters left out)."""
+        """The groups this pruner may prune: ignored layers and parameters left out, and groups
+        refused by the safety net; with ``exact_only``, groups with channel-mixing ops too."""
+        return [
+            g
+            for g in self._candidates()
+            if g.coupling.id not in self.refused and not (self.exact_only and g.mixing)
+        ]
+
+    def _candidates(self) -> list[Group]:
         groups = self.DG.get_all_groups(
             ignored_layers=self.ignored_modules, root_module_types=self.root_module_types
         )
         return [g for g in groups if not self._touches_ignored_param(g)]
+
+    def _skipped_mixing(self) -> list[str]:
+        if not self.exact_only:
+            return []
+        return [g.root.label for g in self._candidates() if g.mixing]
 
     def _touches_ignored_param(self, group: Group) -> bool:
         return any(
@@ -190,11 +217,11 @@ class MetaPruner:
         ``reconstruct`` the reference is the model after the refit (a deliberate weight change,
         reported in :attr:`reconstruction`), so the check is still of the structural prune."""
         groups = self.step(interactive=True, reconstruct=reconstruct)
+        detach_cached(self.model)
         reference = copy.deepcopy(self.DG)  # after any refit: step() refits before it returns
-        with self.DG.deferred():
-            chosen = _prune_merged(groups)
+        result = self._prune_checked(groups)
         selections = []
-        for group, classes in chosen:
+        for group, classes in result.pruned:
             like = reference.group_like(group)
             merged = reference.group_of(like.coupling, like.root, classes)
             selections.append((merged, list(merged.idxs)))
@@ -237,17 +264,34 @@ class MetaPruner:
                 raise
         if interactive:
             return iter(selections)
-        with self.DG.deferred():
-            for group in selections:
-                group.prune()
+        self._prune_checked(selections)
         return None
+
+    def _prune_checked(self, selections: Iterable[Group]) -> SafePruning:
+        """Prune a step's groups through the safety net, refuse for later steps the groups
+        that broke the forward, and report (see :class:`StepReport`)."""
+        result = prune_checked(self.DG, selections)
+        for (group, _), reason in result.refused:
+            self.refused[group.coupling.id] = reason
+        self.last_step = report = StepReport.of(result, self._skipped_mixing())
+        if report.mixing:
+            reasons = sorted({r for _, rs in report.mixing for r in rs})
+            warnings.warn(
+                f"{len(report.mixing)} of the {len(report.pruned)} groups this step pruned pass "
+                f"through channel-mixing ops ({reasons[0]}{', ...' if len(reasons) > 1 else ''}): "
+                "the pruned model is not the original with those channels zeroed (exact_only=True "
+                "leaves such groups alone)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return result
 
     def _reconstructed(self, selections: Iterable[Group], config: Reconstruction) -> list[Group]:
         """The step's groups, found by pruning them in a trial that is then undone (target
         mode counts MACs between increments), merged per coupling, with their consumers refit
         on the model as it was before the step."""
         with trial(self.DG), self.DG.deferred(notify=False):
-            chosen = _prune_merged(selections)
+            chosen = prune_merged(selections)
         groups = [self.DG.group_of(g.coupling, g.root, classes) for g, classes in chosen]
         self.reconstruction = reconstruct(self.model, groups, config, self.forward_fn)
         return groups
@@ -412,17 +456,6 @@ class MetaPruner:
 
     def update_regularizer(self) -> None:
         """Refresh the groups regularisation acts on (call after pruning)."""
-
-
-def _prune_merged(groups: Iterable[Group]) -> list[tuple[Group, list[int]]]:
-    """Prune each group, and return the classes removed per coupling (the same coupling can be
-    chosen again in a later increment, with indices relative to what was left then)."""
-    chosen: dict[int, tuple[Group, list[int]]] = {}
-    for group in groups:
-        _, classes = chosen.setdefault(group.coupling.id, (group, []))
-        classes.extend(group.selected_classes())
-        group.prune()
-    return list(chosen.values())
 
 
 def _reconstruction(value: Calibration) -> Optional[Reconstruction]:

@@ -1,0 +1,127 @@
+"""The pruners' safety net: a step never hands back a model that fails the forward it was
+traced with.
+
+A step's groups are pruned together, then the pruned model runs its forward check (see
+:mod:`torchslim.graph.forward_check`). If it fails, the step is undone and the groups that break
+it are found by bisection over the step's selections (each probe prunes a prefix inside a trial
+that is undone): the shortest failing prefix ends with an offender, which is refused with the
+failure (exception and module named); the search goes on after it. The other groups are then
+pruned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from torchslim.graph.checkpoint import Checkpoint, trial
+from torchslim.graph.dependency import DependencyGraph, Group
+
+Selection = tuple[Group, list[int]]
+
+
+@dataclass
+class SafePruning:
+    """What a checked step pruned, and the selections its forward check refused."""
+
+    pruned: list[Selection] = field(default_factory=list)
+    refused: list[tuple[Selection, str]] = field(default_factory=list)
+
+
+@dataclass
+class StepReport:
+    """What one step pruned, and what it did not: groups (by root) with the channels removed,
+    those of them whose channels pass through channel-mixing ops (with the ops), the groups
+    ``exact_only`` left alone, and the groups the forward check refused (with the failure)."""
+
+    pruned: list[tuple[str, int]]
+    mixing: list[tuple[str, list[str]]]
+    skipped_mixing: list[str]
+    refused: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, result: SafePruning, skipped_mixing: list[str]) -> StepReport:
+        return cls(
+            pruned=[(g.root.label, len(classes)) for g, classes in result.pruned],
+            mixing=[(g.root.label, sorted(g.mixing)) for g, _ in result.pruned if g.mixing],
+            skipped_mixing=skipped_mixing,
+            refused=[(g.root.label, reason) for (g, _), reason in result.refused],
+        )
+
+    def __str__(self) -> str:
+        channels = sum(n for _, n in self.pruned)
+        lines = [f"pruned {len(self.pruned)} groups ({channels} channels)"]
+        if self.mixing:
+            lines.append(
+                f"{len(self.mixing)} of them pass through channel-mixing ops (not exact by "
+                f"design): {', '.join(label for label, _ in self.mixing[:3])}"
+                + (", ..." if len(self.mixing) > 3 else "")
+            )
+        if self.skipped_mixing:
+            lines.append(f"exact_only left {len(self.skipped_mixing)} mixing groups alone")
+        lines += [f"refused {label}: {reason}" for label, reason in self.refused]
+        return "\n".join(lines)
+
+
+def prune_merged(groups: Iterable[Group]) -> list[Selection]:
+    """Prune each group, and return the classes removed per coupling (the same coupling can be
+    chosen again in a later increment, with indices relative to what was left then)."""
+    chosen: dict[int, Selection] = {}
+    for group in groups:
+        _, classes = chosen.setdefault(group.coupling.id, (group, []))
+        classes.extend(group.selected_classes())
+        group.prune()
+    return list(chosen.values())
+
+
+def prune_checked(graph: DependencyGraph, groups: Iterable[Group]) -> SafePruning:
+    """Prune the groups; if the pruned model fails its forward check, prune only those that
+    keep it running (see the module docstring). Config listeners are notified once."""
+    checkpoint = Checkpoint(graph)
+    with graph.deferred():
+        try:
+            chosen = prune_merged(groups)
+            failure = graph.forward_failure()
+        except BaseException:
+            checkpoint.restore()
+            raise
+        if failure is None:
+            return SafePruning(chosen)
+        checkpoint.restore()
+        result = _bisect(graph, chosen)
+        _apply(graph, result.pruned)
+    return result
+
+
+def _apply(graph: DependencyGraph, selections: list[Selection]) -> None:
+    for group, classes in selections:
+        graph.group_of(group.coupling, group.root, classes).prune()
+
+
+def _failure(graph: DependencyGraph, selections: list[Selection]) -> Optional[str]:
+    with trial(graph), graph.deferred(notify=False):
+        _apply(graph, selections)
+        failure = graph.forward_failure()
+    return None if failure is None else str(failure)
+
+
+def _bisect(graph: DependencyGraph, chosen: list[Selection]) -> SafePruning:
+    result = SafePruning()
+    remaining = list(chosen)
+    while remaining:
+        if _failure(graph, result.pruned + remaining) is None:
+            result.pruned += remaining
+            break
+        lo, hi = 1, len(remaining)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _failure(graph, result.pruned + remaining[:mid]) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        result.pruned += remaining[: lo - 1]
+        offender = remaining[lo - 1]
+        reason = _failure(graph, result.pruned + [offender])
+        result.refused.append((offender, reason or "the forward check failed with the others"))
+        remaining = remaining[lo:]
+    return result
