@@ -249,3 +249,13 @@ def test_prune_reports_mixing_groups_and_exact_only_leaves_them_alone(capsys):
     out = capsys.readouterr().out
     assert "channel-mixing" not in out and "not checked" not in out
     assert "exactness check: ok" in out
+
+
+def test_a_flag_replaces_the_recipe_options_it_conflicts_with(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: resnet18\ninput-shape: 1,3,64,64\ntarget-macs: 0.5\n")
+    assert main(["prune", "--config", str(recipe), "--ratio", "0.5", "--out", str(tmp_path)]) == 0
+    written = (tmp_path / "resnet18.recipe.yaml").read_text()
+    assert "ratio: 0.5" in written and "target_macs: null" in written
+    recipe.write_text("model: resnet18\ninput-shape: 1,3,64,64\nratio: 0.5\n")
+    assert main(["prune", "--config", str(recipe), "--target-macs=0.6"]) == 0

@@ -339,3 +339,46 @@ def test_exact_only_leaves_mixing_groups_alone_and_steps_report_them():
     assert model.a.out_features == 8
     assert [label for label, _ in pruner.last_step.mixing] == ["a.weight[dim 0]"]
     assert "LayerNorm statistics" in pruner.last_step.mixing[0][1][0]
+
+
+def test_a_size_made_a_plain_int_is_named_as_such_in_the_refusal():
+    class Flattens(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(x.shape[0], int(x.shape[1]), -1).mean(-1)[..., None, None]
+
+    x = torch.randn(1, 3, 8, 8)
+    graph = build(_sandwich(Flattens(), width=12), x)
+    reasons = {r for c in graph.analysis.couplings.values() for r in c.frozen.values()}
+    assert any(
+        r.startswith("hard-coded size 12 in Tensor.reshape in 1 (a literal, or a size the model")
+        and "int()" in r
+        for r in reasons
+    ), reasons
+
+
+class Gated(nn.Module):
+    """timm's FocalModulation: the last gate channel, a slice of size 1, scales every channel."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.f = nn.Conv2d(width, width + 3, 1)
+        self.levels = 2
+        self.input_split = [width, self.levels + 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx, gates = torch.split(self.f(x), self.input_split, 1)
+        out = ctx * gates[:, self.levels :]
+        for level in range(self.levels):
+            out = out + ctx * gates[:, level : level + 1]
+        return out
+
+
+def test_a_size_one_slice_broadcast_over_channels_keeps_its_channel():
+    x = torch.randn(1, 3, 8, 8)
+    model = _sandwich(Gated(16))
+    graph = build(model, x)
+    (gate,) = [g for g in graph.all_groups() if g.size == 3 and g.root.ref.module is model[1].f]
+    assert not gate.prunable_idxs
+    assert "a size-1 dim broadcast to 16" in gate.refusal([2])
+    _prune(model, x)
+    assert model[1].f.out_channels == 11 and model(x).shape == (1, 4, 8, 8)

@@ -157,8 +157,22 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
         convert = actions[dest].type
         if callable(convert) and isinstance(value, (str, int, float)):
             values[dest] = convert(value)
+    for dest in _replaced_by_flags(subparser, argv or sys.argv[1:]):
+        values.pop(dest, None)
     subparser.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def _replaced_by_flags(subparser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Recipe keys that a flag on the command line replaces: the other options of its
+    mutually exclusive group (``--ratio`` replaces a recipe's ``target_macs``)."""
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    replaced = set()
+    for group in subparser._mutually_exclusive_groups:
+        chosen = [a for a in group._group_actions if given & set(a.option_strings)]
+        if chosen:
+            replaced.update(a.dest for a in group._group_actions if a not in chosen)
+    return replaced
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -207,7 +207,8 @@ def same_layout(ctx: OpContext) -> None:
 
 
 def broadcast(ctx: OpContext) -> None:
-    """Broadcasting: dims of equal size (aligned from the right) hold the same positions."""
+    """Broadcasting: dims of equal size (aligned from the right) hold the same positions; a
+    size-1 dim stretched over a larger one keeps its position (removing it would leave 0)."""
     out = ctx.out
     if not isinstance(out, torch.Tensor):
         raise ValueError("element-wise op without a tensor output")
@@ -224,6 +225,8 @@ def broadcast(ctx: OpContext) -> None:
                 candidates.append(ctx.layout(tensor)[k])
             elif k >= 0 and tensor.shape[k] != 1:
                 raise ValueError(f"cannot broadcast size {tensor.shape[k]} to {size}")
+            elif k >= 0:  # a single position stretched over the others: it must stay
+                ctx.freeze(ctx.layout(tensor)[k], f"a size-1 dim broadcast to {size}")
         for other in candidates[1:]:
             ctx.unify(candidates[0], other)
         result.append(candidates[0] if candidates else ctx.opaque(size))
