@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from helpers import tiny_llama
 from torch import nn
 
 import torchslim as tp
@@ -358,3 +359,16 @@ def test_multi_query_attention_prunes_query_heads_around_the_single_kv_head():
     assert report.ok and "heads" in kinds
     assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 6
     assert model.model.layers[1].self_attn.k_proj.out_features == 8
+
+
+def test_load_pruned_leaves_a_hugging_face_config_true_to_the_weights(tmp_path):
+    model = tiny_llama()
+    x = torch.randint(0, 97, (1, 8))
+    recipe = {"heads": 0.5, "neurons": 0.5}
+    tp.pruner.MagnitudePruner(model, x, pruning_ratio=0.0, pruning_ratio_dict=recipe).step()
+    path = tp.save_pruned(model, tmp_path / "llama.safetensors")
+    fresh = tp.load_pruned(tiny_llama(), path)
+    assert fresh.config.to_dict() == model.config.to_dict()
+    fresh.save_pretrained(tmp_path / "hf")
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(reloaded(x).logits, model(x).logits)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from torchslim.graph.attributes import set_attribute
+from torchslim.graph.dependency import PRUNE_LISTENERS
 from torchslim.graph.history import HISTORY_ATTRIBUTE, model_history
 from torchslim.pruning import functions as F
 
@@ -101,6 +102,8 @@ def load_pruned(
         raise CheckpointError(f"{path}: checksum mismatch, the file was modified after saving")
     plan = json.loads(metadata["plan"])
     apply_plan(model, plan, customized_pruners)
+    for listener in PRUNE_LISTENERS:  # a Hugging Face config follows, as after pruning
+        listener(model)
     _load_weights(model, tensors, path)
     return model
 
