@@ -157,7 +157,7 @@ def _check(graph, example_inputs, pairs, forward_fn, tolerance) -> GroupCheck:
         memo[id(module)] = reference.get_submodule(name) if name else reference
     for group, idxs in pairs:
         for member, positions in group.removed_positions(idxs):
-            _, module, name, dim = graph._logical(member)
+            _, module, name, dim = graph.pruned_through(member)
             if dim is not None:
                 zero_positions(memo[id(module)], name, dim, positions)
     pruned_graph = copy.deepcopy(graph)

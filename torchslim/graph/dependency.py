@@ -350,7 +350,7 @@ class DependencyGraph:
     def _handler(self, member: ParamDim) -> tuple[Optional[Callable], Optional[str]]:
         """The pruning function for a parameter dim, and its role ("out"/"in"/"param"; a
         tensor that a weight norm or spectral norm slices along with the weight: "covered")."""
-        _, module, name, dim = self._logical(member)
+        _, module, name, dim = self.pruned_through(member)
         if dim is None:
             return None, "covered"
         pruner = self.get_pruner_of_module(module)
@@ -363,7 +363,7 @@ class DependencyGraph:
             return pruner.prune_in_channels, role
         return None, None
 
-    def _logical(self, member: ParamDim) -> tuple[str, nn.Module, str, Optional[int]]:
+    def pruned_through(self, member: ParamDim) -> tuple[str, nn.Module, str, Optional[int]]:
         """The layer, tensor name and dim a member's positions are pruned through: itself, or
         for the tensors of a weight norm / spectral norm, the layer weight they compute."""
         ref = member.ref
@@ -565,7 +565,7 @@ class DependencyGraph:
             handler, _ = self._handler(member)
             if handler is None:
                 continue
-            target_name, target_module, name, dim = self._logical(member)
+            target_name, target_module, name, dim = self.pruned_through(member)
             positions = _role_positions(target_module, name, dim, member.positions_of(removed))
             if positions.size == 0 and member is not root:
                 continue

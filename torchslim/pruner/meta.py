@@ -263,6 +263,7 @@ class MetaPruner:
                 self.current_step -= 1
                 raise
         if interactive:
+            self.last_step = None
             return iter(selections)
         self._prune_checked(selections)
         return None

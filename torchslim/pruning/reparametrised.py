@@ -40,7 +40,7 @@ class Reparametrised:
     def parametrized(self) -> bool:
         return isinstance(self.hook, nn.Module)
 
-    def _slots(self) -> dict[str, tuple[nn.Module, str]]:
+    def slots(self) -> dict[str, tuple[nn.Module, str]]:
         """Where each stored tensor lives: ``g``/``v`` (weight norm), ``W``/``u``/``v``."""
         if self.parametrized:
             holder = self.layer.parametrizations[self.name]
@@ -53,11 +53,11 @@ class Reparametrised:
         return {key: (self.layer, self.name + s) for key, s in suffixes.items()}
 
     def get(self, key: str) -> torch.Tensor:
-        holder, attr = self._slots()[key]
+        holder, attr = self.slots()[key]
         return getattr(holder, attr)
 
     def set(self, key: str, data: torch.Tensor) -> None:
-        holder, attr = self._slots()[key]
+        holder, attr = self.slots()[key]
         replace_tensor(holder, attr, data)
 
     def refresh(self) -> None:
@@ -128,7 +128,7 @@ def resolve(
         owner_name = f".{module_name}".rpartition(PARAMETRIZATIONS)[0][1:]
         owner = model.get_submodule(owner_name) if owner_name else model
     for rep in in_layer(owner):
-        for key, (holder, attr) in rep._slots().items():
+        for key, (holder, attr) in rep.slots().items():
             if holder is module and attr == tensor:
                 return Resolved(owner_name, owner, rep.name, _logical_dim(rep, key, dim))
     return None
