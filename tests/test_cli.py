@@ -259,3 +259,27 @@ def test_a_flag_replaces_the_recipe_options_it_conflicts_with(tmp_path, capsys):
     assert "ratio: 0.5" in written and "target_macs: null" in written
     recipe.write_text("model: resnet18\ninput-shape: 1,3,64,64\nratio: 0.5\n")
     assert main(["prune", "--config", str(recipe), "--target-macs=0.6"]) == 0
+
+
+class Attention(torch.nn.Module):
+    """A residual width feeding ``nn.MultiheadAttention``: heads x offsets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 64)
+        self.attn = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+        self.mlp = torch.nn.Linear(64, 32)
+        self.head = torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(torch.relu(self.mlp(h)))
+
+
+def test_inspect_names_the_kind_of_every_group(capsys):
+    assert main(["inspect", "test_cli:Attention", "--input-shape", "2,5,8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    kinds = {tuple(re.split(r"\s{2,}", line)[:2]) for line in lines if "[dim" in line}
+    assert {("embed.weight[dim 0]", "heads"), ("embed.weight[dim 0]", "head_dim")} <= kinds
+    assert ("mlp.weight[dim 0]", "neurons") in kinds

@@ -24,6 +24,7 @@ from torchslim.cli.finetune import run_finetune
 from torchslim.cli.models import ModelNotFound, load_model, parse_shape
 from torchslim.cli.search import add_commands as add_search_commands
 from torchslim.cli.search import run_search, run_sensitivity
+from torchslim.graph.kinds import group_kind
 
 IMPORTANCE = {
     "l1": lambda: tp.importance.MagnitudeImportance(p=1),
@@ -297,12 +298,14 @@ def inspect(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -
         else:
             status = "prunable"
         layers = len({m.ref.module_name for m in group.coupling.members})
-        rows.append((group.root.label, group.size, prunable, layers, status[:100]))
-    print(_table(rows, ("group (root)", "channels", "prunable", "layers", "status")))
+        kind = group_kind(group)
+        rows.append((group.root.label, kind, group.size, prunable, layers, status[:100]))
+    header = ("group (root)", "kind", "channels", "prunable", "layers", "status")
+    print(_table(rows, header))
     macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(
         model, example, layer_wise=True
     )
-    usable = sum(1 for r in rows if r[2])
+    usable = sum(1 for r in rows if r[3])
     print(
         f"\n{len(rows)} groups, {usable} prunable; {params / 1e6:.3f} M params, "
         f"{macs / 1e9:.4f} G MACs"
