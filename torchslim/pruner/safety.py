@@ -88,7 +88,7 @@ def prune_checked(graph: DependencyGraph, groups: Iterable[Group]) -> SafePrunin
         if failure is None:
             return SafePruning(chosen)
         checkpoint.restore()
-        result = _bisect(graph, chosen)
+        result = _bisect(graph, chosen, str(failure))
         _apply(graph, result.pruned)
     return result
 
@@ -105,23 +105,25 @@ def _failure(graph: DependencyGraph, selections: list[Selection]) -> Optional[st
     return None if failure is None else str(failure)
 
 
-def _bisect(graph: DependencyGraph, chosen: list[Selection]) -> SafePruning:
+def _bisect(graph: DependencyGraph, chosen: list[Selection], failure: Optional[str]) -> SafePruning:
+    """Split ``chosen``, whose pruning together fails with ``failure``, into the selections
+    that keep the forward running and the offenders."""
     result = SafePruning()
     remaining = list(chosen)
     while remaining:
-        if _failure(graph, result.pruned + remaining) is None:
+        if failure is None:
             result.pruned += remaining
             break
-        lo, hi = 1, len(remaining)
+        lo, hi = 1, len(remaining)  # the shortest failing prefix, with its failure
         while lo < hi:
             mid = (lo + hi) // 2
-            if _failure(graph, result.pruned + remaining[:mid]) is None:
+            probe = _failure(graph, result.pruned + remaining[:mid])
+            if probe is None:
                 lo = mid + 1
             else:
-                hi = mid
+                hi, failure = mid, probe
         result.pruned += remaining[: lo - 1]
-        offender = remaining[lo - 1]
-        reason = _failure(graph, result.pruned + [offender])
-        result.refused.append((offender, reason or "the forward check failed with the others"))
+        result.refused.append((remaining[lo - 1], failure))
         remaining = remaining[lo:]
+        failure = _failure(graph, result.pruned + remaining) if remaining else None
     return result

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from torchslim.pruning.reparametrised import find as find_reparametrised
-from torchslim.pruning.reparametrised import slice_weight
+from torchslim.pruning.reparametrised import replace_tensor, slice_weight
 
 Indices = Union[Sequence[int], np.ndarray, torch.Tensor, range]
 
@@ -35,16 +35,9 @@ def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> No
         return
     tensor = getattr(module, name)
     index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
-    data = tensor.detach().index_select(dim, index).contiguous()
-    if isinstance(tensor, nn.Parameter):
-        sliced = nn.Parameter(data, requires_grad=tensor.requires_grad)
-        if tensor.grad is not None:
-            sliced.grad = tensor.grad.index_select(dim, index).contiguous()
-        setattr(module, name, sliced)
-    elif name in module._buffers:
-        module._buffers[name] = data
-    else:
-        setattr(module, name, data)
+    replace_tensor(module, name, tensor.detach().index_select(dim, index).contiguous())
+    if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
+        getattr(module, name).grad = tensor.grad.index_select(dim, index).contiguous()
 
 
 def add_bias(layer: nn.Module) -> None:

@@ -160,22 +160,29 @@ def _slice_weight_norm(rep: Reparametrised, dim: int, keep: Sequence[int]) -> No
     if dim == rep.dim:
         g = g.index_select(dim, index)
     else:
-        before = torch.norm_except_dim(v.double(), 2, rep.dim)
-        after = torch.norm_except_dim(kept.double(), 2, rep.dim)
-        scale = torch.where(before > 0, after / before.clamp_min(1e-300), 1.0)
-        g = (g.double() * scale).to(g.dtype)
+        g = (g.double() * _norm_change(v, kept, rep.dim)).to(g.dtype)
     rep.set("g", g.contiguous())
     rep.set("v", kept.contiguous())
 
 
-def _matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    return weight.movedim(dim, 0).reshape(weight.shape[dim], -1)
+def _norm_change(old_v: torch.Tensor, new_v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``||new_v|| / ||old_v||`` per normalised row (1 where the old norm is 0): the factor by
+    which ``g`` keeps ``g * v / ||v||`` unchanged on the columns ``new_v`` still holds."""
+    before = torch.norm_except_dim(old_v.double(), 2, dim)
+    after = torch.norm_except_dim(new_v.double(), 2, dim)
+    return torch.where(before > 0, after / before.clamp_min(1e-300), 1.0)
+
+
+def _sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """Spectral norm's eval-mode estimate ``u^T W v``, in float64."""
+    matrix = weight.double().movedim(dim, 0).reshape(weight.shape[dim], -1)
+    return torch.dot(u.double(), matrix @ v.double())
 
 
 def _slice_spectral_norm(rep: Reparametrised, dim: int, keep: Sequence[int]) -> None:
     weight, u, v = (rep.get(k).detach() for k in ("W", "u", "v"))
     index = torch.as_tensor(list(keep), dtype=torch.long, device=weight.device)
-    sigma = torch.dot(u.double(), _matrix(weight.double(), rep.dim) @ v.double())
+    sigma = _sigma(weight, u, v, rep.dim)
     kept = weight.index_select(dim, index)
     if dim == rep.dim:
         u = u.index_select(0, index)
@@ -184,7 +191,7 @@ def _slice_spectral_norm(rep: Reparametrised, dim: int, keep: Sequence[int]) -> 
         columns = torch.arange(v.numel(), device=v.device)
         columns = columns.reshape([weight.shape[d] for d in moved])
         v = v.index_select(0, columns.index_select(moved.index(dim), index).reshape(-1))
-    new_sigma = torch.dot(u.double(), _matrix(kept.double(), rep.dim) @ v.double())
+    new_sigma = _sigma(kept, u, v, rep.dim)
     if new_sigma != 0:
         u = (u.double() * (sigma / new_sigma)).to(u.dtype)
     rep.set("W", kept.contiguous())
@@ -214,17 +221,16 @@ def _zero_weight_norm(rep: Reparametrised, dim: int, index: torch.Tensor) -> Non
     if dim == rep.dim:
         g.index_fill_(dim, index, 0)
         return
-    before = torch.norm_except_dim(v.double(), 2, rep.dim)
-    v.index_fill_(dim, index, 0)
-    after = torch.norm_except_dim(v.double(), 2, rep.dim)
-    g.copy_(g.double() * torch.where(before > 0, after / before.clamp_min(1e-300), 1.0))
+    zeroed = v.index_fill(dim, index, 0)
+    g.copy_(g.double() * _norm_change(v, zeroed, rep.dim))
+    v.copy_(zeroed)
 
 
 def _zero_spectral_norm(rep: Reparametrised, dim: int, index: torch.Tensor) -> None:
     weight, u, v = (rep.get(k) for k in ("W", "u", "v"))
-    sigma = torch.dot(u.double(), _matrix(weight.double(), rep.dim) @ v.double())
+    sigma = _sigma(weight, u, v, rep.dim)
     weight.index_fill_(dim, index, 0)
-    new_sigma = torch.dot(u.double(), _matrix(weight.double(), rep.dim) @ v.double())
+    new_sigma = _sigma(weight, u, v, rep.dim)
     if new_sigma != 0:
         u.copy_(u.double() * (sigma / new_sigma))
 
