@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchslim as ts  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
-from torchslim.data import FASHION_MNIST, accuracy, load_dataset  # noqa: E402
+from torchslim.cli.datasets import FASHION_MNIST, accuracy, load_dataset  # noqa: E402
 
 INPUT = torch.randn(1, 1, 28, 28)
 

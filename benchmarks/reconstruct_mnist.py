@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torchslim as tp  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
 from benchmarks.sparsity_mnist import MNIST, WHEEL, load_model  # noqa: E402
-from torchslim.data import accuracy, load_dataset  # noqa: E402
+from torchslim.cli.datasets import accuracy, load_dataset  # noqa: E402
 
 CALIBRATION = 1024
 BATCH = 128

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torchslim as ts  # noqa: E402
 from benchmarks.accuracy import INPUT, SmallResNet, prune_uniform, train, uniform_to_half  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
-from torchslim.data import FASHION_MNIST, Split, accuracy, load_dataset  # noqa: E402
+from torchslim.cli.datasets import FASHION_MNIST, Split, accuracy, load_dataset  # noqa: E402
 
 VALIDATION = 5000
 BATCH = 128

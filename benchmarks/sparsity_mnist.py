@@ -31,7 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import publish  # noqa: E402
-from torchslim.data import accuracy, load_dataset  # noqa: E402
+from torchslim.cli.datasets import accuracy, load_dataset  # noqa: E402
 from torchslim.sparsity import (  # noqa: E402
     GMPUnstructuredPruner,
     NMSparsifier,

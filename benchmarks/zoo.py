@@ -34,7 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchslim as ts  # noqa: E402
-from torchslim.graph.capture import iter_tensors  # noqa: E402
+from torchslim.spaces.trace import iter_tensors  # noqa: E402
 from torchslim.verify import random_selections, relative_error, run_float64  # noqa: E402
 from torchslim.zoo import (  # noqa: E402
     ZooModel,

@@ -43,7 +43,7 @@ def assert_exact(
 
 
 def _outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
-    from torchslim.graph.capture import iter_tensors
+    from torchslim.spaces.trace import iter_tensors
 
     with torch.no_grad():
         out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)

@@ -157,7 +157,7 @@ def test_idx_files_load_raw_or_gzipped(tmp_path):
 
     import numpy as np
 
-    from torchslim.data import load_dataset
+    from torchslim.cli.datasets import load_dataset
 
     images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
     for prefix in ("train", "t10k"):

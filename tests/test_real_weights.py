@@ -9,7 +9,7 @@ import pytest
 
 import torchslim as tp
 from benchmarks.sparsity_mnist import MNIST, WHEEL, load_model
-from torchslim.data import accuracy, load_dataset
+from torchslim.cli.datasets import accuracy, load_dataset
 
 pytestmark = pytest.mark.skipif(
     not (WHEEL / "model.py").is_file() or not MNIST.is_dir(),

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import torchslim as tp
+from torchslim.graph.record import model_history
 from torchslim.search import Sensitivity, Target, Trial
 
 X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -109,7 +110,7 @@ def test_a_trial_is_undone_completely(build, x):
         before = space.model(x)
     tensors = dict(space.model.state_dict(keep_vars=True))
     attributes = {n: dict(vars(m)) for n, m in space.model.named_modules()}
-    removed, history = dict(space.graph._removed), len(space.graph.history)
+    removed, history = dict(space.graph.state.removed), len(space.graph.history)
     for unit in space.units:
         for ratio in (0.3, 0.6):
             with space.trial({unit.name: ratio}):
@@ -120,12 +121,12 @@ def test_a_trial_is_undone_completely(build, x):
     assert all(space.model.state_dict(keep_vars=True)[k] is v for k, v in tensors.items())
     for name, module in space.model.named_modules():
         assert {k: v for k, v in vars(module).items()} == attributes[name]
-    assert space.graph._removed == removed and len(space.graph.history) == history
+    assert space.graph.state.removed == removed and len(space.graph.history) == history
     # pruning after all those trials gives exactly what a fresh graph gives
     config = {unit.name: 0.5 for unit in space.units}
     again = space.export(config)
     fresh = tp.search.SearchSpace(build(), x).export(config)
-    assert again.__dict__["_torchslim_history"] == fresh.__dict__["_torchslim_history"]
+    assert model_history(again) == model_history(fresh)
     with torch.no_grad():
         assert torch.equal(again(x), fresh(x))
 

@@ -103,7 +103,8 @@ HF_MODELS: dict[str, tuple[Callable[[], nn.Module], dict, bool]] = {
 
 
 def _outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
-    from torchslim.graph.capture import call_forward, iter_tensors
+    from torchslim.capture.modules import call_forward
+    from torchslim.spaces.trace import iter_tensors
 
     with torch.no_grad():
         out = call_forward(model, inputs)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torchslim as tp
-from torchslim.graph.capture import iter_tensors
+from torchslim.spaces.trace import iter_tensors
 from torchslim.verify import random_selections
 from torchslim.zoo import build_torchvision, randomize_constant_parameters, torchvision_names
 

@@ -9,8 +9,8 @@ from torchslim import search as search
 from torchslim.graph.dependency import Dependency, DependencyGraph, Group, GroupItem, Node
 from torchslim.ops import register_rule, rule_for
 from torchslim.persistence import CheckpointError, apply_plan, load_pruned, save_pruned
-from torchslim.pruning.functions import *  # noqa: F403
-from torchslim.pruning.functions import BasePruningFunc, register_pruner
+from torchslim.pruning import *  # noqa: F403
+from torchslim.pruning import BasePruningFunc, register_pruner
 from torchslim.sparsity import GMPUnstructuredPruner, UnstructuredPruner
 from torchslim.verify import VerifyReport, random_selections, verify
 

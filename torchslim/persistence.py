@@ -20,10 +20,13 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from torchslim.graph.attributes import set_attribute
-from torchslim.graph.dependency import PRUNE_LISTENERS
-from torchslim.graph.history import HISTORY_ATTRIBUTE, model_history
-from torchslim.pruning import functions as F
+from torchslim.graph.hooks import run_prune_hooks
+from torchslim.graph.record import model_history, recorded
+from torchslim.pruning.functions import BasePruningFunc, ParameterHandler, add_bias
+from torchslim.pruning.layers import get_pruner
+from torchslim.pruning.roles import Role
+from torchslim.pruning.tied import TiedParameters
+from torchslim.spaces.attributes import set_attribute
 
 FORMAT = "torchslim.pruned/1"
 PathLike = Union[str, os.PathLike]
@@ -37,7 +40,7 @@ def pruning_plan(model: nn.Module) -> dict[str, Any]:
     """The plan of a model pruned through torchslim groups: steps and resulting shapes."""
     return {
         "format": FORMAT,
-        "steps": list(model.__dict__.get(HISTORY_ATTRIBUTE, [])),
+        "steps": list(recorded(model, "history", [])),
         "shapes": {name: list(t.shape) for name, t in model.state_dict().items()},
     }
 
@@ -81,7 +84,7 @@ def plan_path(path: PathLike) -> Path:
 def load_pruned(
     model: nn.Module,
     path: PathLike,
-    customized_pruners: Optional[dict[Any, F.BasePruningFunc]] = None,
+    customized_pruners: Optional[dict[Any, BasePruningFunc]] = None,
 ) -> nn.Module:
     """Re-apply the saved plan to a freshly constructed ``model`` and load the saved weights."""
     from safetensors import SafetensorError, safe_open
@@ -102,8 +105,7 @@ def load_pruned(
         raise CheckpointError(f"{path}: checksum mismatch, the file was modified after saving")
     plan = json.loads(metadata["plan"])
     apply_plan(model, plan, customized_pruners)
-    for listener in PRUNE_LISTENERS:  # a Hugging Face config follows, as after pruning
-        listener(model)
+    run_prune_hooks(model)  # a Hugging Face config follows, as after pruning
     _load_weights(model, tensors, path)
     return model
 
@@ -111,12 +113,12 @@ def load_pruned(
 def apply_plan(
     model: nn.Module,
     plan: dict[str, Any],
-    customized_pruners: Optional[dict[Any, F.BasePruningFunc]] = None,
+    customized_pruners: Optional[dict[Any, BasePruningFunc]] = None,
 ) -> nn.Module:
     """Replay every pruning call of ``plan`` on ``model``, then check the resulting shapes."""
     modules = dict(model.named_modules())
     custom = dict(customized_pruners or {})
-    ties = F.TiedParameters(model)
+    ties = TiedParameters(model)
     for number, step in enumerate(plan.get("steps", []), 1):
         for op in step["ops"]:
             module = modules.get(op["module"]) if op["module"] != "<model>" else model
@@ -142,19 +144,20 @@ def apply_plan(
 
 def _apply(module: nn.Module, op: dict[str, Any], custom: dict[Any, Any], number: int) -> None:
     try:
-        if op["role"] == "param":
-            F.ParameterHandler(op["param"], op["dim"])(module, op["idxs"])
+        role = Role(op["role"])
+        if role == Role.PARAM:
+            ParameterHandler(op["param"], op["dim"])(module, op["idxs"])
             return
-        if op["role"] == "attr":
+        if role == Role.ATTR:
             set_attribute(module, op["attr"], op["value"])
             return
-        if op["role"] == "bias":
-            F.add_bias(module)
+        if role == Role.BIAS:
+            add_bias(module)
             return
-        pruner = F.get_pruner(module, custom)
+        pruner = get_pruner(module, custom)
         if pruner is None:
             raise CheckpointError(f"no pruning function for {type(module).__name__}")
-        handler = pruner.prune_out_channels if op["role"] == "out" else pruner.prune_in_channels
+        handler = pruner.prune_out_channels if role == Role.OUT else pruner.prune_in_channels
         handler(module, op["idxs"])
     except (ValueError, IndexError, AttributeError) as error:
         raise CheckpointError(

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from torchslim.graph.capture import call_forward, iter_tensors
+from torchslim.capture.modules import call_forward
 from torchslim.graph.dependency import DependencyGraph, Group
 from torchslim.pruning.reparametrised import detach_cached, zero_positions
+from torchslim.spaces.trace import iter_tensors
 
 Selection = Union[Group, tuple[Group, Sequence[int]]]
 

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 import torchslim as tp
+from torchslim.cli.datasets import accuracy, load_dataset
+from torchslim.cli.report import write_report
 from torchslim.cli.training import train_epoch
-from torchslim.data import accuracy, load_dataset
 from torchslim.utils.latency import export_onnx, latency_ms
 
 
@@ -122,8 +123,6 @@ def run_demo(
     }
     results["onnx"] = export_onnx(model, example, out / "pruned.onnx")
     tp.save_pruned(model, out / "pruned.safetensors")
-    from torchslim.cli.report import write_report
-
     write_report(out, results, history)
     return results
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torchslim.persistence import load_pruned
+from torchslim.zoo import build_torchvision, torchvision_names
+
 
 class ModelNotFound(ValueError):
     """MODEL names nothing torchslim can build."""
@@ -21,8 +24,6 @@ def load_model(spec: str, trust_pickle: bool = False) -> nn.Module:
     ``ARCH@checkpoint.safetensors`` builds ARCH and applies a pruned checkpoint written by
     ``torchslim prune`` (its plan, then its weights)."""
     if "@" in spec:
-        from torchslim.persistence import load_pruned
-
         base, _, checkpoint = spec.rpartition("@")
         return load_pruned(load_model(base, trust_pickle), checkpoint).eval()
     path = Path(spec)
@@ -46,8 +47,6 @@ def load_model(spec: str, trust_pickle: bool = False) -> nn.Module:
         if builder is None:
             raise ModelNotFound(f"{module_name} has no attribute {factory!r}")
         return builder().eval()
-    from torchslim.zoo import build_torchvision, torchvision_names
-
     if any(name == spec for _, name in torchvision_names()):
         return build_torchvision(spec).model
     try:

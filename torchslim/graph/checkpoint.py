@@ -7,9 +7,9 @@ every coupled parameter dim, the history). A :class:`Checkpoint` keeps reference
 so restoring costs a few dictionary assignments per module where a deep copy of the model per
 trial would copy every weight.
 
-It lives next to the graph because it is the one place outside it that knows which graph
-internals pruning changes; ``tests/test_search.py`` checks that a restored graph is
-indistinguishable from a fresh one.
+The graph's side is its :class:`~torchslim.graph.state.PruningState`, which snapshots and
+restores itself; ``tests/test_search.py`` checks that a restored graph is indistinguishable
+from a fresh one.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from torch import nn
 
-from torchslim.graph.history import HISTORY_ATTRIBUTE
+from torchslim.graph.record import recorded
 
 if TYPE_CHECKING:
     from torchslim.graph.dependency import DependencyGraph
@@ -59,29 +59,18 @@ class Checkpoint:
     """Everything pruning through ``graph`` can change, saved by reference."""
 
     def __init__(self, graph: DependencyGraph) -> None:
-        if graph.model is None or graph.analysis is None:
+        if graph.model is None or graph.state is None:
             raise RuntimeError("call build_dependency(model, example_inputs) first")
         self.graph = graph
-        self._model_history = len(vars(graph.model).get(HISTORY_ATTRIBUTE, []))
+        self._model_history = len(recorded(graph.model, "history", []))
         self._modules = [_ModuleState(m) for m in graph.model.modules()]
-        members = {id(m): m for m in graph.analysis.param_dims}
-        for coupling in graph.analysis.couplings.values():
-            members.update((id(m), m) for m in coupling.members)
-        self._terms = [(member, member.terms) for member in members.values()]
-        self._removed = graph._removed
-        self._ties = list(graph._ties.groups)
-        self._history = len(graph.history)
+        self._state = graph.state.snapshot()
 
     def restore(self) -> None:
         for state in self._modules:
             state.restore()
-        for member, terms in self._terms:
-            member.terms = terms
-        graph = self.graph
-        graph._removed = self._removed
-        graph._ties.groups[:] = self._ties
-        del graph.history[self._history :]
-        history = vars(graph.model).get(HISTORY_ATTRIBUTE)
+        self.graph.state.restore(self._state)
+        history = recorded(self.graph.model, "history")
         if history is not None:
             del history[self._model_history :]
 

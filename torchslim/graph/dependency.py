@@ -7,6 +7,7 @@ groups underneath come from the exact index-space analysis in :mod:`.analysis`.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -15,32 +16,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.graph.analysis import Analysis, Coupling, ParamDim
-from torchslim.graph.attributes import get_attribute, set_attribute
-from torchslim.graph.capture import (
-    TraceState,
-    Unsupported,
-    call_forward,
-    iter_tensors,
-    run_traced,
-    unwrap_model,
-)
+from torchslim.capture.modules import call_forward, unwrap_model
+from torchslim.capture.recorder import run_traced
+from torchslim.capture.twin import meta_twin, rebind, to_meta
 from torchslim.graph.checkpoint import Checkpoint
 from torchslim.graph.forward_check import ForwardCheck, ForwardFailure
-from torchslim.graph.history import model_history
-from torchslim.graph.layout import opaque
-from torchslim.graph.twin import meta_twin, rebind, to_meta
-from torchslim.ops import lookup
-from torchslim.pruning import functions as F
-from torchslim.pruning.functions import BasePruningFunc
+from torchslim.graph.hooks import run_prune_hooks
+from torchslim.graph.record import model_history, model_record
+from torchslim.graph.state import PruningState
+from torchslim.pruning.functions import BasePruningFunc, ParameterHandler
+from torchslim.pruning.layers import get_pruner, is_linear_like, role_of
 from torchslim.pruning.reparametrised import resolve as resolve_reparametrised
+from torchslim.pruning.roles import Role
+from torchslim.spaces.analysis import Analysis, Coupling, ParamDim
+from torchslim.spaces.attributes import get_attribute, set_attribute
+from torchslim.spaces.layout import opaque
+from torchslim.spaces.trace import TraceState, Unsupported, iter_tensors
 
 ForwardFn = Callable[[nn.Module, Any], Any]
-#: On the model: ``"module:attribute"`` of the int attributes its forward uses as sizes.
-SIZE_ATTRIBUTES = "_torchslim_size_attributes"
-
-#: Called with the model after pruning (e.g. to keep a Hugging Face config in step).
-PRUNE_LISTENERS: list[Callable[[nn.Module], None]] = []
+LOG = logging.getLogger("torchslim")
 
 
 @dataclass(frozen=True)
@@ -111,12 +105,12 @@ class Group:
     @property
     def size(self) -> int:
         """Number of channels (index values) in the whole group."""
-        return len(self._graph._live_classes(self.coupling))
+        return len(self._graph.live_classes(self.coupling))
 
     @property
     def items(self) -> list[GroupItem]:
         if self._items is None:
-            self._items = self._graph._items(self.coupling, self.root, self.idxs)
+            self._items = self._graph.group_items(self.coupling, self.root, self.idxs)
         return self._items
 
     def __iter__(self) -> Iterator[GroupItem]:
@@ -136,12 +130,12 @@ class Group:
     @property
     def prunable_idxs(self) -> list[int]:
         """Group indices that may be removed (not frozen by an op, input or output)."""
-        classes = self._graph._live_classes(self.coupling)
+        classes = self._graph.live_classes(self.coupling)
         return [i for i, c in enumerate(classes) if c not in self.coupling.frozen]
 
     def refusal(self, idxs: Optional[Sequence[int]] = None) -> Optional[str]:
         """Why these indices cannot be removed, or ``None`` if they can."""
-        return self._graph._refusal(self.coupling, self.idxs if idxs is None else idxs)
+        return self._graph.refusal(self.coupling, self.idxs if idxs is None else idxs)
 
     def select(self, idxs: Sequence[int]) -> Group:
         """Make ``idxs`` the indices this group removes (items are recomputed lazily)."""
@@ -153,17 +147,17 @@ class Group:
         """Remove ``idxs`` (default: the indices the group was created with) everywhere."""
         if idxs is not None:
             self.select(idxs)
-        self._graph._prune(self, record_history)
+        self._graph.prune_group(self, record_history)
 
     def selected_classes(self) -> list[int]:
         """The classes ``idxs`` stand for: stable ids of the selected channels, which stay valid
         while other channels of the group are pruned (see :meth:`DependencyGraph.group_of`)."""
-        live = self._graph._live_classes(self.coupling)
+        live = self._graph.live_classes(self.coupling)
         return [live[i] for i in self.idxs]
 
     def removed_positions(self, idxs: Sequence[int]) -> list[tuple[ParamDim, np.ndarray]]:
         """For every coupled parameter dim, the positions removing ``idxs`` would delete."""
-        live = self._graph._live_classes(self.coupling)
+        live = self._graph.live_classes(self.coupling)
         removed = np.array([live[i] for i in idxs], np.int64)
         found = [(m, m.positions_of(removed)) for m in self.coupling.members]
         return [(m, p) for m, p in found if p.size]
@@ -172,7 +166,7 @@ class Group:
         """For every coupled parameter dim, the group index of each of its positions (-1 where a
         position belongs to no channel of this group). Importance criteria score positions and
         add them up per group index with this map."""
-        live = np.asarray(self._graph._live_classes(self.coupling), np.int64)
+        live = np.asarray(self._graph.live_classes(self.coupling), np.int64)
         order = np.argsort(live)
         sorted_live = live[order]
         maps = []
@@ -189,8 +183,9 @@ class Group:
         return maps
 
     def handler_role(self, member: ParamDim) -> Optional[str]:
-        """``"out"``, ``"in"`` or ``"param"``: how this member's layer is pruned."""
-        return self._graph._handler(member)[1]
+        """:class:`~torchslim.pruning.roles.Role` ``OUT``, ``IN`` or ``PARAM``: how this member's
+        layer is pruned."""
+        return self._graph.pruning_function(member)[1]
 
     def has_dep(self, dep: Dependency) -> bool:
         return any(item.dep == dep for item in self.items)
@@ -225,11 +220,10 @@ class DependencyGraph:
         self.analysis: Optional[Analysis] = None
         self.customized_pruners: dict[Any, BasePruningFunc] = {}
         self.ignored_params: list[nn.Parameter] = []
-        self._removed: dict[int, set[int]] = {}
-        self._ties: Optional[F.TiedParameters] = None
+        #: What pruning through this graph changed (removed classes, terms, ties, steps).
+        self.state: Optional[PruningState] = None
         self._deferred = 0
         self._pending = False
-        self.history: list[dict[str, Any]] = []
         self._unsupported: list[Unsupported] = []
         self._calls = 0
         self.notes: list[str] = []
@@ -260,10 +254,16 @@ class DependencyGraph:
         that wants targets) is skipped and noted. With ``trace_on_meta`` the forward runs on a
         weightless ``meta`` copy of the model (no memory, no compute: LLM-sized models), and
         the graph is then bound to ``model`` itself.
+
+        Parameters used outside their module's forward (cls tokens, layer scales) are found
+        by the trace; ``unwrapped_parameters`` (the peer's ``[(param, dim), ...]``) is checked
+        to name parameters of ``model`` with a valid dim. With ``verbose`` the summary
+        (:meth:`summary`) is logged at INFO level on the ``torchslim`` logger.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         model = unwrap_model(model)
+        _check_unwrapped(model, unwrapped_parameters)
         self.model = model
         self.customized_pruners = dict(customized_pruners or {})
         self.ignored_params = list(ignored_params or [])
@@ -281,7 +281,7 @@ class DependencyGraph:
             return call_forward(traced, example_inputs, forward_fn)
 
         try:
-            outputs = run_traced(state, lookup, call)
+            outputs = run_traced(state, call)
         except Exception as error:
             raise RuntimeError(
                 f"the model's forward failed on the example inputs while tracing: {error}"
@@ -292,25 +292,38 @@ class DependencyGraph:
         self.notes = []
         if trace_train_mode and _layers_not_run(traced, state):
             try:
-                outputs = run_traced(state, lookup, call, training=True)
+                outputs = run_traced(state, call, training=True)
                 self._freeze_outputs(state, outputs, output_transform)
             except Exception as error:
                 self.notes.append(f"train-mode forward skipped: {type(error).__name__}: {error}")
         self._unsupported = state.unsupported
         self._calls = state.calls
-        self._ties = F.TiedParameters(model)
         state.finish()
         self.analysis = Analysis(state)
         if trace_on_meta:
             rebind(self.analysis, list(state.attributes.values()), model)
-        known = model.__dict__.setdefault(SIZE_ATTRIBUTES, set())
+        known = model_record(model).setdefault("size_attributes", set())
         known.update(
             f"{slot.module_name}:{slot.name}"
             for slot in self.analysis.sizes.slots
             if slot.layout is None or not slot.layout.is_opaque
         )
-        self._removed = {}
+        self.state = PruningState(self.analysis, model)
+        if verbose and LOG.isEnabledFor(logging.INFO):
+            LOG.info("%s", self.summary())
         return self
+
+    def summary(self) -> str:
+        """What the trace found: calls recorded, groups and how many are prunable, ops without
+        rules (whose channels are frozen) and notes."""
+        groups = self.all_groups()
+        prunable = sum(1 for group in groups if group.prunable_idxs)
+        lines = [
+            f"{self._calls} torch calls traced; {len(groups)} groups, {prunable} prunable",
+            *(f"unsupported op {u.op} in module {u.module}" for u in self.unsupported()),
+            *self.notes,
+        ]
+        return "\n".join(lines)
 
     @staticmethod
     def _freeze_outputs(state: TraceState, outputs: Any, transform: Optional[Callable]) -> None:
@@ -337,6 +350,17 @@ class DependencyGraph:
         gives outputs of another structure); ``None`` if it does (see :mod:`.forward_check`)."""
         return None if self.forward_check is None else self.forward_check.failure()
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The steps pruned through this graph (the model keeps its own, see
+        :func:`~torchslim.graph.record.model_history`)."""
+        return [] if self.state is None else self.state.history
+
+    def _require_state(self) -> PruningState:
+        if self.state is None:
+            raise RuntimeError("call build_dependency(model, example_inputs) first")
+        return self.state
+
     def _require(self) -> Analysis:
         if self.analysis is None:
             raise RuntimeError("call build_dependency(model, example_inputs) first")
@@ -345,21 +369,21 @@ class DependencyGraph:
     # ------------------------------------------------------------------------ handlers
 
     def get_pruner_of_module(self, module: nn.Module) -> Optional[BasePruningFunc]:
-        return F.get_pruner(module, self.customized_pruners)
+        return get_pruner(module, self.customized_pruners)
 
-    def _handler(self, member: ParamDim) -> tuple[Optional[Callable], Optional[str]]:
-        """The pruning function for a parameter dim, and its role ("out"/"in"/"param"; a
-        tensor that a weight norm or spectral norm slices along with the weight: "covered")."""
+    def pruning_function(self, member: ParamDim) -> tuple[Optional[Callable], Optional[str]]:
+        """The pruning function for a parameter dim, and its role (``OUT``/``IN``/``PARAM``; a
+        tensor that a weight norm or spectral norm slices along with the weight: ``COVERED``)."""
         _, module, name, dim = self.pruned_through(member)
         if dim is None:
-            return None, "covered"
+            return None, Role.COVERED
         pruner = self.get_pruner_of_module(module)
         if pruner is None:
-            return F.ParameterHandler(name, dim), "param"
+            return ParameterHandler(name, dim), Role.PARAM
         role = pruner.param_roles(module).get((name, dim))
-        if role == "out":
+        if role == Role.OUT:
             return pruner.prune_out_channels, role
-        if role == "in":
+        if role == Role.IN:
             return pruner.prune_in_channels, role
         return None, None
 
@@ -376,16 +400,16 @@ class DependencyGraph:
 
     # -------------------------------------------------------------------------- groups
 
-    def _live_classes(self, coupling: Coupling) -> list[int]:
-        removed = self._removed.get(coupling.id, set())
-        return [c for c in coupling.classes if c not in removed]
+    def live_classes(self, coupling: Coupling) -> list[int]:
+        """The coupling's channels (classes) not pruned yet: what a group's indices index."""
+        return self._require_state().live(coupling)
 
     def _members(self, module: nn.Module, role: Optional[str]) -> list[ParamDim]:
         analysis = self._require()
         found = []
         for member in analysis.param_dims:
             if member.ref.module is module and member.terms.shape[1] > 0:
-                _, member_role = self._handler(member)
+                _, member_role = self.pruning_function(member)
                 if role is None or member_role == role:
                     found.append(member)
         return found
@@ -404,7 +428,7 @@ class DependencyGraph:
         self, module: nn.Module, pruning_fn: Callable, idxs: Sequence[int]
     ) -> Group:
         """The group that removing channels ``idxs`` of ``module`` (via ``pruning_fn``) triggers."""
-        role = "out" if self.is_out_channel_pruning_fn(pruning_fn) else "in"
+        role = Role.IN if role_of(pruning_fn) == Role.IN else Role.OUT
         members = self._members(module, role) or self._members(module, None)
         if not members:
             raise ValueError(
@@ -417,7 +441,7 @@ class DependencyGraph:
                 f"indices {idxs} out of range for {root.label} of size {root.terms.shape[0]}"
             )
         coupling, classes = self._coupling_for(root, idxs)
-        live = self._live_classes(coupling)
+        live = self.live_classes(coupling)
         selected = [live.index(k) for k in classes if k in live]
         return Group(self, coupling, root, selected)
 
@@ -467,21 +491,21 @@ class DependencyGraph:
         for _, module in self.model.named_modules():
             if not _is_root(module, tuple(root_module_types)) or id(module) in ignored:
                 continue
-            for root in self._members(module, "out"):
+            for root in self._members(module, Role.OUT):
                 for coupling in self._couplings_of(root):
                     if coupling.id in visited:
                         continue
                     visited.add(coupling.id)
                     if self._touches_ignored_out(coupling, ignored):
                         continue
-                    live = self._live_classes(coupling)
+                    live = self.live_classes(coupling)
                     group = Group(self, coupling, root, list(range(len(live))))
                     if group.prunable_idxs and self._structural_refusal(coupling) is None:
                         yield group
 
     def _touches_ignored_out(self, coupling: Coupling, ignored: set[int]) -> bool:
         for member in coupling.members:
-            if id(member.ref.module) in ignored and self._handler(member)[1] == "out":
+            if id(member.ref.module) in ignored and self.pruning_function(member)[1] == Role.OUT:
                 return True
         return False
 
@@ -490,16 +514,18 @@ class DependencyGraph:
         analysis = self._require()
         groups = []
         for coupling in analysis.couplings.values():
-            handled = [m for m in coupling.members if self._handler(m)[1] is not None]
+            handled = [m for m in coupling.members if self.pruning_function(m)[1] is not None]
             if handled:
-                root = next((m for m in handled if self._handler(m)[1] == "out"), handled[0])
+                root = next(
+                    (m for m in handled if self.pruning_function(m)[1] == Role.OUT), handled[0]
+                )
                 groups.append(Group(self, coupling, root, []))
         return groups
 
     def group_of(self, coupling: Coupling, root: ParamDim, classes: Iterable[int]) -> Group:
         """The group of ``coupling`` selecting the channels with these class ids (from
         :meth:`Group.selected_classes`; classes pruned since are left out)."""
-        index = {c: i for i, c in enumerate(self._live_classes(coupling))}
+        index = {c: i for i, c in enumerate(self.live_classes(coupling))}
         return Group(self, coupling, root, [index[c] for c in classes if c in index])
 
     def group_like(self, group: Group) -> Group:
@@ -514,13 +540,14 @@ class DependencyGraph:
     def _structural_refusal(self, coupling: Coupling) -> Optional[str]:
         """Why no index of this group can be pruned, whatever the indices."""
         for member in coupling.members:
-            handler, role = self._handler(member)
-            if handler is None and role != "covered":
+            handler, role = self.pruning_function(member)
+            if handler is None and role != Role.COVERED:
                 return f"{member.label} has no pruning function"
         return None
 
-    def _refusal(self, coupling: Coupling, idxs: Sequence[int]) -> Optional[str]:
-        live = self._live_classes(coupling)
+    def refusal(self, coupling: Coupling, idxs: Sequence[int]) -> Optional[str]:
+        """Why removing ``idxs`` of ``coupling`` is refused, or ``None`` (see :meth:`Group.refusal`)."""
+        live = self.live_classes(coupling)
         for i in idxs:
             if not 0 <= i < len(live):
                 return f"index {i} out of range for a group of {len(live)} channels"
@@ -534,13 +561,9 @@ class DependencyGraph:
             n = member.terms.shape[0]
             if n and member.positions_of(removed).size >= n:
                 return f"pruning would remove every channel of {member.label}"
-        return self.analysis.size_violation(coupling.id, self._removed_with(coupling, removed))
-
-    def _removed_with(self, coupling: Coupling, classes: np.ndarray) -> dict[int, set[int]]:
-        """Classes removed so far per coupling, plus ``classes`` of ``coupling``."""
-        removed = dict(self._removed)
-        removed[coupling.id] = removed.get(coupling.id, set()) | {int(c) for c in classes}
-        return removed
+        return self.analysis.size_violation(
+            coupling.id, self._require_state().removed_with(coupling, removed)
+        )
 
     def check_pruning_group(self, group: Group) -> bool:
         """True if the group can be pruned: nothing frozen, and no layer left empty."""
@@ -548,21 +571,28 @@ class DependencyGraph:
 
     @staticmethod
     def is_out_channel_pruning_fn(fn: Callable) -> bool:
-        name = _fn_name(getattr(fn, "__func__", fn))
-        return "out" in name or name in ("prune_conv", "prune_linear", "prune_batchnorm")
+        """Whether ``fn`` prunes a layer's outputs (decided by the layer registry's
+        :func:`~torchslim.pruning.layers.role_of`)."""
+        try:
+            return role_of(fn) in (Role.OUT, Role.PARAM)
+        except ValueError:
+            return False
 
     # -------------------------------------------------------------------------- pruning
 
-    def _items(self, coupling: Coupling, root: ParamDim, idxs: Sequence[int]) -> list[GroupItem]:
-        live = self._live_classes(coupling)
+    def group_items(
+        self, coupling: Coupling, root: ParamDim, idxs: Sequence[int]
+    ) -> list[GroupItem]:
+        """The ``(dep, idxs)`` items removing ``idxs`` of ``coupling`` from ``root`` takes."""
+        live = self.live_classes(coupling)
         removed = np.array([live[i] for i in idxs if 0 <= i < len(live)], np.int64)
         index_of = {c: i for i, c in enumerate(live)}
         by_dep: dict[Dependency, GroupItem] = {}
         source = Node(root.ref.module, root.ref.module_name)
-        root_handler, _ = self._handler(root)
+        root_handler, _ = self.pruning_function(root)
         ordered = [root] + [m for m in coupling.members if m is not root]
         for member in ordered:
-            handler, _ = self._handler(member)
+            handler, _ = self.pruning_function(member)
             if handler is None:
                 continue
             target_name, target_module, name, dim = self.pruned_through(member)
@@ -578,7 +608,7 @@ class DependencyGraph:
             by_dep[dep] = GroupItem(dep, [int(p) for p in positions], root_idxs)
         return list(by_dep.values())
 
-    def _prune(self, group: Group, record_history: bool = True) -> None:
+    def prune_group(self, group: Group, record_history: bool = True) -> None:
         """Prune one group. Outside a pruner's step (``deferred``) an error leaves the model
         as it was, and so does a pruned model that fails its forward check."""
         reason = group.refusal()
@@ -602,27 +632,32 @@ class DependencyGraph:
         self._notify()
 
     def _apply(self, group: Group, record_history: bool) -> None:
-        live = self._live_classes(group.coupling)
+        live = self.live_classes(group.coupling)
         removed = np.array([live[i] for i in group.idxs], np.int64)
         operations = []
         for item in group.items:
             if item.idxs:
                 item.dep(item.idxs)
                 operations.append(_operation(item))
-        self._ties.retie()
-        self._drop_classes(group.coupling, removed)
-        self._removed = self._removed_with(group.coupling, removed)
-        for slot, value in self.analysis.attribute_values(group.coupling.id, self._removed):
+        state = self._require_state()
+        state.ties.retie()
+        state.remove(group.coupling, removed)
+        for slot, value in self.analysis.attribute_values(group.coupling.id, state.removed):
             if get_attribute(slot.module, slot.name) != value:
                 set_attribute(slot.module, slot.name, value)
                 operations.append(
-                    {"module": slot.module_name, "role": "attr", "attr": slot.name, "value": value}
+                    {
+                        "module": slot.module_name,
+                        "role": Role.ATTR.value,
+                        "attr": slot.name,
+                        "value": value,
+                    }
                 )
         if record_history:
             step = {"group": group.root.label, "idxs": list(group.idxs), "ops": operations}
-            self.history.append(step)
+            state.history.append(step)
             model_history(self.model).append(step)
-        group._items = None
+        group.select(group.idxs)
 
     @contextmanager
     def deferred(self, notify: bool = True) -> Iterator[None]:
@@ -642,33 +677,37 @@ class DependencyGraph:
     def _notify(self) -> None:
         if self._pending:
             self._pending = False
-            for listener in PRUNE_LISTENERS:
-                listener(self.model)
+            run_prune_hooks(self.model)
 
-    @staticmethod
-    def _drop_classes(coupling: Coupling, removed: np.ndarray) -> None:
-        """Keep the members' terms in step with the pruned tensors (only members of the
-        coupling can hold its classes)."""
-        for member in coupling.members:
-            gone = member.positions_of(removed)
-            if gone.size:
-                member.terms = np.delete(member.terms, gone, axis=0)
+
+def _check_unwrapped(model: nn.Module, unwrapped: Any) -> None:
+    """``unwrapped_parameters`` must name parameters of ``model``, each with a dim it has."""
+    parameters = {id(p) for p in model.parameters()}
+    for item in unwrapped or []:
+        param, dim = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+        if not isinstance(param, torch.Tensor) or id(param) not in parameters:
+            raise ValueError("unwrapped_parameters holds a parameter that is not in the model")
+        if dim is not None and not -param.dim() <= int(dim) < param.dim():
+            raise ValueError(
+                f"unwrapped_parameters: dim {dim} out of range for a parameter of shape "
+                f"{tuple(param.shape)}"
+            )
 
 
 def _operation(item: GroupItem) -> dict[str, Any]:
     """One pruning call as plain data, enough to replay it on a fresh model."""
     handler = item.dep.handler
     op: dict[str, Any] = {"module": item.dep.target.name, "idxs": [int(i) for i in item.idxs]}
-    if isinstance(handler, F.ParameterHandler):
-        op.update(role="param", param=handler.name, dim=handler.dim)
-    else:
-        op["role"] = "out" if DependencyGraph.is_out_channel_pruning_fn(handler) else "in"
+    role = role_of(handler)
+    op["role"] = role.value
+    if role == Role.PARAM:
+        op.update(param=handler.name, dim=handler.dim)
     return op
 
 
 def _is_root(module: nn.Module, types: tuple[type, ...]) -> bool:
     """A layer of ``types``; layers pruned like ``nn.Linear`` (``Conv1D``) count as Linear."""
-    return isinstance(module, types) or (nn.Linear in types and F.is_linear_like(module))
+    return isinstance(module, types) or (nn.Linear in types and is_linear_like(module))
 
 
 def _layers_not_run(model: nn.Module, state: TraceState) -> list[str]:

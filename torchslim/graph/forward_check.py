@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from torchslim.graph.capture import call_forward, untouched
-from torchslim.graph.twin import meta_twin, to_meta
+from torchslim.capture.modules import call_forward, untouched
+from torchslim.capture.twin import meta_twin, to_meta
 
 
 @dataclass

@@ -20,15 +20,15 @@ import numpy as np
 from torch import nn
 
 from torchslim.graph.dependency import Group
+from torchslim.pruning.layers import layer_kind
+from torchslim.pruning.roles import Role
 
 KINDS = ("width", "heads", "query_heads", "head_dim", "neurons")
 
 
 def _is_norm_or_embedding(module: nn.Module) -> bool:
-    from torchslim.pruning.functions import LayerNormPruner, get_pruner
-
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
-    return isinstance(module, norms) or isinstance(get_pruner(module), LayerNormPruner)
+    kind = layer_kind(module)
+    return kind.norm is not None or kind.embedding
 
 
 def _common(terms: np.ndarray) -> set[int]:
@@ -57,7 +57,7 @@ def group_kind(group: Group) -> str:
     a head (consecutive rows) or a head offset (rows spaced apart); otherwise channels that
     reach a normalisation or an embedding are the width, the rest are neurons."""
     for member, index in group.index_maps():
-        if group.handler_role(member) != "out" or member.ref.tensor.dim() < 2:
+        if group.handler_role(member) != Role.OUT or member.ref.tensor.dim() < 2:
             continue
         first = index[index >= 0][0]
         rows = np.nonzero(index == first)[0]

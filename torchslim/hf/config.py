@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.graph.attributes import split_index
+from torchslim.graph.record import model_record, recorded
+from torchslim.spaces.attributes import split_index
 
 Shapes = dict[str, Any]
 
@@ -36,7 +37,6 @@ OPTIONAL_FIELDS = {
     "head_dim": lambda c: _derived_head_dim(c),
     "n_inner": lambda c: 4 * c.n_embd if isinstance(getattr(c, "n_embd", None), int) else None,
 }
-PROBE_ATTRIBUTE = "_torchslim_config_probe"
 
 
 def _derived_head_dim(config: Any) -> Optional[int]:
@@ -69,9 +69,7 @@ def _pruned_signature(model: nn.Module) -> Shapes:
     """What a fitting config must reproduce: every tensor shape, and the int attributes the
     forward uses as sizes (which pruning keeps up to date; others may still hold dense values
     until the fitting config's are copied in)."""
-    from torchslim.graph.dependency import SIZE_ATTRIBUTES
-
-    used = model.__dict__.get(SIZE_ATTRIBUTES, set())
+    used = recorded(model, "size_attributes", set())
     return {k: v for k, v in model_shapes(model).items() if ":" not in k or k in used}
 
 
@@ -307,7 +305,7 @@ def _fit(
 
 def _probes(model: nn.Module, number: int, base: Any) -> list[FieldProbe]:
     """Probes are structural: computed once per model (and base config) and kept on it."""
-    cache = model.__dict__.setdefault(PROBE_ATTRIBUTE, {})
+    cache = model_record(model).setdefault("config_probes", {})
     if number not in cache:
         cache[number] = probe_fields(type(model), base)
     return cache[number]

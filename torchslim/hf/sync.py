@@ -16,11 +16,11 @@ from typing import Any, Optional
 
 from torch import nn
 
-from torchslim.graph.history import model_history
+from torchslim.graph.record import model_history, model_record, recorded
 from torchslim.hf.config import OPTIONAL_FIELDS, build, fitting_config, int_attributes
+from torchslim.persistence import pruning_plan
 
 RECORD_KEY = "torchslim_plan"
-DENSE_ATTRIBUTE = "_torchslim_dense_config"
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -31,19 +31,17 @@ def is_hf_model(model: nn.Module) -> bool:
 
 def dense_config(model: nn.Module) -> Any:
     """The config the model had before its first pruning step (kept on the model)."""
-    dense = model.__dict__.get(DENSE_ATTRIBUTE)
+    dense = recorded(model, "dense_config")
     if dense is None:
         dense = copy.deepcopy(model.config)
         if hasattr(dense, RECORD_KEY):
             delattr(dense, RECORD_KEY)
-        model.__dict__[DENSE_ATTRIBUTE] = dense
+        model_record(model)["dense_config"] = dense
     return dense
 
 
 def sync_config(model: nn.Module) -> bool:
     """Update ``model.config`` to the pruned widths; ``True`` if a plain config fits."""
-    from torchslim.persistence import pruning_plan
-
     dense = dense_config(model)
     fitted = fitting_config(model, dense)
     config = model.config

@@ -26,6 +26,7 @@ from torchslim.importance.criteria import (
     TaylorImportance,
     WandaImportance,
 )
+from torchslim.importance.registry import importance_names, make_importance, register_importance
 
 __all__ = [
     "NORMALIZERS",
@@ -47,7 +48,10 @@ __all__ = [
     "RandomImportance",
     "TaylorImportance",
     "WandaImportance",
+    "importance_names",
     "lamp",
+    "make_importance",
     "normalize",
     "reduce_layers",
+    "register_importance",
 ]

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.graph.analysis import ParamDim
 from torchslim.graph.dependency import Group
+from torchslim.pruning.layers import PER_CHANNEL, layer_kind
+from torchslim.spaces.analysis import ParamDim
 
 REDUCTIONS = ("mean", "sum", "max", "prod", "first")
 NORMALIZERS = ("mean", "max", "sum", "standardization", "gaussian", "lamp")
@@ -173,6 +174,6 @@ def lamp(scores: torch.Tensor) -> torch.Tensor:
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._NormBase) or type(module).__name__ in (
-        "FrozenBatchNorm2d",
-    )
+    """A normalisation with per-channel statistics (BatchNorm, InstanceNorm, FrozenBatchNorm):
+    its scale is a channel's importance for BN-scale criteria."""
+    return layer_kind(module).norm == PER_CHANNEL

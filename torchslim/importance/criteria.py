@@ -10,9 +10,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from torchslim.graph.analysis import ParamDim
 from torchslim.graph.dependency import Group
-from torchslim.graph.history import model_history
+from torchslim.graph.record import model_history
 from torchslim.importance import moments
 from torchslim.importance.base import (
     GroupImportance,
@@ -23,7 +22,10 @@ from torchslim.importance.base import (
     per_position,
     slices,
 )
-from torchslim.pruning.functions import get_pruner
+from torchslim.importance.registry import register_importance
+from torchslim.pruning.layers import layer_kind
+from torchslim.pruning.roles import Role
+from torchslim.spaces.analysis import ParamDim
 
 
 class MagnitudeImportance(GroupImportance):
@@ -39,6 +41,11 @@ class MagnitudeImportance(GroupImportance):
         return per_position(lambda w: norms(w, self.p), member.dim, tensor)
 
 
+register_importance("l1", lambda: MagnitudeImportance(p=1))
+register_importance("l2", lambda: MagnitudeImportance(p=2))
+
+
+@register_importance("group-norm")
 class GroupNormImportance(MagnitudeImportance):
     """The L-p norm of each channel over the *whole* group: ``(sum over layers |w|^p)^(1/p)``."""
 
@@ -51,6 +58,7 @@ class GroupNormImportance(MagnitudeImportance):
         return None if scores is None else normalize(scores.pow(1 / self.p), self.group_normalizer)
 
 
+@register_importance("lamp")
 class LAMPImportance(MagnitudeImportance):
     """Layer-adaptive magnitude: squared magnitude, normalised by LAMP within the group."""
 
@@ -59,6 +67,7 @@ class LAMPImportance(MagnitudeImportance):
         super().__init__(p=p, **kwargs)
 
 
+@register_importance("bn")
 class BNScaleImportance(GroupImportance):
     """``|gamma|`` of the normalisation layers in the group (None if there is none)."""
 
@@ -76,6 +85,7 @@ class BNScaleImportance(GroupImportance):
         return tensor.detach().double().abs()
 
 
+@register_importance("fpgm")
 class FPGMImportance(GroupImportance):
     """Filter pruning via geometric median: channels close to all others are redundant.
 
@@ -92,6 +102,7 @@ class FPGMImportance(GroupImportance):
         return torch.cdist(flat[None], flat[None], p=self.p)[0].sum(1)
 
 
+@register_importance("random")
 class RandomImportance(Importance):
     """Uniform random scores, seeded through ``torch.manual_seed``."""
 
@@ -186,9 +197,9 @@ class _Recorder(GroupImportance):
         self._mark = len(self._history)
         return _Recording(self, model)
 
-    def surviving(self, name: str, role: str, size: int) -> list[int]:
+    def surviving(self, name: str, role: Role, size: int) -> list[int]:
         """Positions of a ``size``-long recorded dim of layer ``name`` that the pruning since
-        recording left (``role``: ``"in"`` or ``"out"``), in order."""
+        recording left (``role``: ``Role.IN`` or ``Role.OUT``), in order."""
         alive = list(range(size))
         for step in (self._history or [])[self._mark :]:
             for op in step["ops"]:
@@ -198,7 +209,7 @@ class _Recorder(GroupImportance):
         return alive
 
     def current(
-        self, member: ParamDim, role: str, recorded: torch.Tensor, size: int
+        self, member: ParamDim, role: Role, recorded: torch.Tensor, size: int
     ) -> Optional[torch.Tensor]:
         """``recorded`` (one value per recorded position) restricted to the ``size`` positions
         the member's dim still has; ``None`` if the history does not explain that size."""
@@ -254,15 +265,16 @@ class ActivationImportance(_Recorder):
         return (
             id(member.ref.module) in self._sum
             and member.ref.name == "weight"
-            and group.handler_role(member) == "out"
+            and group.handler_role(member) == Role.OUT
         )
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         key = id(member.ref.module)
         size = tensor.shape[member.dim]
-        return self.current(member, "out", self._sum[key] / self._count[key], size)
+        return self.current(member, Role.OUT, self._sum[key] / self._count[key], size)
 
 
+@register_importance("wanda")
 class WandaImportance(_Recorder):
     """Weights times input activations (Wanda, for structured pruning): a channel is scored
     where it is consumed, as ``||X_j||_2 * sum_i |W_ij|`` over the weights of every layer that
@@ -278,7 +290,7 @@ class WandaImportance(_Recorder):
         self._squares: dict[int, torch.Tensor] = {}
 
     def wants(self, module: nn.Module) -> bool:
-        return _input_dim(module) is not None
+        return layer_kind(module).input_dim(module) is not None
 
     def attach(self, module: nn.Module) -> Any:
         return module.register_forward_pre_hook(self._hook)
@@ -300,31 +312,16 @@ class WandaImportance(_Recorder):
         return (
             id(member.ref.module) in self._squares
             and member.ref.name == "weight"
-            and member.dim == _input_dim(member.ref.module)
+            and member.dim == layer_kind(member.ref.module).input_dim(member.ref.module)
             and super().accepts(group, member)
         )
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         recorded = self._squares[id(member.ref.module)].sqrt()
-        inputs = self.current(member, "in", recorded, tensor.shape[member.dim])
+        inputs = self.current(member, Role.IN, recorded, tensor.shape[member.dim])
         if inputs is None:
             return None
         return per_position(lambda w: norms(w, 1), member.dim, tensor) * inputs
-
-
-def _input_dim(module: nn.Module) -> Optional[int]:
-    """The weight dim of a linear or convolution layer that meets its input channels."""
-    from torchslim.pruning.functions import ConvPruner, LinearPruner, TransposedLinearPruner
-
-    pruner = get_pruner(module)
-    if not isinstance(pruner, (ConvPruner, LinearPruner, TransposedLinearPruner)):
-        return None
-    if isinstance(module, nn.modules.conv._ConvNd) and (module.groups != 1 or module.transposed):
-        return None
-    roles = pruner.param_roles(module)
-    return next(
-        (dim for (name, dim), role in roles.items() if name == "weight" and role == "in"), None
-    )
 
 
 class _Recording:
@@ -350,6 +347,7 @@ GroupHessianImportance = HessianImportance
 OBDImportance = HessianImportance
 
 
+@register_importance("obs")
 class OBSImportance(_Recorder):
     """Structured Optimal Brain Surgeon: the output error a channel's removal leaves in the
     layers that read it *after* they are refit (ZipLM / SlimGPT-style), from calibration inputs.
@@ -417,7 +415,7 @@ class OBSImportance(_Recorder):
             stats is None
             or not stats.count
             or member.ref.name != "weight"
-            or group.handler_role(member) != "in"
+            or group.handler_role(member) != Role.IN
             or len(index) != moments.input_channels(module)
         ):
             return None
@@ -425,7 +423,7 @@ class OBSImportance(_Recorder):
         if stats.features != len(index) * per_channel:
             if stats.groups != 1:
                 return None
-            alive = self.surviving(member.ref.module_name, "in", stats.features // per_channel)
+            alive = self.surviving(member.ref.module_name, Role.IN, stats.features // per_channel)
             if len(alive) != len(index):
                 return None
             stats = stats.subset(alive)

@@ -16,18 +16,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from torchslim.pruning.functions import (
-    ConvPruner,
-    LinearPruner,
-    TransposedLinearPruner,
-    get_pruner,
-)
+from torchslim.pruning.layers import is_linear_like, layer_kind
 
 
 def unsupported(module: nn.Module) -> Optional[str]:
     """Why the input moments of ``module`` cannot be taken (``None`` if they can)."""
-    pruner = get_pruner(module)
-    if not isinstance(pruner, (LinearPruner, TransposedLinearPruner, ConvPruner)):
+    if not layer_kind(module).contracts:
         return f"{type(module).__name__} is not a linear or convolution layer"
     if isinstance(module, nn.modules.conv._ConvNd):
         if module.transposed:
@@ -35,10 +29,6 @@ def unsupported(module: nn.Module) -> Optional[str]:
         if module.weight.dim() not in (3, 4):
             return f"{type(module).__name__}: only 1-d and 2-d convolutions (im2col)"
     return None
-
-
-def is_transposed_linear(module: nn.Module) -> bool:
-    return isinstance(get_pruner(module), TransposedLinearPruner)
 
 
 def kernel_size(module: nn.Module) -> int:
@@ -51,13 +41,13 @@ def kernel_size(module: nn.Module) -> int:
 def input_channels(module: nn.Module) -> int:
     """Input channels the weight holds (per group for a grouped convolution)."""
     weight = module.weight
-    return weight.shape[0] if is_transposed_linear(module) else weight.shape[1]
+    return weight.shape[0] if is_linear_like(module) else weight.shape[1]
 
 
 def weight_rows(module: nn.Module) -> torch.Tensor:
     """The weight as ``[groups, outputs per group, features]`` in float64."""
     weight = module.weight.detach()
-    weight = weight.T if is_transposed_linear(module) else weight
+    weight = weight.T if is_linear_like(module) else weight
     groups = module.groups if isinstance(module, nn.modules.conv._ConvNd) else 1
     features = input_channels(module) * kernel_size(module)
     return weight.reshape(weight.shape[0], -1).double().view(groups, -1, features)
@@ -67,7 +57,7 @@ def write_weight_rows(module: nn.Module, rows: torch.Tensor) -> None:
     """Set the weight from ``[groups, outputs per group, features]`` (a new parameter)."""
     old = module.weight
     new = rows.reshape(-1, rows.shape[-1])
-    if is_transposed_linear(module):
+    if is_linear_like(module):
         new = new.T
     new = new.reshape(old.shape).to(old.dtype).contiguous()
     module.weight = nn.Parameter(new, requires_grad=old.requires_grad)

@@ -17,14 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.graph.capture import Recorder
-from torchslim.ops.registry import OpContext, lookup, rule_for
+from torchslim.ops.registry import OpContext, rule_for
 
 
 def trace_composition(ctx: OpContext, composition: Callable[..., Any], *args: Any) -> None:
     """Run ``composition(*args)`` under the recorder and give the op's outputs its layouts."""
-    with torch.no_grad(), Recorder(ctx.state, lookup):
-        result = composition(*args)
+    result = ctx.retrace(lambda: composition(*args))
     outputs = ctx.output_tensors()
     results = [result] if isinstance(result, torch.Tensor) else list(result)
     for real, composed in zip(outputs, results):

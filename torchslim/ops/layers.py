@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from torchslim.graph.layout import DimLayout, merge
 from torchslim.ops.registry import OpContext, rule_for
+from torchslim.spaces.layout import DimLayout, merge
 
 
 def _owner(ctx: OpContext, tensor: Optional[torch.Tensor]) -> Optional[nn.Module]:

@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from torchslim.graph.capture import TraceState, Unsupported, iter_tensors
-from torchslim.graph.layout import DimLayout, TensorLayout, opaque, split, unify
-from torchslim.graph.symbolic import TrackedInt
+from torchslim.spaces.layout import DimLayout, TensorLayout, opaque, split, unify
+from torchslim.spaces.symbolic import TrackedInt
+from torchslim.spaces.trace import TraceState, Unsupported, iter_tensors
 
 Rule = Callable[["OpContext"], None]
 _RULES: dict[Any, Rule] = {}
@@ -80,10 +80,22 @@ def op_name(func: Any) -> str:
 
 
 class OpContext:
-    """One recorded call, with helpers the rules use to state layout relations."""
+    """One recorded call, with helpers the rules use to state layout relations.
 
-    def __init__(self, state: TraceState, func: Any, args: tuple, kwargs: dict, out: Any):
+    ``retrace(call)`` runs ``call()`` under the recorder that saw this op (see
+    :mod:`torchslim.ops.decompositions`)."""
+
+    def __init__(
+        self,
+        state: TraceState,
+        func: Any,
+        args: tuple,
+        kwargs: dict,
+        out: Any,
+        retrace: Callable[[Callable[[], Any]], Any],
+    ):
         self.state = state
+        self.retrace = retrace
         self.table = state.table
         self.func = func
         self.args = args

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from torchslim.graph.layout import DimLayout, TensorLayout, concat, merge, take
-from torchslim.graph.symbolic import TrackedInt, is_literal
 from torchslim.ops.registry import OpContext, normalize_dim, rule_for
+from torchslim.spaces.layout import DimLayout, TensorLayout, concat, merge, take
+from torchslim.spaces.symbolic import TrackedInt, is_literal
 
 # ---------------------------------------------------------------------------------- reshapes
 
@@ -399,14 +399,6 @@ def setitem_rule(ctx: OpContext) -> None:
                 ctx.unify(a, b)
 
 
-@rule_for("select")
-def select_rule(ctx: OpContext) -> None:
-    x = ctx.args[0]
-    dim = normalize_dim(ctx.arg(1, "dim"), x.dim())
-    index = [slice(None)] * dim + [ctx.arg(2, "index")]
-    ctx.set_out(ctx.out, index_layout(ctx, x, tuple(index), ctx.out.shape))
-
-
 @rule_for("narrow")
 def narrow_rule(ctx: OpContext) -> None:
     x = ctx.args[0]
@@ -416,8 +408,9 @@ def narrow_rule(ctx: OpContext) -> None:
     ctx.set_out(ctx.out, index_layout(ctx, x, tuple(index), ctx.out.shape))
 
 
-@rule_for("index_select")
-def index_select_rule(ctx: OpContext) -> None:
+@rule_for("select", "index_select")
+def select_rule(ctx: OpContext) -> None:
+    """``select(dim, i)`` and ``index_select(dim, index)``: indexing along one dim."""
     x = ctx.args[0]
     dim = normalize_dim(ctx.arg(1, "dim"), x.dim())
     index = [slice(None)] * dim + [ctx.arg(2, "index")]

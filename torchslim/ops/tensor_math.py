@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
-from torchslim.graph.layout import DimLayout, TensorLayout, concat, merge
 from torchslim.ops.registry import OpContext, normalize_dim, register_rule, rule_for
+from torchslim.spaces.layout import DimLayout, TensorLayout, concat, merge
 
 # ----------------------------------------------------------------------------- contractions
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from torchslim.graph.capture import unwrap_model
+from torchslim.capture.modules import unwrap_model
 from torchslim.graph.checkpoint import trial
 from torchslim.graph.dependency import DependencyGraph, Group
 from torchslim.graph.kinds import KINDS, group_kind
@@ -137,16 +137,12 @@ class MetaPruner:
         scoped = {k: v for k, v in ratio_dict.items() if not isinstance(k, str)}
         self.ratio_scopes = _scopes(model, scoped)
         self._kinds: dict[int, str] = {}
-        parameters = {id(p) for p in model.parameters()}
-        for item in unwrapped_parameters or []:
-            param = item[0] if isinstance(item, (tuple, list)) else item
-            if id(param) not in parameters:
-                raise ValueError("unwrapped_parameters holds a parameter that is not in the model")
         self.DG = graph or DependencyGraph().build_dependency(
             model,
             example_inputs,
             forward_fn=forward_fn,
             output_transform=output_transform,
+            unwrapped_parameters=unwrapped_parameters,
             customized_pruners=customized_pruners,
             trace_train_mode=trace_train_mode,
             trace_on_meta=trace_on_meta,

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.graph.capture import call_forward
+from torchslim.capture.modules import call_forward
 from torchslim.graph.dependency import Group
-from torchslim.graph.history import model_history
+from torchslim.graph.record import model_history
 from torchslim.importance import moments
-from torchslim.pruning.functions import TiedParameters, add_bias
+from torchslim.pruning.functions import add_bias
+from torchslim.pruning.roles import Role
+from torchslim.pruning.tied import TiedParameters
 
 
 @dataclass
@@ -114,7 +116,7 @@ def consumers(groups: Iterable[Group]) -> dict[nn.Module, tuple[str, set[int]]]:
     for group in groups:
         for member, positions in group.removed_positions(group.idxs):
             module = member.ref.module
-            if member.ref.name != "weight" or group.handler_role(member) != "in":
+            if member.ref.name != "weight" or group.handler_role(member) != Role.IN:
                 continue
             _, removed = found.setdefault(module, (member.ref.module_name, set()))
             removed.update(int(p) for p in positions)
@@ -159,7 +161,9 @@ def reconstruct(
             layer.module._parameters.clear()
             layer.module._parameters.update(originals[id(layer.module)])
         raise
-    added = [{"module": layer.name, "role": "bias"} for layer in layers if layer.added_bias]
+    added = [
+        {"module": layer.name, "role": Role.BIAS.value} for layer in layers if layer.added_bias
+    ]
     if added:
         model_history(model).append(
             {"group": "reconstruction: bias added", "idxs": [], "ops": added}

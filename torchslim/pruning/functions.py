@@ -9,7 +9,7 @@ users know (``tp.prune_conv_out_channels(model.conv1, idxs=[2, 6, 9])``).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from torchslim.pruning.reparametrised import find as find_reparametrised
 from torchslim.pruning.reparametrised import replace_tensor, slice_weight
+from torchslim.pruning.roles import Role
 
 Indices = Union[Sequence[int], np.ndarray, torch.Tensor, range]
 
@@ -55,37 +56,6 @@ def add_bias(layer: nn.Module) -> None:
     )
 
 
-class TiedParameters:
-    """Parameters shared by several modules (tied input and output embeddings).
-
-    Pruning replaces a parameter on the module it is pruned through; :meth:`retie` then gives
-    every other owner the same new tensor (and lets their pruning functions update attributes
-    such as ``in_features``), so the weights stay tied."""
-
-    def __init__(self, model: nn.Module) -> None:
-        owners: dict[int, list[tuple[nn.Module, str]]] = {}
-        tensors: dict[int, torch.Tensor] = {}
-        for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
-                owners.setdefault(id(param), []).append((module, name))
-                tensors[id(param)] = param
-        self.groups = [(tensors[k], v) for k, v in owners.items() if len(v) > 1]
-
-    def retie(self) -> None:
-        for k, (tensor, owners) in enumerate(self.groups):
-            current = [getattr(module, name) for module, name in owners]
-            replaced = next((t for t in current if t is not tensor), None)
-            if replaced is None:
-                continue
-            for module, name in owners:
-                if getattr(module, name) is not replaced:
-                    setattr(module, name, replaced)
-                    pruner = get_pruner(module)
-                    if pruner is not None:
-                        pruner.sync(module)
-            self.groups[k] = (replaced, owners)
-
-
 def normalise_indices(layer: nn.Module, idxs: Indices, total: int) -> list[int]:
     """Sorted unique ints, range-checked; refuses to remove every channel."""
     if isinstance(idxs, torch.Tensor):
@@ -109,28 +79,28 @@ class BasePruningFunc:
     """Prunes one layer type along its output or input channels.
 
     Subclasses list their tensors' channel dims in :meth:`param_roles` and fix attributes in
-    :meth:`sync`; custom layers can subclass this and be registered with :func:`register_pruner`.
+    :meth:`sync`; custom layers can subclass this and be registered with :func:`torchslim.pruning.layers.register_layer`.
     """
 
     TARGET_MODULES: tuple[type, ...] = ()
 
-    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
-        """``(tensor_name, dim) -> "out" | "in"`` for the tensors this layer has."""
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
+        """``(tensor_name, dim) -> Role.OUT | Role.IN`` for the tensors this layer has."""
         return {}
 
     def get_out_channels(self, layer: nn.Module) -> Optional[int]:
-        return self._size(layer, "out")
+        return self._size(layer, Role.OUT)
 
     def get_in_channels(self, layer: nn.Module) -> Optional[int]:
-        return self._size(layer, "in")
+        return self._size(layer, Role.IN)
 
-    def _size(self, layer: nn.Module, role: str) -> Optional[int]:
+    def _size(self, layer: nn.Module, role: Role) -> Optional[int]:
         for (name, dim), r in self.param_roles(layer).items():
             if r == role:
                 return getattr(layer, name).shape[dim]
         return None
 
-    def _prune_role(self, layer: nn.Module, role: str, idxs: Indices) -> nn.Module:
+    def _prune_role(self, layer: nn.Module, role: Role, idxs: Indices) -> nn.Module:
         total = self._size(layer, role)
         if total is None:
             return layer
@@ -142,10 +112,10 @@ class BasePruningFunc:
         return layer
 
     def prune_out_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
-        return self._prune_role(layer, "out", idxs)
+        return self._prune_role(layer, Role.OUT, idxs)
 
     def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
-        return self._prune_role(layer, "in", idxs)
+        return self._prune_role(layer, Role.IN, idxs)
 
     def sync(self, layer: nn.Module) -> None:
         """Update the layer's attributes from its sliced tensors."""
@@ -154,7 +124,7 @@ class BasePruningFunc:
         return self.prune_out_channels(layer, idxs)
 
 
-def _present(layer: nn.Module, roles: dict[tuple[str, int], str]) -> dict[tuple[str, int], str]:
+def _present(layer: nn.Module, roles: dict[tuple[str, int], Role]) -> dict[tuple[str, int], Role]:
     return {key: role for key, role in roles.items() if getattr(layer, key[0], None) is not None}
 
 
@@ -169,9 +139,9 @@ class ConvPruner(BasePruningFunc):
 
     TARGET_MODULES = (nn.modules.conv._ConvNd,)
 
-    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
         out_dim, in_dim = (1, 0) if layer.transposed else (0, 1)
-        roles = {("weight", out_dim): "out", ("bias", 0): "out", ("weight", in_dim): "in"}
+        roles = {("weight", out_dim): Role.OUT, ("bias", 0): Role.OUT, ("weight", in_dim): Role.IN}
         return _present(layer, roles)
 
     def get_out_channels(self, layer: nn.Module) -> int:
@@ -181,22 +151,22 @@ class ConvPruner(BasePruningFunc):
         return layer.in_channels
 
     def prune_out_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
-        return self._prune(layer, normalise_indices(layer, idxs, layer.out_channels), "out")
+        return self._prune(layer, normalise_indices(layer, idxs, layer.out_channels), Role.OUT)
 
     def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
-        return self._prune(layer, normalise_indices(layer, idxs, layer.in_channels), "in")
+        return self._prune(layer, normalise_indices(layer, idxs, layer.in_channels), Role.IN)
 
-    def _prune(self, layer: nn.Module, removed: list[int], role: str) -> nn.Module:
+    def _prune(self, layer: nn.Module, removed: list[int], role: Role) -> nn.Module:
         if not removed:
             return layer
-        total = layer.out_channels if role == "out" else layer.in_channels
+        total = layer.out_channels if role == Role.OUT else layer.in_channels
         groups = layer.groups
         per_group = total // groups
         # weight dim holding this role, and whether it stores one group's worth (per group)
-        dim = {("out", False): 0, ("in", False): 1, ("out", True): 1, ("in", True): 0}[
+        dim = {(Role.OUT, False): 0, (Role.IN, False): 1, (Role.OUT, True): 1, (Role.IN, True): 0}[
             (role, layer.transposed)
         ]
-        per_group_dim = (role == "in") != layer.transposed
+        per_group_dim = (role == Role.IN) != layer.transposed
         if groups > 1:
             whole, offsets = _classify_group_removal(layer, removed, per_group, groups)
             if whole:
@@ -206,9 +176,9 @@ class ConvPruner(BasePruningFunc):
         else:
             removed_in_dim, width = removed, total
         slice_parameter(layer, "weight", dim, keep_indices(width, removed_in_dim))
-        if role == "out" and layer.bias is not None:
+        if role == Role.OUT and layer.bias is not None:
             slice_parameter(layer, "bias", 0, keep_indices(total, removed))
-        if role == "out":
+        if role == Role.OUT:
             layer.out_channels -= len(removed)
         else:
             layer.in_channels -= len(removed)
@@ -259,8 +229,10 @@ def _classify_group_removal(
 class LinearPruner(BasePruningFunc):
     TARGET_MODULES = (nn.Linear,)
 
-    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
-        return _present(layer, {("weight", 0): "out", ("bias", 0): "out", ("weight", 1): "in"})
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
+        return _present(
+            layer, {("weight", 0): Role.OUT, ("bias", 0): Role.OUT, ("weight", 1): Role.IN}
+        )
 
     def sync(self, layer: nn.Module) -> None:
         layer.out_features, layer.in_features = layer.weight.shape
@@ -269,8 +241,10 @@ class LinearPruner(BasePruningFunc):
 class TransposedLinearPruner(BasePruningFunc):
     """Linear layers that store their weight as ``[in, out]`` (transformers' GPT-2 ``Conv1D``)."""
 
-    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
-        return _present(layer, {("weight", 1): "out", ("bias", 0): "out", ("weight", 0): "in"})
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
+        return _present(
+            layer, {("weight", 1): Role.OUT, ("bias", 0): Role.OUT, ("weight", 0): Role.IN}
+        )
 
     def sync(self, layer: nn.Module) -> None:
         if hasattr(layer, "nf"):
@@ -284,12 +258,12 @@ class _SameWidthPruner(BasePruningFunc):
 
     NAMES: tuple[str, ...] = ("weight", "bias", "running_mean", "running_var")
 
-    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
         roles = {}
         for name in self.NAMES:
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
-                roles[(name, tensor.dim() - 1)] = "out"
+                roles[(name, tensor.dim() - 1)] = Role.OUT
         return roles
 
     def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
@@ -357,7 +331,7 @@ class PReLUPruner(_SameWidthPruner):
     TARGET_MODULES = (nn.PReLU,)
     NAMES = ("weight",)
 
-    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
         return super().param_roles(layer) if layer.num_parameters > 1 else {}
 
     def sync(self, layer: nn.Module) -> None:
@@ -369,8 +343,8 @@ class EmbeddingPruner(BasePruningFunc):
 
     TARGET_MODULES = (nn.Embedding,)
 
-    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
-        return {("weight", 1): "out"}
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
+        return {("weight", 1): Role.OUT}
 
     def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
         return self.prune_out_channels(layer, idxs)
@@ -391,9 +365,9 @@ class MultiheadAttentionPruner(BasePruningFunc):
 
     TARGET_MODULES = (nn.MultiheadAttention,)
 
-    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], str]:
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
         name = "in_proj_weight" if layer._qkv_same_embed_dim else "q_proj_weight"
-        return {(name, 1): "in"}
+        return {(name, 1): Role.IN}
 
     def get_out_channels(self, layer: nn.Module) -> int:
         return layer.embed_dim
@@ -424,8 +398,8 @@ class MultiheadAttentionPruner(BasePruningFunc):
         for name in ("bias_k", "bias_v"):
             if getattr(layer, name) is not None:
                 slice_parameter(layer, name, 2, keep)
-        _LINEAR.prune_out_channels(layer.out_proj, removed)
-        _LINEAR.prune_in_channels(layer.out_proj, removed)
+        LINEAR_PRUNER.prune_out_channels(layer.out_proj, removed)
+        LINEAR_PRUNER.prune_in_channels(layer.out_proj, removed)
         layer.num_heads = heads - len(whole)
         layer.embed_dim = len(keep)
         if layer._qkv_same_embed_dim:
@@ -487,124 +461,52 @@ class ParameterHandler:
         return hash((self.name, self.dim))
 
 
-_CONV = ConvPruner()
-_LINEAR = LinearPruner()
-_BATCHNORM = BatchNormPruner()
-_LAYERNORM = LayerNormPruner()
-_GROUPNORM = GroupNormPruner()
-_PRELU = PReLUPruner()
-_EMBEDDING = EmbeddingPruner()
-_MHA = MultiheadAttentionPruner()
-_TRANSPOSED_LINEAR = TransposedLinearPruner()
-_PARAMETER = _ParameterPruner()
+#: One instance per layer type, shared by the layer registry and the ``prune_*`` names.
+CONV_PRUNER = ConvPruner()
+LINEAR_PRUNER = LinearPruner()
+BATCHNORM_PRUNER = BatchNormPruner()
+LAYERNORM_PRUNER = LayerNormPruner()
+GROUPNORM_PRUNER = GroupNormPruner()
+PRELU_PRUNER = PReLUPruner()
+EMBEDDING_PRUNER = EmbeddingPruner()
+MHA_PRUNER = MultiheadAttentionPruner()
+TRANSPOSED_LINEAR_PRUNER = TransposedLinearPruner()
+PARAMETER_PRUNER = _ParameterPruner()
 
-PRUNERS: dict[type, BasePruningFunc] = {}
-#: Pruners for layer classes of optional packages, by ``module.qualname`` (no import needed).
-PRUNERS_BY_NAME: dict[str, BasePruningFunc] = {
-    "transformers.pytorch_utils.Conv1D": _TRANSPOSED_LINEAR,
-}
-
-
-def register_pruner(module_type: type, pruner: BasePruningFunc) -> None:
-    """Use ``pruner`` for layers of ``module_type`` (and subclasses without their own)."""
-    PRUNERS[module_type] = pruner
-
-
-# nn.MultiheadAttention has no entry: the graph traces its heads (see ops.decompositions) and
-# slices each of its parameters, and its size attributes follow; _MHA serves direct calls.
-for _pruner in (_CONV, _LINEAR, _BATCHNORM, _LAYERNORM, _GROUPNORM, _PRELU, _EMBEDDING):
-    for _type in _pruner.TARGET_MODULES:
-        register_pruner(_type, _pruner)
-
-
-def _frozen_batchnorm() -> Optional[type]:
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-    except ImportError:
-        return None
-    return FrozenBatchNorm2d
-
-
-def _is_rmsnorm_like(module: nn.Module) -> bool:
-    """A leaf layer whose only parameter is a 1-D ``weight`` (HF LlamaRMSNorm and friends)."""
-    params = dict(module.named_parameters(recurse=False))
-    return (
-        not list(module.children())
-        and list(params) == ["weight"]
-        and params["weight"].dim() == 1
-        and "norm" in type(module).__name__.lower()
-    )
-
-
-def get_pruner(
-    module: nn.Module, customized: Optional[dict[Any, BasePruningFunc]] = None
-) -> Optional[BasePruningFunc]:
-    """The pruning function for a layer: a customised one (keyed by the instance, then its
-    type), else the registered one by exact type, then by base class, then by shape."""
-    if customized:
-        custom = customized.get(module) or customized.get(type(module))
-        if custom is not None:
-            return custom
-    kind = type(module)
-    pruner = PRUNERS.get(kind) or PRUNERS_BY_NAME.get(f"{kind.__module__}.{kind.__qualname__}")
-    if pruner is not None:
-        return pruner
-    frozen = _frozen_batchnorm()
-    if frozen is not None and isinstance(module, frozen):
-        return _BATCHNORM
-    for base in type(module).__mro__[1:]:
-        if base in PRUNERS:
-            return PRUNERS[base]
-    if _is_rmsnorm_like(module):
-        return _LAYERNORM
-    return None
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """A layer pruned like ``nn.Linear`` although it is not one (``Conv1D``)."""
-    return isinstance(get_pruner(module), TransposedLinearPruner)
-
-
-prune_conv_out_channels = _CONV.prune_out_channels
-prune_conv_in_channels = _CONV.prune_in_channels
-prune_depthwise_conv_out_channels = _CONV.prune_out_channels
-prune_depthwise_conv_in_channels = _CONV.prune_in_channels
-prune_batchnorm_out_channels = _BATCHNORM.prune_out_channels
-prune_batchnorm_in_channels = _BATCHNORM.prune_in_channels
-prune_instancenorm_out_channels = _BATCHNORM.prune_out_channels
-prune_instancenorm_in_channels = _BATCHNORM.prune_in_channels
-prune_transposed_linear_out_channels = _TRANSPOSED_LINEAR.prune_out_channels
-prune_transposed_linear_in_channels = _TRANSPOSED_LINEAR.prune_in_channels
-prune_linear_out_channels = _LINEAR.prune_out_channels
-prune_linear_in_channels = _LINEAR.prune_in_channels
-prune_prelu_out_channels = _PRELU.prune_out_channels
-prune_prelu_in_channels = _PRELU.prune_in_channels
-prune_layernorm_out_channels = _LAYERNORM.prune_out_channels
-prune_layernorm_in_channels = _LAYERNORM.prune_in_channels
-prune_rmsnorm_out_channels = _LAYERNORM.prune_out_channels
-prune_rmsnorm_in_channels = _LAYERNORM.prune_in_channels
-prune_groupnorm_out_channels = _GROUPNORM.prune_out_channels
-prune_groupnorm_in_channels = _GROUPNORM.prune_in_channels
-prune_embedding_out_channels = _EMBEDDING.prune_out_channels
-prune_embedding_in_channels = _EMBEDDING.prune_in_channels
-prune_multihead_attention_out_channels = _MHA.prune_out_channels
-prune_multihead_attention_in_channels = _MHA.prune_in_channels
-prune_parameter_out_channels = _PARAMETER.prune_out_channels
-prune_parameter_in_channels = _PARAMETER.prune_in_channels
+prune_conv_out_channels = CONV_PRUNER.prune_out_channels
+prune_conv_in_channels = CONV_PRUNER.prune_in_channels
+prune_depthwise_conv_out_channels = CONV_PRUNER.prune_out_channels
+prune_depthwise_conv_in_channels = CONV_PRUNER.prune_in_channels
+prune_batchnorm_out_channels = BATCHNORM_PRUNER.prune_out_channels
+prune_batchnorm_in_channels = BATCHNORM_PRUNER.prune_in_channels
+prune_instancenorm_out_channels = BATCHNORM_PRUNER.prune_out_channels
+prune_instancenorm_in_channels = BATCHNORM_PRUNER.prune_in_channels
+prune_transposed_linear_out_channels = TRANSPOSED_LINEAR_PRUNER.prune_out_channels
+prune_transposed_linear_in_channels = TRANSPOSED_LINEAR_PRUNER.prune_in_channels
+prune_linear_out_channels = LINEAR_PRUNER.prune_out_channels
+prune_linear_in_channels = LINEAR_PRUNER.prune_in_channels
+prune_prelu_out_channels = PRELU_PRUNER.prune_out_channels
+prune_prelu_in_channels = PRELU_PRUNER.prune_in_channels
+prune_layernorm_out_channels = LAYERNORM_PRUNER.prune_out_channels
+prune_layernorm_in_channels = LAYERNORM_PRUNER.prune_in_channels
+prune_rmsnorm_out_channels = LAYERNORM_PRUNER.prune_out_channels
+prune_rmsnorm_in_channels = LAYERNORM_PRUNER.prune_in_channels
+prune_groupnorm_out_channels = GROUPNORM_PRUNER.prune_out_channels
+prune_groupnorm_in_channels = GROUPNORM_PRUNER.prune_in_channels
+prune_embedding_out_channels = EMBEDDING_PRUNER.prune_out_channels
+prune_embedding_in_channels = EMBEDDING_PRUNER.prune_in_channels
+prune_multihead_attention_out_channels = MHA_PRUNER.prune_out_channels
+prune_multihead_attention_in_channels = MHA_PRUNER.prune_in_channels
+prune_parameter_out_channels = PARAMETER_PRUNER.prune_out_channels
+prune_parameter_in_channels = PARAMETER_PRUNER.prune_in_channels
 prune_conv = prune_conv_out_channels
 prune_linear = prune_linear_out_channels
 prune_batchnorm = prune_batchnorm_out_channels
 
 __all__ = [
-    "PRUNERS",
-    "PRUNERS_BY_NAME",
     "TransposedLinearPruner",
-    "is_linear_like",
-    "TiedParameters",
     "ParameterHandler",
     "BasePruningFunc",
-    "get_pruner",
-    "register_pruner",
     "slice_parameter",
     *[name for name in dir() if name.startswith("prune_")],
 ]

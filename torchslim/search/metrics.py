@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.graph.capture import call_forward, iter_tensors
+from torchslim.capture.modules import call_forward
 from torchslim.search.space import EvalFn
+from torchslim.spaces.trace import iter_tensors
 
 AGREEMENTS = ("top1", "cosine")
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -43,7 +43,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from torchslim.graph.capture import call_forward
+from torchslim.capture.modules import call_forward
 from torchslim.search.budget import Budget
 from torchslim.search.progress import progress
 from torchslim.search.runtime import Runtime

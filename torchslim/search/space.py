@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from torchslim.graph.capture import unwrap_model
+from torchslim.capture.modules import unwrap_model
 from torchslim.graph.checkpoint import trial
 from torchslim.graph.dependency import DependencyGraph
 from torchslim.importance import Importance, MagnitudeImportance

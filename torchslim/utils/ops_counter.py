@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from torchslim.graph.capture import call_forward, module_stack_hooks
+from torchslim.capture.modules import call_forward, watched
 
 MacRule = Callable[[tuple, dict, Any], int]
 
@@ -148,21 +148,13 @@ def count_ops_and_params(
 
     With ``layer_wise=True`` also return two dicts keyed by module name: the MACs each module
     ran itself (not its children) and the parameters it owns directly. Shared parameters are
-    counted once. The forward runs in eval mode without autograd; the model's modes are restored.
+    counted once. The forward runs in eval mode without autograd and leaves the model as it was
+    (modes, caches, RNG state).
     """
     stack: list[str] = []
     counter = _MacCounter(stack)
-    modes = {module: module.training for module in model.modules()}
-    handles = module_stack_hooks(model, stack)
-    try:
-        model.eval()
-        with torch.no_grad(), counter:
-            call_forward(model, example_inputs, forward_fn)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+    with watched(model, stack), counter:
+        call_forward(model, example_inputs, forward_fn)
     params = sum(p.numel() for p in model.parameters())
     macs = sum(counter.per_module.values())
     if not layer_wise:

@@ -11,27 +11,41 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 import torchslim as tp
+from torchslim.cli.common import (
+    add_command,
+    add_importance_argument,
+    example_of,
+    ignored_modules,
+    importance_of,
+    model_of,
+    output_name,
+    write_recipe,
+)
 from torchslim.search.sensitivity import DEFAULT_RATIOS, Sensitivity
 
 AGREEMENT = {"agreement": "top1", "cosine": "cosine"}
 REFUSED = 3
 
 
-def add_commands(model_command: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    """Register both subcommands on the CLI's parser (``model_command`` adds the shared
-    MODEL, --config, --input-shape and --trust-pickle arguments)."""
-    sensitivity = model_command(
-        "sensitivity", "Prune each unit alone at several ratios; table, curves and JSON."
+def register(commands: Any) -> None:
+    sensitivity = add_command(
+        commands,
+        "sensitivity",
+        "Prune each unit alone at several ratios; table, curves and JSON.",
+        run_sensitivity,
     )
     _shared(sensitivity)
-    search = model_command(
-        "search", "Find per-unit ratios meeting a MACs/params/latency target; write the plan."
+    search = add_command(
+        commands,
+        "search",
+        "Find per-unit ratios meeting a MACs/params/latency target; write the plan.",
+        run_search,
     )
     _shared(search)
     target = search.add_mutually_exclusive_group()
@@ -65,7 +79,7 @@ def _shared(sub: argparse.ArgumentParser) -> None:
         help="ratios tried per unit",
     )
     sub.add_argument("--units", help="comma-separated module names (default: each group root)")
-    sub.add_argument("--importance", default="l2", help="l1, l2, group-norm, lamp, fpgm, bn")
+    add_importance_argument(sub)
     sub.add_argument("--ignore", action="append", default=[], help="module name(s) to keep")
     sub.add_argument("--out", type=Path, help="directory for the outputs")
 
@@ -94,17 +108,10 @@ def resolve_eval(spec: str, model: nn.Module, example: torch.Tensor, samples: in
 
 
 def _options(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
-    from torchslim.cli.main import IMPORTANCE
-
-    if args.importance not in IMPORTANCE:
-        raise ValueError(f"--importance must be one of {', '.join(sorted(IMPORTANCE))}")
-    modules = dict(model.named_modules())
-    missing = [name for name in args.ignore if name not in modules]
-    if missing:
-        raise ValueError(f"--ignore names no module of this model: {', '.join(missing)}")
+    ignored_modules(model, args.ignore)
     return {
         "units": args.units.split(",") if args.units else None,
-        "importance": IMPORTANCE[args.importance](),
+        "importance": importance_of(args),
         "ignored_layers": list(args.ignore),
     }
 
@@ -122,9 +129,8 @@ def _required_eval(args: argparse.Namespace) -> str:
     return args.eval_spec
 
 
-def run_sensitivity(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
-    from torchslim.cli.main import output_name, write_recipe
-
+def run_sensitivity(args: argparse.Namespace) -> int:
+    model, example = model_of(args), example_of(args)
     eval_fn = resolve_eval(_required_eval(args), model, example, args.samples)
     table = tp.search.sensitivity(
         model, example, eval_fn, ratios=_ratios(args.ratios), **_options(model, args)
@@ -141,15 +147,14 @@ def run_sensitivity(model: nn.Module, example: torch.Tensor, args: argparse.Name
     return 0
 
 
-def run_search(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> int:
-    from torchslim.cli.main import output_name, write_recipe
-
+def run_search(args: argparse.Namespace) -> int:
     kinds = {"macs": args.target_macs, "params": args.target_params}
     kinds["latency"] = args.target_latency
     given = [(kind, value) for kind, value in kinds.items() if value is not None]
     if len(given) != 1:
         raise ValueError("give one of --target-macs, --target-params, --target-latency")
     target = tp.search.Target(*given[0])
+    model, example = model_of(args), example_of(args)
     eval_fn = resolve_eval(_required_eval(args), model, example, args.samples)
     table = None
     if args.sensitivity:

@@ -11,17 +11,38 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import torchslim as tp
+from torchslim.cli.common import DATASETS, add_command, model_of
+from torchslim.cli.datasets import accuracy, load_dataset
 from torchslim.cli.training import train_epoch
-from torchslim.data import accuracy, load_dataset
 
 
-def run_finetune(model: nn.Module, args: argparse.Namespace) -> int:
+def register(commands: Any) -> None:
+    sub = add_command(
+        commands,
+        "finetune",
+        "Fine-tune a pruned checkpoint (MODEL builds the architecture); runs under torchrun.",
+        run,
+    )
+    sub.add_argument("pruned", type=Path, help="a .safetensors written by `torchslim prune`")
+    sub.add_argument("--dataset", choices=DATASETS, default="digits")
+    sub.add_argument("--data-dir", type=Path, help="folder with the IDX files")
+    sub.add_argument("--epochs", type=int, default=3)
+    sub.add_argument("--lr", type=float, default=0.01)
+    sub.add_argument("--batch-size", type=int, default=64)
+    sub.add_argument("--bn-l1", type=float, default=0.0, help="BN-scale L1 strength (0: off)")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--out", type=Path, help="where to write the fine-tuned .safetensors")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = model_of(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
     if distributed:
@@ -59,15 +80,3 @@ def run_finetune(model: nn.Module, args: argparse.Namespace) -> int:
     finally:
         if distributed:
             dist.destroy_process_group()
-
-
-def add_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("pruned", type=Path, help="a .safetensors written by `torchslim prune`")
-    sub.add_argument("--dataset", choices=("digits", "fashion-mnist", "mnist"), default="digits")
-    sub.add_argument("--data-dir", type=Path, help="folder with the IDX files")
-    sub.add_argument("--epochs", type=int, default=3)
-    sub.add_argument("--lr", type=float, default=0.01)
-    sub.add_argument("--batch-size", type=int, default=64)
-    sub.add_argument("--bn-l1", type=float, default=0.0, help="BN-scale L1 strength (0: off)")
-    sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--out", type=Path, help="where to write the fine-tuned .safetensors")

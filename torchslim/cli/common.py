@@ -1,0 +1,115 @@
+"""What the CLI's commands share: the MODEL arguments, the model and its example input, the
+`--ignore` check, tables, output names and recipes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import torchslim as tp
+from torchslim.cli.models import load_model, parse_shape
+
+Run = Callable[[argparse.Namespace], int]
+DATASETS = ("digits", "fashion-mnist", "mnist")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that tells which options it has and which exclude each other
+    (what a ``--config`` recipe may set, and which recipe keys a flag replaces)."""
+
+    def options(self) -> dict[str, argparse.Action]:
+        return {a.dest: a for a in self._actions if a.dest not in ("help", "config", "func")}
+
+    def exclusive_groups(self) -> list[list[argparse.Action]]:
+        return [list(group._group_actions) for group in self._mutually_exclusive_groups]
+
+
+def add_command(
+    commands: Any, name: str, help_text: str, run: Run, model: bool = True
+) -> CommandParser:
+    """Add subcommand ``name`` that runs ``run(args)``; with ``model``, also the shared MODEL,
+    --config, --input-shape and --trust-pickle arguments."""
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(func=run)
+    if not model:
+        return sub
+    sub.add_argument(
+        "model",
+        nargs="?",
+        help="torchvision or timm name, package.module:factory or .pt, optionally followed "
+        "by @pruned.safetensors (a checkpoint from `torchslim prune`)",
+    )
+    sub.add_argument("--config", type=Path, help="YAML recipe with any of these options")
+    sub.add_argument(
+        "--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)"
+    )
+    sub.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt")
+    return sub
+
+
+def add_importance_argument(sub: argparse.ArgumentParser) -> None:
+    """``--importance NAME``: a criterion of :mod:`torchslim.importance`'s registry."""
+    names = ", ".join(tp.importance.importance_names())
+    sub.add_argument("--importance", default="l2", help=f"criterion: {names} (default l2)")
+
+
+def importance_of(args: argparse.Namespace) -> object:
+    """The criterion ``--importance`` names."""
+    try:
+        return tp.importance.make_importance(args.importance)
+    except ValueError as error:
+        raise ValueError(f"--importance: {error}") from None
+
+
+def model_of(args: argparse.Namespace) -> nn.Module:
+    """The model MODEL names."""
+    if not args.model:
+        raise ValueError("give a MODEL (or `model:` in --config)")
+    return load_model(args.model, args.trust_pickle)
+
+
+def example_of(args: argparse.Namespace) -> torch.Tensor:
+    """The example input: random values of ``--input-shape``."""
+    return torch.randn(parse_shape(args.input_shape))
+
+
+def ignored_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules ``--ignore`` names, or a clear error naming those that do not exist."""
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise ValueError(f"--ignore names no module of this model: {', '.join(missing)}")
+    return [modules[name] for name in names]
+
+
+def table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [header, tuple("-" * w for w in widths), *rows]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines
+    )
+
+
+def output_name(spec: str) -> str:
+    """``resnet18`` -> resnet18, ``pkg.mod:Net`` -> Net, ``path/to/model.pt`` -> model."""
+    spec = spec.partition("@")[0]
+    if ":" in spec:
+        return spec.partition(":")[2]
+    return Path(spec).stem if spec.endswith((".pt", ".pth")) else spec.replace("/", "_")
+
+
+def write_recipe(args: argparse.Namespace, path: Path) -> None:
+    """The effective options of this run, for ``--config`` to repeat it."""
+    import yaml
+
+    skip = {"command", "config", "out", "trust_pickle", "func"}
+    recipe = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip
+    }
+    tp.persistence.atomic_write(
+        path, lambda tmp: tmp.write_text(yaml.safe_dump(recipe, sort_keys=True))
+    )

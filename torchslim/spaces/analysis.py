@@ -1,0 +1,289 @@
+"""Turning a finished trace into coupled groups.
+
+After the forward pass every parameter dimension is expanded into terms of primitive atom
+classes. Classes that were created together or coupled position by position form a *coupling*
+(one union-find component over atom families): removing class ``i`` of a coupling removes, in
+every parameter dim, each position whose term contains ``i``. Deferred size checks are
+evaluated here by perturbation: each tracked int argument is re-evaluated with a few classes of
+each coupling removed and compared with the size the layouts predict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from torchslim.spaces.atoms import NO_ATOM, AtomTable
+from torchslim.spaces.attributes import AttributeSlot
+from torchslim.spaces.layout import DimLayout
+from torchslim.spaces.sizes import SizeModel, surviving, unknown_in
+from torchslim.spaces.symbolic import describe
+from torchslim.spaces.trace import SizeCheck, TensorRef, TraceState
+
+
+@dataclass
+class ParamDim:
+    """One dimension of one parameter or buffer, with the class term of each position."""
+
+    ref: TensorRef
+    dim: int
+    terms: np.ndarray  # [n, p] class roots, NO_ATOM padded
+
+    @property
+    def label(self) -> str:
+        return f"{self.ref.qualified}[dim {self.dim}]"
+
+    def positions_of(self, classes: np.ndarray) -> np.ndarray:
+        """Positions removed when ``classes`` are removed."""
+        if self.terms.shape[1] == 0 or classes.size == 0:
+            return np.zeros(0, np.int64)
+        return np.nonzero(np.isin(self.terms, classes).any(axis=1))[0]
+
+
+@dataclass
+class Coupling:
+    """A set of atom classes that index the same channels across many layers."""
+
+    id: int
+    classes: list[int] = field(default_factory=list)
+    members: list[ParamDim] = field(default_factory=list)
+    frozen: dict[int, str] = field(default_factory=dict)
+    mixing: set[str] = field(default_factory=set)
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class Analysis:
+    """Couplings, their members and their frozen classes, computed once after tracing."""
+
+    def __init__(self, state: TraceState) -> None:
+        self.table: AtomTable = state.table
+        table = self.table
+        n = len(table)
+        roots = table.roots(np.arange(n, dtype=np.int64)) if n else np.zeros(0, np.int64)
+        defined = np.array(sorted(table.definition), dtype=np.int64)
+        primitive = ~np.isin(roots, defined)
+        families = np.asarray(table.family_of, dtype=np.int64)
+        links = _UnionFind(len(table.families))
+        if n:
+            pairs = np.unique(
+                np.stack([families[primitive], families[roots[primitive]]], axis=1), axis=0
+            )
+            for a, b in pairs:
+                links.union(int(a), int(b))
+        self._coupling_of_family = np.array(
+            [links.find(f) for f in range(len(table.families))], np.int64
+        )
+        self._expanded: dict[int, np.ndarray] = {}
+        self.param_dims: list[ParamDim] = []
+        for tensor_id, layout in state.param_layouts.items():
+            ref = state.refs[tensor_id]
+            for d, dim in enumerate(layout):
+                self.param_dims.append(ParamDim(ref, d, self.expand(dim)))
+        self._evaluate_checks(state)
+        self.couplings = self._collect()
+        self.cofactors = self._cofactors()
+        self._expanded.clear()
+        self.checks = state.checks
+        self._check_couplings = [self._couplings_in(self.sizes.involved(c)) for c in self.checks]
+        self.comparisons = state.comparisons
+        self._comparison_couplings = [
+            self._couplings_in(self.sizes.involved_in(c.lhs) + self.sizes.involved_in(c.rhs))
+            for c in self.comparisons
+        ]
+        self._slot_couplings = [
+            self._couplings_in(self.sizes.involved(s)) for s in self.sizes.slots
+        ]
+
+    def _cofactors(self) -> dict[int, set[int]]:
+        """For each coupling, the couplings whose classes multiply its own in some parameter
+        dim (attention heads and the offsets inside a head: one width, two groups)."""
+        partners: dict[int, set[int]] = {}
+        for member in self.param_dims:
+            if member.terms.shape[1] < 2 or member.terms.shape[0] == 0:
+                continue
+            classes, inverse = np.unique(member.terms, return_inverse=True)
+            owners = np.array([self.coupling_of(int(c)) for c in classes], np.int64)
+            for row in np.unique(owners[inverse.reshape(member.terms.shape)], axis=0):
+                factors = set(row.tolist()) - {-1}
+                for coupling in factors:
+                    partners.setdefault(coupling, set()).update(factors - {coupling})
+        return partners
+
+    def _couplings_in(self, terms: list[np.ndarray]) -> set[int]:
+        if not terms:
+            return set()
+        classes = np.unique(np.concatenate([t.reshape(-1) for t in terms]))
+        return {self.coupling_of(int(c)) for c in classes if c != NO_ATOM} - {-1}
+
+    def _removed_for(self, couplings: set[int], removed: dict[int, set[int]]) -> np.ndarray:
+        classes = [c for k in couplings for c in removed.get(k, ())]
+        return np.array(classes, np.int64)
+
+    def size_violation(self, coupling: int, removed: dict[int, set[int]]) -> Optional[str]:
+        """Why removing these classes (per coupling, cumulative) would break a size argument
+        or leave an attribute without a fitting value; ``None`` if nothing breaks."""
+        for check, couplings in zip(self.checks, self._check_couplings):
+            if coupling in couplings and unknown_in(check, self.sizes) is None:
+                gone = self._removed_for(couplings, removed)
+                got = self.sizes.value(check, gone)
+                expected = surviving(self.sizes.terms(check.atoms), gone)
+                if got != expected:
+                    return _size_argument_breaks(check, got, expected)
+        for comparison, couplings in zip(self.comparisons, self._comparison_couplings):
+            if coupling in couplings and not self.sizes.holds(
+                comparison, self._removed_for(couplings, removed)
+            ):
+                return (
+                    f"pruning would change the outcome of `{comparison.text}` (now "
+                    f"{comparison.outcome}) in {comparison.where}"
+                )
+        for slot, value in self.attribute_values(coupling, removed):
+            if value < 0:
+                return f"no value of attribute {slot.label} fits the pruned sizes"
+        return None
+
+    def attribute_values(
+        self, coupling: int, removed: dict[int, set[int]]
+    ) -> list[tuple[AttributeSlot, int]]:
+        """The values of the attributes that count channels of ``coupling``, once the given
+        classes (per coupling, cumulative) are removed."""
+        return [
+            (slot, self.sizes.size(slot, self._removed_for(couplings, removed)))
+            for slot, couplings in zip(self.sizes.slots, self._slot_couplings)
+            if coupling in couplings
+        ]
+
+    def expand(self, dim: DimLayout) -> np.ndarray:
+        cached = self._expanded.get(id(dim))
+        if cached is None:
+            cached = self.table.expand_rows(dim.atoms)
+            self._expanded[id(dim)] = cached
+        return cached
+
+    def coupling_of(self, cls: int) -> int:
+        """The coupling holding a class (``-1`` for classes in no parameter)."""
+        return self._coupling_of_class.get(int(cls), -1)
+
+    def _classes_by_coupling(self, terms: list[np.ndarray]) -> dict[int, np.ndarray]:
+        present = np.unique(np.concatenate([t.reshape(-1) for t in terms]))
+        present = present[present != NO_ATOM]
+        owners = self._coupling_of_family[self.table.family_of[present]]
+        return {int(k): present[owners == k] for k in np.unique(owners)}
+
+    def _evaluate_checks(self, state: TraceState) -> None:
+        """Freeze couplings whose removal would make a size argument wrong, and positions whose
+        size comes from an attribute that cannot be inferred."""
+        sizes = self.sizes = SizeModel(state.checks, self.table.expand_rows)
+        for check in state.checks:
+            unknown = unknown_in(check, sizes)
+            if unknown is not None:
+                self.table.freeze_many(
+                    check.atoms,
+                    f"size from attribute {unknown.label} in {check.where}: its value after "
+                    "pruning cannot be inferred (the forward never uses it as a size by itself)",
+                )
+                continue
+            involved = self._classes_by_coupling(sizes.involved(check))
+            for coupling, classes in involved.items():
+                for removed in _perturbations(classes):
+                    expected = surviving(sizes.terms(check.atoms), removed)
+                    got = sizes.value(check, removed)
+                    if got != expected:
+                        self._freeze_coupling(coupling, _size_argument_breaks(check, got, expected))
+                        break
+
+    def _freeze_coupling(self, coupling: int, reason: str) -> None:
+        members = np.nonzero(self._coupling_of_family[self.table.family_of] == coupling)[0]
+        self.table.freeze_many(members, reason)
+
+    def _collect(self) -> dict[int, Coupling]:
+        """Couplings: connected families, then split so that the classes of one coupling
+        appear in exactly the same parameter dims (a DenseNet layer's new features are one
+        coupling, not its whole block's concatenation)."""
+        families: dict[int, Coupling] = {}
+        seen: dict[int, set[int]] = {}
+        owners: list[np.ndarray] = []
+        holders: list[np.ndarray] = []
+        for number, member in enumerate(self.param_dims):
+            values, first = np.unique(member.terms.reshape(-1), return_index=True)
+            present = values != NO_ATOM
+            values = values[present][np.argsort(first[present], kind="stable")]
+            family_coupling = self._coupling_of_family[self.table.family_of[values]]
+            for coupling in dict.fromkeys(family_coupling.tolist()):
+                order = values[family_coupling == coupling]
+                entry = families.setdefault(coupling, Coupling(coupling))
+                entry.members.append(member)
+                known = seen.setdefault(coupling, set())
+                entry.classes.extend(c for c in order.tolist() if c not in known)
+                known.update(order.tolist())
+                owners.append(order)
+                holders.append(np.full(len(order), number, np.int64))
+        members_of, signature_of = _signatures(owners, holders, len(self.param_dims))
+        couplings: dict[int, Coupling] = {}
+        self._coupling_of_class: dict[int, int] = {}
+        for entry in families.values():
+            parts: dict[int, Coupling] = {}
+            for cls in entry.classes:
+                part = parts.get(signature_of[cls])
+                if part is None:
+                    part = Coupling(len(couplings))
+                    part.members = [self.param_dims[k] for k in members_of(cls)]
+                    parts[signature_of[cls]] = couplings[part.id] = part
+                part.classes.append(cls)
+                self._coupling_of_class[cls] = part.id
+                root = self.table.find(cls)
+                if root in self.table.frozen:
+                    part.frozen[cls] = self.table.frozen[root]
+                part.mixing.update(self.table.mixing.get(root, ()))
+        return couplings
+
+
+def _signatures(
+    owners: list[np.ndarray], holders: list[np.ndarray], count: int
+) -> tuple[Callable[[int], list[int]], dict[int, int]]:
+    """For each class, the parameter dims holding it (``members_of``) and a 64-bit hash of
+    that set (random weight per dim, summed), so classes can be grouped by signature."""
+    classes = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+    dims = np.concatenate(holders) if holders else np.zeros(0, np.int64)
+    weights = np.random.default_rng(0).integers(1, 2**62, size=max(count, 1), dtype=np.int64)
+    unique, inverse = np.unique(classes, return_inverse=True)
+    sums = np.zeros(len(unique), np.uint64)
+    np.add.at(sums, inverse, weights[dims].astype(np.uint64))
+    order = np.argsort(classes, kind="stable")
+    sorted_classes, sorted_dims = classes[order], dims[order]
+
+    def members_of(cls: int) -> list[int]:
+        lo, hi = np.searchsorted(sorted_classes, [cls, cls + 1])
+        return sorted(set(sorted_dims[lo:hi].tolist()))
+
+    return members_of, dict(zip(unique.tolist(), sums.tolist()))
+
+
+def _size_argument_breaks(check: SizeCheck, got: int, expected: int) -> str:
+    return (
+        f"size argument `{describe(check.expr)}` in {check.where} would give {got} where "
+        f"{expected} positions remain after pruning"
+    )
+
+
+def _perturbations(classes: np.ndarray) -> list[np.ndarray]:
+    if classes.size <= 1:
+        return [classes]
+    return [classes[:1], classes[-1:], classes[::2]]

@@ -1,0 +1,212 @@
+"""Integers that remember which tensor sizes they were computed from.
+
+While tracing, ``x.size()`` and ``x.shape`` return :class:`TrackedInt` values. Arithmetic on them
+keeps an expression tree, so when ``x.view(b, c // g, g)`` is recorded we know that ``c // g``
+will follow the channel count after pruning while the literal ``g`` will not. Any int that lost
+its history (``int(c / 2)``, a config value) is a literal, the safe assumption.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Optional
+
+Expr = Any  # ("lit", int) | ("dim", key) | ("attr", slot) | (op_name, Expr, Expr) | ("neg", Expr)
+
+#: Expression kinds that stand for a size known to the graph: a tensor dim, or an int attribute.
+SYMBOLS = ("dim", "attr")
+
+_BINARY: dict[str, Callable[[int, int], int]] = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "floordiv": operator.floordiv,
+    "mod": operator.mod,
+    "pow": operator.pow,
+    "truediv": operator.truediv,
+}
+
+ValueUseHook = Callable[[Expr], None]
+ComparisonHook = Callable[[str, int, int, bool, str], None]
+_OBSERVER: ContextVar[Optional[tuple[ValueUseHook, ComparisonHook]]] = ContextVar(
+    "torchslim_size_observer", default=None
+)
+
+_COMPARE: dict[str, Callable[[int, int], bool]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+}
+COMPARISON_SYMBOLS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+def compare(op: str, lhs: int, rhs: int) -> bool:
+    return _COMPARE[op](lhs, rhs)
+
+
+@contextmanager
+def observed(on_value_use: ValueUseHook, on_comparison: ComparisonHook) -> Iterator[None]:
+    """Inside the block, ``on_value_use(expr)`` hears of every tracked size turned into a value
+    that is not a size (a float such as ``c ** -0.5`` or ``math.sqrt(c)``: pruning that dim
+    changes the value), and ``on_comparison(op, lhs, rhs, outcome, filename)`` of every
+    tracked size compared with an int (``assert x.shape[1] == self.channels``), naming the
+    file of the code that compared."""
+    token = _OBSERVER.set((on_value_use, on_comparison))
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
+
+
+def report_value_use(expr: Expr) -> None:
+    observer = _OBSERVER.get()
+    if observer is not None:
+        observer[0](expr)
+
+
+def expr_of(value: Any) -> Expr:
+    """Expression for an int argument: tracked history, or a literal."""
+    if isinstance(value, TrackedInt):
+        return value.expr
+    return ("lit", int(value))
+
+
+def is_literal(value: Any) -> bool:
+    return not isinstance(value, TrackedInt)
+
+
+def evaluate(expr: Expr, dim_size: Callable[[Any], int]) -> int:
+    """Evaluate an expression with ``dim_size(key)`` giving each symbol's size."""
+    kind = expr[0]
+    if kind == "lit":
+        return expr[1]
+    if kind in SYMBOLS:
+        return dim_size(expr[1])
+    if kind == "neg":
+        return -evaluate(expr[1], dim_size)
+    lhs, rhs = evaluate(expr[1], dim_size), evaluate(expr[2], dim_size)
+    if kind in ("floordiv", "mod") and rhs == 0:
+        return -(2**62)
+    return _BINARY[kind](lhs, rhs)
+
+
+def symbols(expr: Expr) -> list[Any]:
+    """All keys (tensor dims and attribute slots) an expression reads."""
+    kind = expr[0]
+    if kind == "lit":
+        return []
+    if kind in SYMBOLS:
+        return [expr[1]]
+    return [key for sub in expr[1:] for key in symbols(sub)]
+
+
+def _binary(name: str, reflected: bool = False) -> Callable[[TrackedInt, Any], Any]:
+    fn = _BINARY[name]
+
+    def method(self: TrackedInt, other: Any) -> Any:
+        if not isinstance(other, int) or isinstance(other, bool):
+            report_value_use(self.expr)
+            return fn(other, int(self)) if reflected else fn(int(self), other)
+        lhs, rhs = (other, self) if reflected else (self, other)
+        value = fn(int(lhs), int(rhs))
+        if not isinstance(value, int):
+            report_value_use((name, expr_of(lhs), expr_of(rhs)))
+            return value
+        return TrackedInt(value, (name, expr_of(lhs), expr_of(rhs)))
+
+    return method
+
+
+def _comparison(name: str) -> Callable[[TrackedInt, Any], Any]:
+    fn = _COMPARE[name]
+    fallback = getattr(int, f"__{name}__")
+
+    def method(self: TrackedInt, other: Any) -> Any:
+        if not isinstance(other, int) or isinstance(other, bool):
+            return fallback(self, other)
+        outcome = fn(int(self), int(other))
+        observer = _OBSERVER.get()
+        if observer is not None:
+            observer[1](name, self, other, outcome, sys._getframe(1).f_code.co_filename)
+        return outcome
+
+    return method
+
+
+def describe(expr: Expr) -> str:
+    """Readable form of an expression: ``(size(16) * block.heads)``."""
+    kind = expr[0]
+    if kind == "lit":
+        return str(expr[1])
+    if kind == "dim":
+        return f"size({expr[1].size})"
+    if kind == "attr":
+        return expr[1].label
+    if kind == "neg":
+        return f"-{describe(expr[1])}"
+    signs = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "mod": "%", "pow": "**"}
+    return f"({describe(expr[1])} {signs.get(kind, '/')} {describe(expr[2])})"
+
+
+class TrackedInt(int):
+    """An ``int`` carrying the expression it was computed from."""
+
+    expr: Expr
+
+    def __new__(cls, value: int, expr: Expr) -> TrackedInt:
+        obj = super().__new__(cls, value)
+        obj.expr = expr
+        return obj
+
+    __add__ = _binary("add")
+    __radd__ = _binary("add", reflected=True)
+    __sub__ = _binary("sub")
+    __rsub__ = _binary("sub", reflected=True)
+    __mul__ = _binary("mul")
+    __rmul__ = _binary("mul", reflected=True)
+    __floordiv__ = _binary("floordiv")
+    __rfloordiv__ = _binary("floordiv", reflected=True)
+    __mod__ = _binary("mod")
+    __rmod__ = _binary("mod", reflected=True)
+    __pow__ = _binary("pow")
+    __truediv__ = _binary("truediv")
+    __rtruediv__ = _binary("truediv", reflected=True)
+    __eq__ = _comparison("eq")
+    __ne__ = _comparison("ne")
+    __lt__ = _comparison("lt")
+    __le__ = _comparison("le")
+    __gt__ = _comparison("gt")
+    __ge__ = _comparison("ge")
+    __hash__ = int.__hash__
+
+    def __float__(self) -> float:
+        report_value_use(self.expr)
+        return float(int(self))
+
+    def __neg__(self) -> TrackedInt:
+        return TrackedInt(-int(self), ("neg", self.expr))
+
+    def __pos__(self) -> TrackedInt:
+        return self
+
+    def __repr__(self) -> str:
+        return repr(int(self))
+
+    def __reduce__(self) -> tuple:
+        return (int, (int(self),))
+
+
+class TrackedShape(tuple):
+    """What ``tensor.shape`` returns while tracing: a tuple of :class:`TrackedInt`."""
+
+    def numel(self) -> int:
+        total = 1
+        for size in self:
+            total *= size
+        return total
