@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import torchslim as tp
-from torchslim.importance import lamp, normalize, reduce_layers
+from torchslim.importance import base, lamp, normalize, reduce_layers
+from torchslim.importance.base import position_norms, rows
 
 CONV0 = [1.0, 2.0, 3.0]
 GAMMA = [0.5, -4.0, 1.0]
@@ -182,3 +183,17 @@ def test_scores_computed_in_blocks_of_positions_are_the_same(group, monkeypatch)
     whole = imp(group)
     monkeypatch.setattr(base, "CHUNK_ELEMENTS", 1)
     assert torch.equal(imp(group), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("shape", "dim"), [((300, 70), 0), ((300, 70), 1), ((8, 5, 3, 3), 1), ((50,), 0)]
+)
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_low_precision_norms_match_float64(dtype, shape, dim, p, monkeypatch):
+    monkeypatch.setattr(base, "NORM_BLOCK", 256)  # many blocks, as in an LLM weight
+    tensor = torch.randn(shape).to(dtype)
+    exact = rows(tensor, dim).double().abs().pow(p).sum(1)
+    fast = position_norms(tensor, dim, p)
+    assert fast.dtype == torch.float64
+    assert ((fast - exact).abs() / exact).max() < 1e-6

@@ -20,6 +20,7 @@ from torchslim.importance.base import (
     normalize,
     norms,
     per_position,
+    position_norms,
     slices,
 )
 from torchslim.importance.registry import register_importance
@@ -38,7 +39,7 @@ class MagnitudeImportance(GroupImportance):
         self.p = p
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> torch.Tensor:
-        return per_position(lambda w: norms(w, self.p), member.dim, tensor)
+        return position_norms(tensor, member.dim, self.p)
 
 
 register_importance("l1", lambda: MagnitudeImportance(p=1))
