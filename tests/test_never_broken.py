@@ -9,6 +9,8 @@ from helpers import assert_exact, build
 from torch import nn
 
 import torchslim as tp
+from torchslim.graph.checkpoint import Checkpoint
+from torchslim.pruning.journal import journaled
 
 PARAM = nn.utils.parametrizations
 
@@ -382,3 +384,48 @@ def test_a_size_one_slice_broadcast_over_channels_keeps_its_channel():
     assert "a size-1 dim broadcast to 16" in gate.refusal([2])
     _prune(model, x)
     assert model[1].f.out_channels == 11 and model(x).shape == (1, 4, 8, 8)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mid = nn.utils.weight_norm(nn.Linear(16, 24))
+        self.proj = nn.Linear(24, 16)
+        self.out = nn.Linear(16, 20, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.out(x + self.proj(torch.relu(self.mid(x))))
+
+
+def test_a_journaled_checkpoint_restores_every_tensor_without_holding_them():
+    torch.manual_seed(0)
+    model = Tied().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    model(ids).sum().backward()
+    before = {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    graph = build(model, ids)
+    with journaled() as journal:
+        checkpoint = Checkpoint(graph, journal)
+        with graph.deferred(notify=False):
+            for group in graph.get_all_groups():
+                if len(group.prunable_idxs) > 1:
+                    group.prune(group.prunable_idxs[:1])
+    assert model.mid.weight_v.shape[0] < 24 and model.embed.weight.shape[1] < 16
+    assert model.out.weight is model.embed.weight
+    held = sum(e.removed.numel() for e in journal.entries if e.removed is not None)
+    assert 0 < held < sum(t.numel() for t in before.values()) / 2
+    checkpoint.restore()
+    after = model.state_dict(keep_vars=True)
+    assert set(after) == set(before)
+    assert all(torch.equal(after[n].detach(), t) for n, t in before.items())
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters() if n in grads)
+    assert model.proj.in_features == 24 and model.attn.embed_dim == 16
+    assert model.out.weight is model.embed.weight
+    with torch.no_grad():
+        assert model(ids).shape == (2, 5, 20)

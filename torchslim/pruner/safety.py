@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 
 from torchslim.graph.checkpoint import Checkpoint, trial
 from torchslim.graph.dependency import DependencyGraph, Group
+from torchslim.pruning.journal import journaled
 
 Selection = tuple[Group, list[int]]
 
@@ -77,14 +78,15 @@ def prune_merged(groups: Iterable[Group]) -> list[Selection]:
 def prune_checked(graph: DependencyGraph, groups: Iterable[Group]) -> SafePruning:
     """Prune the groups; if the pruned model fails its forward check, prune only those that
     keep it running (see the module docstring). Config listeners are notified once."""
-    checkpoint = Checkpoint(graph)
     with graph.deferred():
-        try:
-            chosen = prune_merged(groups)
-            failure = graph.forward_failure()
-        except BaseException:
-            checkpoint.restore()
-            raise
+        with journaled() as journal:  # the undo holds the removed positions, not the model
+            checkpoint = Checkpoint(graph, journal)
+            try:
+                chosen = prune_merged(groups)
+                failure = graph.forward_failure()
+            except BaseException:
+                checkpoint.restore()
+                raise
         if failure is None:
             return SafePruning(chosen)
         checkpoint.restore()

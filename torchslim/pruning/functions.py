@@ -36,7 +36,7 @@ def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> No
         return
     tensor = getattr(module, name)
     index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
-    replace_tensor(module, name, tensor.detach().index_select(dim, index).contiguous())
+    replace_tensor(module, name, tensor.detach().index_select(dim, index), dim, index)
     if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
         getattr(module, name).grad = tensor.grad.index_select(dim, index).contiguous()
 
@@ -415,13 +415,13 @@ def _keep_attention_scale(layer: nn.MultiheadAttention, ratio: float) -> None:
     every score, so the query projection absorbs the difference and scores stay the same."""
     factor = ratio**0.5
     width = layer.embed_dim
+    name = "in_proj_weight" if layer._qkv_same_embed_dim else "q_proj_weight"
+    names = [name] + (["in_proj_bias"] if layer.in_proj_bias is not None else [])
     with torch.no_grad():
-        if layer._qkv_same_embed_dim:
-            layer.in_proj_weight[:width].mul_(factor)
-        else:
-            layer.q_proj_weight.mul_(factor)
-        if layer.in_proj_bias is not None:
-            layer.in_proj_bias[:width].mul_(factor)
+        for name in names:  # new tensors, not in place: a journal can undo the step
+            scaled = getattr(layer, name).detach().clone()
+            scaled[:width].mul_(factor)
+            replace_tensor(layer, name, scaled)
 
 
 class _ParameterPruner(BasePruningFunc):

@@ -23,6 +23,8 @@ from torch.nn.utils.parametrizations import _SpectralNorm, _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from torchslim.pruning.journal import active as active_journal
+
 PARAMETRIZATIONS = ".parametrizations."
 
 
@@ -72,10 +74,21 @@ class Reparametrised:
         setattr(self.layer, self.name, weight)
 
 
-def replace_tensor(holder: nn.Module, name: str, data: torch.Tensor) -> None:
+def replace_tensor(
+    holder: nn.Module,
+    name: str,
+    data: torch.Tensor,
+    dim: Optional[int] = None,
+    keep: Optional[torch.Tensor] = None,
+) -> None:
     """Put ``data`` in place of ``holder.name``: a parameter stays a parameter (with its
-    ``requires_grad``), a buffer a buffer, a plain attribute a plain attribute."""
+    ``requires_grad``), a buffer a buffer, a plain attribute a plain attribute. ``dim`` and
+    ``keep`` say that ``data`` is the old tensor's ``index_select(dim, keep)``, which lets an
+    active :mod:`~torchslim.pruning.journal` keep only the removed positions for an undo."""
     old = getattr(holder, name)
+    journal = active_journal()
+    if journal is not None:
+        journal.record(holder, name, old, dim, keep)
     if isinstance(old, nn.Parameter):
         setattr(holder, name, nn.Parameter(data, requires_grad=old.requires_grad))
     elif name in holder._buffers:
