@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt torch torchvision numpy safetensors pytest ruff hypothesis pillow onnx onnxruntime ultralytics scikit-learn matplotlib tqdm pyyaml transformers timm
+	$(PY) -m pip install --quiet -c constraints.txt torch torchvision numpy safetensors pytest ruff hypothesis pillow onnx onnxruntime ultralytics scikit-learn matplotlib tqdm pyyaml transformers timm torch-pruning
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -12,12 +12,13 @@ ROOT = Path(torchslim.__file__).parent
 CORE = ("spaces", "ops", "capture", "graph")
 GRAPH = {"spaces", "ops", "capture", "pruning", "graph", "_moved"}
 ANALYSES = GRAPH | {"importance", "verify", "persistence", "utils"}
-PRUNER = ANALYSES | {"pruner", "strategy"}
+PRUNER = ANALYSES | {"pruner", "strategy", "function"}
 #: What each package (or root module) may import, besides itself.
 ALLOWED = {
     "_moved": set(),
     "spaces": set(),
     "pruning": set(),
+    "function": {"pruning"},
     "strategy": set(),
     "zoo": set(),
     "ops": {"spaces"},
@@ -27,7 +28,7 @@ ALLOWED = {
     "verify": GRAPH,
     "persistence": GRAPH,
     "utils": {"spaces", "ops", "capture"},
-    "pruner": ANALYSES,
+    "pruner": ANALYSES | {"function"},
     "hf": PRUNER,
     "sparsity": PRUNER,
     "search": PRUNER,

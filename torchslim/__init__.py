@@ -4,11 +4,39 @@
 functions, ``tp.strategy``, ``tp.utils.count_ops_and_params`` and ``tp.verify``.
 """
 
-from torchslim import graph, hf, importance, ops, pruner, pruning, sparsity, strategy, utils
+from torchslim import (
+    function,
+    graph,
+    hf,
+    importance,
+    ops,
+    pruner,
+    pruning,
+    sparsity,
+    strategy,
+    utils,
+)
 from torchslim import search as search
 from torchslim.graph.dependency import Dependency, DependencyGraph, Group, GroupItem, Node
 from torchslim.ops import register_rule, rule_for
-from torchslim.persistence import CheckpointError, apply_plan, load_pruned, save_pruned
+from torchslim.persistence import (
+    CheckpointError,
+    apply_plan,
+    load,
+    load_pruned,
+    load_state_dict,
+    save,
+    save_pruned,
+    state_dict,
+)
+from torchslim.pruner import (
+    BasePruner,
+    BNScalePruner,
+    GroupNormPruner,
+    MagnitudePruner,
+    MetaPruner,
+    RandomPruner,
+)
 from torchslim.pruning import *  # noqa: F403
 from torchslim.pruning import BasePruningFunc, register_pruner
 from torchslim.sparsity import GMPUnstructuredPruner, UnstructuredPruner
@@ -22,9 +50,20 @@ __all__ = [
     "sparsity",
     "CheckpointError",
     "apply_plan",
+    "load",
     "load_pruned",
+    "load_state_dict",
+    "save",
+    "state_dict",
     "save_pruned",
+    "BasePruner",
     "BasePruningFunc",
+    "BNScalePruner",
+    "GroupNormPruner",
+    "MagnitudePruner",
+    "MetaPruner",
+    "RandomPruner",
+    "function",
     "Dependency",
     "DependencyGraph",
     "Group",

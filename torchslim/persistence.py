@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -200,3 +201,84 @@ def _digest(plan_text: str, tensors: dict[str, torch.Tensor]) -> str:
         digest.update(str(list(tensor.shape)).encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def state_dict(model: nn.Module) -> dict[str, Any]:
+    """torch-pruning's ``tp.state_dict``: the model's pruning plan and its tensors, as plain
+    data (``torch.save`` it; ``torch.load`` with the default ``weights_only=True`` reads it back,
+    and :func:`load_state_dict` rebuilds the pruned model from a freshly built one)."""
+    return {
+        "format": FORMAT,
+        "plan": pruning_plan(model),
+        "state_dict": {k: v.detach().cpu() for k, v in _unique_state(model).items()},
+    }
+
+
+def load_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, Any],
+    customized_pruners: Optional[dict[Any, BasePruningFunc]] = None,
+) -> nn.Module:
+    """Make a freshly built ``model`` the pruned one ``state_dict`` describes: one written by
+    :func:`state_dict`, or by torch-pruning's ``tp.state_dict`` (module tensors and plain
+    attributes; anything else it holds, such as hooks, is not applied)."""
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"a state dict must be a dict, got {type(state_dict).__name__}")
+    if "full_state_dict" in state_dict and "attributions" in state_dict:
+        _load_peer_state(model, state_dict)
+    elif state_dict.get("format") == FORMAT and "plan" in state_dict:
+        apply_plan(model, state_dict["plan"], customized_pruners)
+        run_prune_hooks(model)
+        _load_weights(model, state_dict["state_dict"], Path("state_dict"))
+    else:
+        raise CheckpointError(
+            "not a pruned state dict: expected the output of tp.state_dict(model) (keys "
+            f"'format', 'plan', 'state_dict'), got keys {sorted(state_dict)[:6]}"
+        )
+    return model
+
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _load_peer_state(model: nn.Module, saved: dict[str, Any]) -> None:
+    modules = dict(model.named_modules())
+    unknown = sorted(set(saved["full_state_dict"]) - set(modules))
+    if unknown:
+        raise CheckpointError(f"the state dict has modules this model does not: {unknown[:5]}")
+    for name, state in saved["full_state_dict"].items():
+        module = modules[name]
+        for kind in ("_parameters", "_buffers"):
+            for key, tensor in (state.get(kind) or {}).items():
+                target = getattr(module, kind)
+                target[key] = (
+                    tensor
+                    if tensor is None or kind == "_buffers"
+                    else nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad)
+                )
+        for key, value in saved["attributions"].get(name, {}).items():
+            plain = isinstance(value, _PLAIN) or (
+                isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)
+            )
+            if plain and key in vars(module):
+                setattr(module, key, value)
+
+
+def save(obj: Any, path: PathLike) -> None:
+    """torch-pruning's ``tp.save``: ``torch.save``, written to a temporary file renamed into
+    place (a failed save never damages the previous file)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load(path: PathLike, map_location: Any = None, weights_only: bool = True) -> Any:
+    """torch-pruning's ``tp.load``: ``torch.load`` of tensors and plain data only by default;
+    a file that needs pickled code gets a clear error (pass ``weights_only=False`` only for
+    files you trust)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds pickled objects beyond tensors and plain data ({error}); torchslim "
+            "does not run pickled code by default: save with tp.state_dict(model), or pass "
+            "weights_only=False for a file you trust"
+        ) from error

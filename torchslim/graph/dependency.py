@@ -8,6 +8,7 @@ groups underneath come from the exact index-space analysis in :mod:`.analysis`.
 from __future__ import annotations
 
 import logging
+from collections import namedtuple
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -71,16 +72,15 @@ def _fn_name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-@dataclass
-class GroupItem:
-    """One dependency of a group with the positions it removes there."""
+class GroupItem(namedtuple("GroupItem", ["dep", "idxs"])):
+    """One dependency of a group with the positions it removes there: the named tuple
+    ``(dep, idxs)`` torch-pruning scripts index and unpack (``dep, idxs = group[0]``), and
+    ``root_idxs``, the group index of each of those positions."""
 
-    dep: Dependency
-    idxs: list[int]
-    root_idxs: list[int]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.dep, self.idxs))
+    def __new__(cls, dep: Dependency, idxs: list[int], root_idxs: Sequence[int] = ()):
+        item = super().__new__(cls, dep, idxs)
+        item.root_idxs = list(root_idxs)
+        return item
 
 
 class Group:
@@ -355,6 +355,38 @@ class DependencyGraph:
         """The steps pruned through this graph (the model keeps its own, see
         :func:`~torchslim.graph.record.model_history`)."""
         return [] if self.state is None else self.state.history
+
+    def pruning_history(self) -> list[tuple[str, bool, list[int]]]:
+        """torch-pruning's record of what was pruned through this graph: ``(root module name,
+        whether its outputs were pruned, the root's indices)`` per group pruned, in order (see
+        :meth:`load_pruning_history`; :func:`torchslim.save_pruned` keeps the full plan)."""
+        replayable = (Role.OUT.value, Role.IN.value)
+        found = []
+        for step in self.history:
+            root = next((op for op in step["ops"] if op["role"] in replayable), None)
+            if root is not None:
+                found.append((root["module"], root["role"] == Role.OUT.value, list(root["idxs"])))
+        return found
+
+    def load_pruning_history(self, pruning_history: Iterable[Sequence[Any]]) -> None:
+        """Prune this graph's model as ``pruning_history`` says (the output of
+        :meth:`pruning_history`, here or from torch-pruning, on a model built the same way)."""
+        model = self._require_state() and self.model
+        for number, (name, is_out, idxs) in enumerate(pruning_history, 1):
+            try:
+                module = model if name in ("", "<model>") else model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(
+                    f"pruning history entry {number} prunes {name!r}, which this model does not have"
+                ) from None
+            pruner = self.get_pruner_of_module(module)
+            if pruner is None:
+                raise ValueError(
+                    f"pruning history entry {number}: no pruning function for {name!r} "
+                    f"({type(module).__name__})"
+                )
+            handler = pruner.prune_out_channels if is_out else pruner.prune_in_channels
+            self.get_pruning_group(module, handler, list(idxs)).prune()
 
     def _require_state(self) -> PruningState:
         if self.state is None:

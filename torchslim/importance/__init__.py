@@ -1,5 +1,6 @@
 """Importance criteria (``tp.importance.MagnitudeImportance(p=2)`` ...): lower scores go first."""
 
+from torchslim.graph.dependency import Group
 from torchslim.importance.base import (
     NORMALIZERS,
     REDUCTIONS,
@@ -34,6 +35,7 @@ __all__ = [
     "ActivationImportance",
     "BNScaleImportance",
     "FPGMImportance",
+    "Group",
     "GroupHessianImportance",
     "GroupImportance",
     "GroupMagnitudeImportance",

@@ -20,7 +20,8 @@ from torchslim.pruning.layers import PER_CHANNEL, layer_kind
 from torchslim.spaces.analysis import ParamDim
 
 REDUCTIONS = ("mean", "sum", "max", "prod", "first")
-NORMALIZERS = ("mean", "max", "sum", "standardization", "gaussian", "lamp")
+#: ``"standarization"`` is torch-pruning's spelling of ``"standardization"`` (min-max scaling).
+NORMALIZERS = ("mean", "max", "sum", "standardization", "standarization", "gaussian", "lamp")
 Normalizer = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
 
 
@@ -196,7 +197,7 @@ def normalize(scores: torch.Tensor, how: Normalizer) -> torch.Tensor:
         return scores / (scores.max() + eps)
     if how == "sum":
         return scores / (scores.sum() + eps)
-    if how == "standardization":
+    if how in ("standardization", "standarization"):
         return (scores - scores.min()) / (scores.max() - scores.min() + eps)
     if how == "gaussian":
         return (scores - scores.mean()) / (scores.std(unbiased=False) + eps)

@@ -1,5 +1,10 @@
-"""High-level pruners (``tp.pruner.MagnitudePruner(model, example_inputs, ...)``)."""
+"""High-level pruners (``tp.pruner.MagnitudePruner(model, example_inputs, ...)``); the layer
+pruning functions are here too under torch-pruning's names (``tp.pruner.prune_conv_out_channels``,
+``tp.pruner.function``)."""
 
+from torchslim import function
+from torchslim.function import *  # noqa: F403
+from torchslim.function import __all__ as _FUNCTIONS
 from torchslim.pruner.meta import MetaPruner
 from torchslim.pruner.reconstruct import Reconstruction, ReconstructionError, ReconstructionReport
 from torchslim.pruner.schedule import decaying_l1, linear_scheduler
@@ -12,6 +17,8 @@ from torchslim.pruner.sparse import (
 )
 
 __all__ = [
+    *_FUNCTIONS,
+    "function",
     "BNScalePruner",
     "BasePruner",
     "GroupNormPruner",

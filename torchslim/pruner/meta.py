@@ -203,6 +203,15 @@ class MetaPruner:
             return self.kind_ratios.get(kind), kind
         return None, None
 
+    def pruning_history(self) -> list[tuple[str, bool, list[int]]]:
+        """What this pruner's graph pruned, in torch-pruning's form (see
+        :meth:`DependencyGraph.pruning_history`)."""
+        return self.DG.pruning_history()
+
+    def load_pruning_history(self, pruning_history: Iterable[Sequence[Any]]) -> None:
+        """Replay a pruning history on this pruner's model."""
+        self.DG.load_pruning_history(pruning_history)
+
     # ------------------------------------------------------------------------------ steps
 
     def step_and_verify(

@@ -9,7 +9,7 @@ users know (``tp.prune_conv_out_channels(model.conv1, idxs=[2, 6, 9])``).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -83,6 +83,11 @@ class BasePruningFunc:
     """
 
     TARGET_MODULES: tuple[type, ...] = ()
+
+    def __init__(self, pruning_dim: int = 1) -> None:
+        #: torch-pruning's argument: the dim a bare-parameter pruner slices (layer pruners know
+        #: their dims from :meth:`param_roles`).
+        self.pruning_dim = pruning_dim
 
     def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
         """``(tensor_name, dim) -> Role.OUT | Role.IN`` for the tensors this layer has."""
@@ -295,6 +300,15 @@ class LayerNormPruner(_SameWidthPruner):
 
     TARGET_MODULES = (nn.LayerNorm, nn.RMSNorm)
 
+    def __init__(self, metrcis: Any = None, pruning_dim: int = -1) -> None:
+        """``metrcis`` (sic) and ``pruning_dim`` as torch-pruning spells them; only the last
+        normalised dim is prunable here."""
+        if pruning_dim != -1:
+            raise ValueError(
+                f"LayerNormPruner prunes the last normalised dim only, not {pruning_dim}"
+            )
+        super().__init__(pruning_dim)
+
     def sync(self, layer: nn.Module) -> None:
         width = self.get_out_channels(layer)
         if width is None:
@@ -424,16 +438,22 @@ def _keep_attention_scale(layer: nn.MultiheadAttention, ratio: float) -> None:
             replace_tensor(layer, name, scaled)
 
 
-class _ParameterPruner(BasePruningFunc):
+class ParameterPruner(BasePruningFunc):
     """A bare ``nn.Parameter``: ``prune_parameter_out_channels(param, idxs)`` returns a new one."""
 
-    def prune_out_channels(self, layer: nn.Parameter, idxs: Indices, dim: int = 0) -> nn.Parameter:
-        keep = keep_indices(layer.shape[dim], normalise_indices(layer, idxs, layer.shape[dim]))
-        data = layer.detach().index_select(dim, torch.as_tensor(keep, device=layer.device))
-        return nn.Parameter(data.contiguous(), requires_grad=layer.requires_grad)
+    def __init__(self, pruning_dim: int = 0) -> None:
+        super().__init__(pruning_dim)
 
-    def prune_in_channels(self, layer: nn.Parameter, idxs: Indices) -> nn.Parameter:
-        return self.prune_out_channels(layer, idxs, dim=1)
+    def prune_out_channels(
+        self, tensor: nn.Parameter, idxs: Indices, dim: Optional[int] = None
+    ) -> nn.Parameter:
+        dim = self.pruning_dim if dim is None else dim
+        keep = keep_indices(tensor.shape[dim], normalise_indices(tensor, idxs, tensor.shape[dim]))
+        data = tensor.detach().index_select(dim, torch.as_tensor(keep, device=tensor.device))
+        return nn.Parameter(data.contiguous(), requires_grad=tensor.requires_grad)
+
+    def prune_in_channels(self, tensor: nn.Parameter, idxs: Indices) -> nn.Parameter:
+        return self.prune_out_channels(tensor, idxs, dim=1)
 
 
 class ParameterHandler:
@@ -471,7 +491,7 @@ PRELU_PRUNER = PReLUPruner()
 EMBEDDING_PRUNER = EmbeddingPruner()
 MHA_PRUNER = MultiheadAttentionPruner()
 TRANSPOSED_LINEAR_PRUNER = TransposedLinearPruner()
-PARAMETER_PRUNER = _ParameterPruner()
+PARAMETER_PRUNER = ParameterPruner()
 
 prune_conv_out_channels = CONV_PRUNER.prune_out_channels
 prune_conv_in_channels = CONV_PRUNER.prune_in_channels
@@ -505,6 +525,7 @@ prune_batchnorm = prune_batchnorm_out_channels
 
 __all__ = [
     "TransposedLinearPruner",
+    "ParameterPruner",
     "ParameterHandler",
     "BasePruningFunc",
     "slice_parameter",

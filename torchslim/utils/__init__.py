@@ -1,5 +1,24 @@
-"""Utilities users reach as ``tp.utils``: MACs and parameter counting."""
+"""Utilities users reach as ``tp.utils``: MACs and parameter counting, and torch-pruning's
+small helpers."""
 
+from torchslim.utils.helpers import (
+    TORCH_BATCHNORM,
+    TORCH_CONV,
+    TORCH_LINEAR,
+    TORCH_PRELU,
+    count_params,
+    flatten_as_list,
+    print_tool,
+)
 from torchslim.utils.ops_counter import count_ops_and_params
 
-__all__ = ["count_ops_and_params"]
+__all__ = [
+    "TORCH_BATCHNORM",
+    "TORCH_CONV",
+    "TORCH_LINEAR",
+    "TORCH_PRELU",
+    "count_ops_and_params",
+    "count_params",
+    "flatten_as_list",
+    "print_tool",
+]
