@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from helpers import tiny_llama
 
 import torchslim as tp
 
@@ -22,28 +23,6 @@ NO_SENSE = {
 }
 #: Not built yet (issue 16); each must still be missing, so the list shrinks as they land.
 NOT_YET = {
-    *(
-        f"{where}:{param}"
-        for where in (
-            ".BasePruner",
-            ".MagnitudePruner",
-            ".MetaPruner",
-            "pruner.BasePruner",
-            "pruner.MagnitudePruner",
-            "pruner.MetaPruner",
-        )
-        for param in (
-            "isomorphic",
-            "in_channel_groups",
-            "out_channel_groups",
-            "num_heads",
-            "prune_num_heads",
-            "prune_head_dims",
-            "head_pruning_ratio",
-            "head_pruning_ratio_dict",
-            "channel_groups",
-        )
-    ),
     ".GrowingRegPruner",
     "pruner.GrowingRegPruner",
     "importance.OBDCImportance",
@@ -162,3 +141,86 @@ def test_the_peer_spellings_of_options_work():
         (2,),
         (3,),
     ]
+
+
+def _vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64).eval(), torch.randn(1, 3, 64, 64)
+
+
+def test_the_peer_vit_recipe_with_num_heads_prunes_heads_not_head_sizes():
+    model, x = _vit()
+    num_heads = {block.attn.qkv: block.attn.num_heads for block in model.blocks}
+    pruner = tp.MetaPruner(
+        model,
+        x,
+        pruning_ratio=0.5,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=0.5,
+        ignored_layers=[model.head],
+    )
+    pruner.step()
+    block = model.blocks[0]
+    assert (block.attn.num_heads, block.attn.head_dim) == (2, 64)  # 3 heads, half rounded down
+    assert block.mlp.fc1.out_features == 384 and model.pos_embed.shape[-1] == 96
+    assert model(x).shape == (1, 1000)
+
+
+def test_declared_heads_stay_unless_prune_num_heads():
+    model, x = _vit()
+    num_heads = {block.attn.qkv: block.attn.num_heads for block in model.blocks}
+    tp.MetaPruner(model, x, pruning_ratio=0.5, num_heads=num_heads).step()
+    assert model.blocks[0].attn.num_heads == 3 and model.blocks[0].attn.head_dim < 64
+
+
+def test_num_heads_that_disagree_with_the_graph_name_the_layer():
+    model, x = _vit()
+    with pytest.raises(
+        ValueError, match=r"num_heads\[blocks.0.attn.qkv\] = 4, but the graph finds 3"
+    ):
+        tp.MetaPruner(model, x, num_heads={model.blocks[0].attn.qkv: 4})
+    with pytest.raises(ValueError, match="finds no heads"):
+        tp.MetaPruner(model, x, num_heads={model.blocks[0].mlp.fc1: 4})
+    with pytest.raises(ValueError, match=r"out_channel_groups\[blocks.0.mlp.fc1\] = 5"):
+        tp.MetaPruner(model, x, out_channel_groups={model.blocks[0].mlp.fc1: 5})
+
+
+def test_the_peer_llm_recipe_removes_whole_kv_groups():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 16))
+    num_heads = {}
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        num_heads[attention.q_proj] = model.config.num_attention_heads
+        num_heads[attention.k_proj] = num_heads[attention.v_proj] = model.config.num_key_value_heads
+    pruner = tp.MetaPruner(
+        model,
+        ids,
+        pruning_ratio=0.25,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=0.5,
+        ignored_layers=[model.lm_head],
+    )
+    pruner.step()
+    config = model.config
+    assert (config.num_attention_heads, config.num_key_value_heads) == (2, 1)
+    assert (config.intermediate_size, config.hidden_size) == (48, 24)
+    assert model(ids).logits.shape == (1, 16, 97)
+
+
+def test_isomorphic_ranking_prunes_each_structure_by_the_ratio():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    spread, isomorphic = torchvision.models.resnet18().eval(), torchvision.models.resnet18().eval()
+    tp.MetaPruner(spread, x, pruning_ratio=0.5, global_pruning=True).step()
+    tp.MetaPruner(isomorphic, x, pruning_ratio=0.5, global_pruning=True, isomorphic=True).step()
+    widths = [
+        (m.layer4[0].conv1.out_channels, m.layer4[1].conv1.out_channels)
+        for m in (spread, isomorphic)
+    ]
+    assert widths[0] != (256, 256) and widths[1] == (256, 256)  # half of each structure

@@ -20,6 +20,13 @@ from torchslim.graph.checkpoint import trial
 from torchslim.graph.dependency import DependencyGraph, Group
 from torchslim.graph.kinds import KINDS, group_kind
 from torchslim.importance import Importance, MagnitudeImportance
+from torchslim.pruner.compat import (
+    HEAD_KINDS,
+    check_channel_groups,
+    check_num_heads,
+    head_ratios,
+    isomorphic_pools,
+)
 from torchslim.pruner.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 from torchslim.pruner.safety import SafePruning, StepReport, prune_checked, prune_merged
 from torchslim.pruner.schedule import linear_scheduler
@@ -55,6 +62,14 @@ class MetaPruner:
     with the removed channels zeroed. Every step ends with a forward check of the pruned model
     (on ``meta`` where possible); groups that break it are refused and the rest pruned
     (:attr:`refused`, :attr:`last_step`).
+
+    torch-pruning's head and channel-group arguments work on top of what the graph infers
+    (:mod:`torchslim.pruner.compat`): ``num_heads={layer: n}`` is checked against the heads
+    found (an error names the layer); once heads are declared they go only with
+    ``prune_num_heads=True``, at ``head_pruning_ratio`` (``head_pruning_ratio_dict`` per
+    layer); ``prune_head_dims=False`` keeps head sizes; ``isomorphic=True`` with global
+    pruning ranks structurally identical groups among themselves; ``in_channel_groups`` /
+    ``out_channel_groups`` / ``channel_groups`` are checked to divide their layers' channels.
     """
 
     def __init__(
@@ -84,6 +99,15 @@ class MetaPruner:
         graph: Optional[DependencyGraph] = None,
         trace_on_meta: bool = False,
         exact_only: bool = False,
+        isomorphic: bool = False,
+        in_channel_groups: Optional[dict[nn.Module, int]] = None,
+        out_channel_groups: Optional[dict[nn.Module, int]] = None,
+        num_heads: Optional[dict[nn.Module, int]] = None,
+        prune_num_heads: bool = False,
+        prune_head_dims: bool = True,
+        head_pruning_ratio: float = 0.0,
+        head_pruning_ratio_dict: Optional[dict[nn.Module, float]] = None,
+        channel_groups: Optional[dict[nn.Module, int]] = None,
     ) -> None:
         model = unwrap_model(model)
         if graph is not None and graph.model is not model:
@@ -134,6 +158,20 @@ class MetaPruner:
                 UserWarning,
                 stacklevel=2,
             )
+        declared = bool(num_heads or head_pruning_ratio_dict or prune_num_heads)
+        _ratio("head_pruning_ratio", head_pruning_ratio)
+        for kind, ratio in head_ratios(
+            declared, prune_num_heads, head_pruning_ratio, prune_head_dims
+        ).items():
+            self.kind_ratios.setdefault(kind, ratio)
+        self.head_scopes = _scopes(model, dict(head_pruning_ratio_dict or {}))
+        self.isomorphic = isomorphic
+        for argument, groups in (
+            ("in_channel_groups", in_channel_groups),
+            ("out_channel_groups", out_channel_groups),
+            ("channel_groups", channel_groups),
+        ):
+            check_channel_groups(model, dict(groups or {}), argument)
         scoped = {k: v for k, v in ratio_dict.items() if not isinstance(k, str)}
         self.ratio_scopes = _scopes(model, scoped)
         self._kinds: dict[int, str] = {}
@@ -147,6 +185,8 @@ class MetaPruner:
             trace_train_mode=trace_train_mode,
             trace_on_meta=trace_on_meta,
         )
+        if num_heads:
+            check_num_heads(self.DG, dict(num_heads))
         self.exact_only = exact_only
         #: Groups the safety net refused (the pruned forward failed), with the failure.
         self.refused: dict[int, str] = {}
@@ -200,6 +240,11 @@ class MetaPruner:
             kind = self._kinds.get(group.coupling.id)
             if kind is None:
                 kind = self._kinds[group.coupling.id] = group_kind(group)
+            if kind in HEAD_KINDS and self.head_scopes:
+                touched = {id(m.ref.module) for m in group.coupling.members}
+                for members, ratio in self.head_scopes:
+                    if touched & members:
+                        return ratio, None
             return self.kind_ratios.get(kind), kind
         return None, None
 
@@ -324,7 +369,9 @@ class MetaPruner:
                 yield group.select(chosen)
         for kind, members in by_kind.items():
             yield from self._select_global(members, self._scheduled(self.kind_ratios[kind]))
-        yield from self._select_global(pooled, ratio)
+        pools = isomorphic_pools(pooled) if self.isomorphic else [pooled]
+        for pool in pools:
+            yield from self._select_global(pool, ratio)
 
     def _factor_followers(self, groups: list[Group]) -> set[int]:
         """Groups the default ratio leaves alone because a width they factor is already cut.

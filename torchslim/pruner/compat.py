@@ -1,0 +1,95 @@
+"""torch-pruning's head and channel-group arguments, on top of what the graph infers.
+
+torchslim finds heads, head sizes and channel groups from the trace; a script written for the
+peer still passes them. ``num_heads`` and the channel groups are checked against the graph (an
+error names the layer when they disagree); the head switches become ratios of the kinds
+``heads`` / ``query_heads`` / ``head_dim`` (see :mod:`torchslim.graph.kinds`); ``isomorphic``
+ranks structurally identical groups among themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from torch import nn
+
+from torchslim.graph.dependency import DependencyGraph, Group
+from torchslim.graph.kinds import group_kind
+from torchslim.pruning.layers import layer_kind
+from torchslim.pruning.roles import Role
+
+HEAD_KINDS = ("heads", "query_heads")
+
+
+def head_ratios(
+    given: bool, prune_num_heads: bool, head_pruning_ratio: float, prune_head_dims: bool
+) -> dict[str, float]:
+    """Kind ratios the peer's head switches mean. ``given``: the script declared heads
+    (``num_heads`` or a head ratio), so heads go only with ``prune_num_heads``."""
+    ratios = {}
+    if given:
+        # whole heads go with their keys and values: under grouped-query attention a KV head
+        # and its query heads (the ``heads`` kind); the queries within a group stay
+        ratios["heads"] = head_pruning_ratio if prune_num_heads else 0.0
+        ratios["query_heads"] = 0.0
+    if not prune_head_dims:
+        ratios["head_dim"] = 0.0
+    return ratios
+
+
+def inferred_heads(graph: DependencyGraph, module: nn.Module) -> Optional[int]:
+    """How many heads the graph finds in ``module``'s outputs: the product of the head groups
+    (``heads`` x ``query_heads`` under grouped-query attention) over its output rows."""
+    outputs = {(name, dim) for name, dim in layer_kind(module).dims(module, Role.OUT)}
+    found = None
+    for group in graph.get_all_groups():
+        if group_kind(group) not in HEAD_KINDS:
+            continue
+        for member, index in group.index_maps():
+            if member.ref.module is module and (member.ref.name, member.dim) in outputs:
+                count = int(np.unique(index[index >= 0]).size)
+                found = count * (found or 1)
+                break
+    return found
+
+
+def check_num_heads(graph: DependencyGraph, num_heads: dict[nn.Module, int]) -> None:
+    names = {id(m): n for n, m in graph.model.named_modules()}
+    for module, heads in num_heads.items():
+        name = names.get(id(module))
+        if name is None:
+            raise ValueError("num_heads keys must be modules of the model")
+        found = inferred_heads(graph, module)
+        if found != heads:
+            seen = "finds no heads in its outputs" if found is None else f"finds {found}"
+            raise ValueError(f"num_heads[{name}] = {heads}, but the graph {seen}")
+
+
+def check_channel_groups(model: nn.Module, groups: dict[nn.Module, int], argument: str) -> None:
+    """The peer's declared channel groups must divide the layer's channels (torchslim infers
+    which channels go together; a declaration that cannot hold is a mistake worth naming)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for module, count in groups.items():
+        name = names.get(id(module))
+        if name is None:
+            raise ValueError(f"{argument} keys must be modules of the model")
+        pruner = layer_kind(module).pruner
+        width = None if pruner is None else pruner.get_out_channels(module)
+        if not isinstance(count, int) or count < 1 or (width and width % count):
+            raise ValueError(f"{argument}[{name}] = {count!r} does not divide its {width} channels")
+
+
+def isomorphic_pools(groups: list[Group]) -> list[list[Group]]:
+    """Groups split by structure (the layer types and tensor shapes they couple): isomorphic
+    pruning ranks each pool on its own."""
+    pools: dict[tuple, list[Group]] = {}
+    for group in groups:
+        signature = tuple(
+            sorted(
+                (type(m.ref.module).__name__, m.ref.name, m.dim, tuple(m.ref.tensor.shape))
+                for m in group.coupling.members
+            )
+        )
+        pools.setdefault(signature, []).append(group)
+    return list(pools.values())
