@@ -31,6 +31,13 @@ def test_inspect_lists_groups_and_refusals(capsys):
     assert "layer1.0.conv1" in out  # the per-layer table
 
 
+def test_inspect_draws_the_groups(tmp_path, capsys):
+    picture = tmp_path / "groups.png"
+    assert main(["inspect", "resnet18", *SMALL, "--draw", str(picture)]) == 0
+    assert f"wrote {picture}" in capsys.readouterr().out
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_prune_writes_a_plan_that_loads_into_a_fresh_model(tmp_path, capsys):
     code = main(
         [

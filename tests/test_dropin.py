@@ -28,8 +28,6 @@ NOT_YET = {
     "importance.OBDCImportance",
     "importance.ComputeMatGrad",
     "utils.draw_computational_graph",
-    "utils.draw_dependency_graph",
-    "utils.draw_groups",
     "function.LSTMPruner",
     "function.prune_lstm_in_channels",
     "function.prune_lstm_out_channels",
@@ -224,3 +222,15 @@ def test_isomorphic_ranking_prunes_each_structure_by_the_ratio():
         for m in (spread, isomorphic)
     ]
     assert widths[0] != (256, 256) and widths[1] == (256, 256)  # half of each structure
+
+
+def test_groups_and_dependencies_are_drawn_as_png(tmp_path):
+    model = torchvision.models.resnet18()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 32, 32))
+    for draw in (tp.utils.draw_dependency_graph, tp.utils.draw_groups):
+        path = draw(graph, tmp_path / f"{draw.__name__}.png", figsize=(4, 4), dpi=50)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    layers, groups = tp.utils.drawing.coupled_layers(graph)
+    assert layers[0] == "conv1" and len(groups) == len(list(graph.get_all_groups()))
+    residual = next(g for g in groups if layers.index("layer1.0.conv2") in g)
+    assert layers.index("layer1.1.conv2") in residual  # the stage's residual stream is one group

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torchslim as tp
@@ -15,6 +16,9 @@ def register(commands: Any) -> None:
         commands, "inspect", "List coupled groups, what is prunable and what is not.", run
     )
     sub.add_argument("--layers", action="store_true", help="also print per-layer MACs/params")
+    sub.add_argument(
+        "--draw", type=Path, help="also write a PNG of which layers each group couples"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for entry in graph.unsupported():
         print(f"unsupported op {entry.op} in module {entry.module}")
+    if args.draw:
+        print(f"wrote {tp.utils.draw_groups(graph, args.draw, title=f'Groups of {args.model}')}")
     if args.layers:
         names = [n for n in layer_params if layer_params[n] or layer_macs.get(n)]
         layer_rows = [(n, layer_macs.get(n, 0), layer_params[n]) for n in names]
