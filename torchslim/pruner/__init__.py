@@ -12,6 +12,7 @@ from torchslim.pruner.sparse import (
     BasePruner,
     BNScalePruner,
     GroupNormPruner,
+    GrowingRegPruner,
     MagnitudePruner,
     RandomPruner,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "BNScalePruner",
     "BasePruner",
     "GroupNormPruner",
+    "GrowingRegPruner",
     "MagnitudePruner",
     "MetaPruner",
     "RandomPruner",
