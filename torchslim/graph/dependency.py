@@ -371,7 +371,8 @@ class DependencyGraph:
     def load_pruning_history(self, pruning_history: Iterable[Sequence[Any]]) -> None:
         """Prune this graph's model as ``pruning_history`` says (the output of
         :meth:`pruning_history`, here or from torch-pruning, on a model built the same way)."""
-        model = self._require_state() and self.model
+        self._require_state()
+        model = self.model
         for number, (name, is_out, idxs) in enumerate(pruning_history, 1):
             try:
                 module = model if name in ("", "<model>") else model.get_submodule(name)
@@ -403,7 +404,7 @@ class DependencyGraph:
     def get_pruner_of_module(self, module: nn.Module) -> Optional[BasePruningFunc]:
         return get_pruner(module, self.customized_pruners)
 
-    def pruning_function(self, member: ParamDim) -> tuple[Optional[Callable], Optional[str]]:
+    def pruning_function(self, member: ParamDim) -> tuple[Optional[Callable], Optional[Role]]:
         """The pruning function for a parameter dim, and its role (``OUT``/``IN``/``PARAM``; a
         tensor that a weight norm or spectral norm slices along with the weight: ``COVERED``)."""
         _, module, name, dim = self.pruned_through(member)
