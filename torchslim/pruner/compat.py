@@ -9,8 +9,6 @@ ranks structurally identical groups among themselves.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from torch import nn
 
@@ -38,32 +36,38 @@ def head_ratios(
     return ratios
 
 
-def inferred_heads(graph: DependencyGraph, module: nn.Module) -> Optional[int]:
-    """How many heads the graph finds in ``module``'s outputs: the product of the head groups
-    (``heads`` x ``query_heads`` under grouped-query attention) over its output rows."""
-    outputs = {(name, dim) for name, dim in layer_kind(module).dims(module, Role.OUT)}
-    found = None
+def inferred_heads(graph: DependencyGraph) -> dict[int, int]:
+    """How many heads the graph finds in each layer's outputs (by module ``id``): the product
+    of the head groups (``heads`` x ``query_heads`` under grouped-query attention) over its
+    output rows. One pass over the groups serves every layer."""
+    found: dict[int, int] = {}
     for group in graph.get_all_groups():
         if group_kind(group) not in HEAD_KINDS:
             continue
+        counted: set[int] = set()  # a layer's weight and bias rows are the same heads
         for member, index in group.index_maps():
-            if member.ref.module is module and (member.ref.name, member.dim) in outputs:
-                count = int(np.unique(index[index >= 0]).size)
-                found = count * (found or 1)
-                break
+            module = member.ref.module
+            outputs = layer_kind(module).dims(module, Role.OUT)
+            if id(module) in counted or (member.ref.name, member.dim) not in outputs:
+                continue
+            counted.add(id(module))
+            found[id(module)] = found.get(id(module), 1) * int(np.unique(index[index >= 0]).size)
     return found
 
 
 def check_num_heads(graph: DependencyGraph, num_heads: dict[nn.Module, int]) -> None:
     names = {id(m): n for n, m in graph.model.named_modules()}
+    if any(id(module) not in names for module in num_heads):
+        raise ValueError("num_heads keys must be modules of the model")
+    found = inferred_heads(graph)
     for module, heads in num_heads.items():
-        name = names.get(id(module))
-        if name is None:
-            raise ValueError("num_heads keys must be modules of the model")
-        found = inferred_heads(graph, module)
-        if found != heads:
-            seen = "finds no heads in its outputs" if found is None else f"finds {found}"
-            raise ValueError(f"num_heads[{name}] = {heads}, but the graph {seen}")
+        if found.get(id(module)) != heads:
+            seen = (
+                f"finds {found[id(module)]}"
+                if id(module) in found
+                else "finds no heads in its outputs"
+            )
+            raise ValueError(f"num_heads[{names[id(module)]}] = {heads}, but the graph {seen}")
 
 
 def check_channel_groups(model: nn.Module, groups: dict[nn.Module, int], argument: str) -> None:

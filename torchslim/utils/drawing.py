@@ -28,6 +28,16 @@ def coupled_layers(graph: Any) -> tuple[list[str], list[list[int]]]:
     return layers, [[index[name] for name in names] for names in groups]
 
 
+def _coupling_matrix(graph: Any, numbered: bool) -> tuple[list[str], np.ndarray]:
+    """Layers and the layer x layer matrix of the pairs each group couples: 1 for every
+    coupled pair, or the group's number (from 1)."""
+    layers, groups = coupled_layers(graph)
+    matrix = np.zeros((len(layers), len(layers)))
+    for number, members in enumerate(groups, 1):
+        matrix[np.ix_(members, members)] = number if numbered else 1
+    return layers, matrix
+
+
 def _draw(
     matrix: np.ndarray,
     layers: list[str],
@@ -67,10 +77,7 @@ def draw_dependency_graph(
     cmap: Optional[str] = None,
 ) -> Path:
     """A layer x layer matrix marking the pairs of layers some group couples; returns the PNG."""
-    layers, groups = coupled_layers(DG)
-    matrix = np.zeros((len(layers), len(layers)))
-    for members in groups:
-        matrix[np.ix_(members, members)] = 1
+    layers, matrix = _coupling_matrix(DG, numbered=False)
     return _draw(matrix, layers, save_as, title, figsize, dpi, cmap or "Blues")
 
 
@@ -84,8 +91,5 @@ def draw_groups(
 ) -> Path:
     """A layer x layer matrix coloured by the group coupling each pair (the last one drawn
     where several do); returns the PNG."""
-    layers, groups = coupled_layers(DG)
-    matrix = np.zeros((len(layers), len(layers)))
-    for number, members in enumerate(groups, 1):
-        matrix[np.ix_(members, members)] = number
+    layers, matrix = _coupling_matrix(DG, numbered=True)
     return _draw(matrix, layers, save_as, title, figsize, dpi, cmap)
