@@ -6,7 +6,8 @@ tokens of gensim's 2016 sample), calibration on news (the Lee background corpus,
 reconstruction (least-squares refit of the layers reading the removed channels, plus bias
 compensation), adaptive widths (``global_pruning=True``: one ranking over all layers' channels
 of a kind, standardised scores, at most half of a layer), and reconstruction-aware selection
-(``OBSImportance``); searched widths come from ``tp.search`` (per-layer sensitivity measured as
+(``OBSImportance``), and the empirical Fisher of channel masks (``FisherImportance``: the
+loss a removal costs, so its adaptive widths compare layers in one unit); searched widths come from ``tp.search`` (per-layer sensitivity measured as
 perplexity on two held-out news blocks, then the budget search). Seconds are the whole prune on this machine: calibration passes, scoring,
 refit and slicing, and healing where a row has it (AdamW on 256-token blocks of the news
 text, KL divergence to the dense model's next-token distribution, stopped after the minutes
@@ -81,6 +82,10 @@ RECIPES = [
         RECON,
         searched=True,
     ),
+    Recipe("20% MLP neurons: Fisher", TWENTY, "fisher"),
+    Recipe("20% MLP neurons: Fisher + reconstruction", TWENTY, "fisher", RECON),
+    Recipe("20% MLP neurons: Fisher, adaptive widths", TWENTY, "fisher", adaptive=True),
+    Recipe("20% MLP neurons: Fisher, adaptive + reconstruction", TWENTY, "fisher", RECON, True),
     Recipe(
         "20% MLP neurons: Wanda, adaptive + reconstruction, then 10 min healing (distillation)",
         TWENTY,
@@ -89,15 +94,26 @@ RECIPES = [
         True,
         heal_minutes=10.0,
     ),
+    Recipe(
+        "20% MLP neurons: Fisher, adaptive + reconstruction, then 10 min healing (distillation)",
+        TWENTY,
+        "fisher",
+        RECON,
+        True,
+        heal_minutes=10.0,
+    ),
     Recipe("30% MLP neurons: Wanda", THIRTY, "wanda"),
     Recipe("30% MLP neurons: Wanda + reconstruction", THIRTY, "wanda", RECON),
     Recipe("30% MLP neurons: Wanda, adaptive + reconstruction", THIRTY, "wanda", RECON, True),
+    Recipe("30% MLP neurons: Fisher, adaptive + reconstruction", THIRTY, "fisher", RECON, True),
     Recipe("1 KV group of heads / layer: L2 magnitude", KV_GROUP, "magnitude"),
     Recipe("1 KV group of heads / layer: Wanda", KV_GROUP, "wanda"),
     Recipe("1 KV group of heads / layer: Wanda + reconstruction", KV_GROUP, "wanda", RECON),
+    Recipe("1 KV group of heads / layer: Fisher + reconstruction", KV_GROUP, "fisher", RECON),
     Recipe("10% hidden width: L2 magnitude", WIDTH, "magnitude"),
     Recipe("10% hidden width: Wanda", WIDTH, "wanda"),
     Recipe("10% hidden width: Wanda + reconstruction", WIDTH, "wanda", RECON),
+    Recipe("10% hidden width: Fisher + reconstruction", WIDTH, "fisher", RECON),
 ]
 
 
@@ -118,6 +134,14 @@ def criterion(name: str, model: nn.Module, calibration: list[torch.Tensor], adap
         for batch in calibration:
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
         return tp.importance.TaylorImportance(normalizer=normalizer)
+    if name == "fisher":
+        fisher = tp.importance.FisherImportance()  # loss units: comparable across layers as is
+        model.requires_grad_(False)  # mask gradients only: no weight gradients to compute
+        with fisher.record(model):
+            for batch in calibration:
+                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        model.requires_grad_(True)
+        return fisher
     importance = (
         tp.importance.WandaImportance(normalizer=normalizer)
         if name == "wanda"

@@ -37,10 +37,17 @@ BATCH = 128
 
 
 def criterion(
-    name: str, model: torch.nn.Module, batches: list[torch.Tensor]
+    name: str, model: torch.nn.Module, batches: list[torch.Tensor], labels: list[torch.Tensor]
 ) -> tp.importance.Importance:
     if name == "magnitude":
         return tp.importance.MagnitudeImportance(p=2)
+    if name == "fisher":
+        fisher = tp.importance.FisherImportance()
+        with fisher.record(model):
+            for images, classes in zip(batches, labels):
+                torch.nn.functional.cross_entropy(model(images), classes).backward()
+        model.zero_grad(set_to_none=True)
+        return fisher
     importance = (
         tp.importance.WandaImportance() if name == "wanda" else tp.importance.OBSImportance()
     )
@@ -51,14 +58,18 @@ def criterion(
 
 
 def halving_ratio(
-    name: str, batches: list[torch.Tensor], example: torch.Tensor, dense: int
+    name: str,
+    batches: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    example: torch.Tensor,
+    dense: int,
 ) -> float:
     """The smallest global ratio (steps of 0.01, by bisection) leaving at most half of the
     dense MACs."""
 
     def halves(hundredths: int) -> bool:
         model = load_model(WHEEL)
-        importance = criterion(name, model, batches)
+        importance = criterion(name, model, batches, labels)
         tp.pruner.MetaPruner(
             model,
             example,
@@ -83,6 +94,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     start = time.perf_counter()
     train, test = load_dataset("mnist", MNIST)
     batches = list(train[0][:CALIBRATION].split(BATCH))
+    labels = list(train[1][:CALIBRATION].split(BATCH))
     dense_model = load_model(WHEEL)
     example = test[0][:1]
     dense_macs, dense_params = tp.utils.count_ops_and_params(dense_model, example)
@@ -96,12 +108,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         ("magnitude", "L2 magnitude"),
         ("wanda", "Wanda"),
         ("obs", "OBS"),
+        ("fisher", "Fisher"),
     ):
         for reconstruct in (False, True):
-            ratio = halving_ratio(name, batches, example, dense_macs)
+            ratio = halving_ratio(name, batches, labels, example, dense_macs)
             model = load_model(WHEEL)
             began = time.perf_counter()
-            importance = criterion(name, model, batches)
+            importance = criterion(name, model, batches, labels)
             pruner = tp.pruner.MetaPruner(
                 model, example, importance=importance, pruning_ratio=ratio, global_pruning=True
             )
@@ -121,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ):
         model = load_model(WHEEL)
         began = time.perf_counter()
-        importance = criterion(name, model, batches)
+        importance = criterion(name, model, batches, labels)
         pruner = tp.pruner.MetaPruner(
             model, example, importance=importance, target_macs=0.5, global_pruning=True
         )

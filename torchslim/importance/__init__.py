@@ -27,6 +27,7 @@ from torchslim.importance.criteria import (
     TaylorImportance,
     WandaImportance,
 )
+from torchslim.importance.fisher import FisherImportance
 from torchslim.importance.registry import importance_names, make_importance, register_importance
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "ActivationImportance",
     "BNScaleImportance",
     "FPGMImportance",
+    "FisherImportance",
     "Group",
     "GroupHessianImportance",
     "GroupImportance",

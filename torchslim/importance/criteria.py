@@ -219,6 +219,11 @@ class _Recorder(GroupImportance):
         alive = self.surviving(member.ref.module_name, role, recorded.numel())
         return recorded[alive] if len(alive) == size else None
 
+    def hooks(self, model: nn.Module) -> list[Any]:
+        """Hook handles for one recording (by default :meth:`attach` on each module it
+        :meth:`wants`)."""
+        return [self.attach(module) for module in model.modules() if self.wants(module)]
+
     def wants(self, module: nn.Module) -> bool:
         raise NotImplementedError
 
@@ -332,9 +337,7 @@ class _Recording:
         self.handles: list[Any] = []
 
     def __enter__(self) -> _Recorder:
-        for module in self.model.modules():
-            if self.importance.wants(module):
-                self.handles.append(self.importance.attach(module))
+        self.handles = self.importance.hooks(self.model)
         return self.importance
 
     def __exit__(self, *exc: Any) -> None:

@@ -153,8 +153,9 @@ class MetaPruner:
                 f"{type(self.importance).__name__} ranks {', '.join(sorted(self.kind_ratios))} "
                 "without calibration data: on a pretrained language model that can destroy it "
                 "(SmolLM2-135M, 20% of MLP neurons by L2 magnitude: perplexity 24 -> 568,180). "
-                "Use a calibrated criterion (tp.importance.WandaImportance() recorded with "
-                "imp.record(model) on a few batches) and step(reconstruct=batches)",
+                "Use a calibrated criterion (tp.importance.FisherImportance(), recorded with "
+                "loss.backward() inside imp.record(model), or WandaImportance(), on forward "
+                "passes alone), global_pruning=True and step(reconstruct=batches)",
                 UserWarning,
                 stacklevel=2,
             )
