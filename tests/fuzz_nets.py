@@ -5,8 +5,9 @@ feature map. Every block maps ``(x, C)`` to ``(y, C')`` and is built from what r
 use: conv/BN stacks, residual adds, concatenations (including the same tensor twice), chunk
 and split, grouped and depthwise conv, reshape-to-heads attention, channel shuffle, bare
 parameters, modules used twice and unused branches, sizes compared with attributes, split
-sizes kept in an attribute, weight norm and spectral norm, and ``nn.MultiheadAttention`` on a
-residual width. A linear head ends the net.
+sizes kept in an attribute, weight norm and spectral norm, ``nn.MultiheadAttention`` on a
+residual width, and recurrent layers over the pixels (LSTM, GRU, RNN; stacked, bidirectional,
+projected). A linear head ends the net.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ BLOCKS = (
     "split_sizes",
     "normed",
     "mha",
+    "recurrent",
+)
+
+RECURRENT = (
+    lambda c, w: nn.LSTM(c, w, num_layers=2, bidirectional=True, batch_first=True),
+    lambda c, w: nn.GRU(c, w, batch_first=True),
+    lambda c, w: nn.LSTM(c, w + 1, proj_size=w, batch_first=True),
+    lambda c, w: nn.RNN(c, w, nonlinearity="relu", batch_first=True),
 )
 
 
@@ -106,6 +115,9 @@ class Block(nn.Module):
             self.embed = nn.Conv2d(c, 2 * w, 1)
             self.attn = nn.MultiheadAttention(2 * w, 2, batch_first=True)
             self.out = 2 * w
+        elif kind == "recurrent":
+            self.rnn = RECURRENT[w % len(RECURRENT)](c, w)
+            self.out = w * (2 if self.rnn.bidirectional else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.kind
@@ -155,6 +167,10 @@ class Block(nn.Module):
             tokens = y.flatten(2).transpose(1, 2)
             tokens = tokens + self.attn(tokens, tokens, tokens, need_weights=False)[0]
             return tokens.transpose(1, 2).reshape(n, c, h, w)
+        if kind == "recurrent":
+            n, _, h, w = x.shape
+            tokens = self.rnn(x.flatten(2).transpose(1, 2))[0]
+            return tokens.transpose(1, 2).reshape(n, -1, h, w)
         tokens = x.permute(0, 2, 3, 1)
         return self.fc(self.norm(tokens)).permute(0, 3, 1, 2)
 

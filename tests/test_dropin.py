@@ -26,9 +26,6 @@ NOT_YET = {
     "importance.OBDCImportance",
     "importance.ComputeMatGrad",
     "utils.draw_computational_graph",
-    "function.LSTMPruner",
-    "function.prune_lstm_in_channels",
-    "function.prune_lstm_out_channels",
 }
 
 

@@ -16,6 +16,7 @@ from torchslim.pruning.functions import (
     MultiheadAttentionPruner,
     ParameterPruner,
     PReLUPruner,
+    RNNPruner,
     TransposedLinearPruner,
 )
 from torchslim.pruning.functions import __all__ as _FUNCTIONS
@@ -25,6 +26,7 @@ BatchnormPruner = BatchNormPruner
 InstanceNormPruner = BatchNormPruner
 LayernormPruner = LayerNormPruner
 DepthwiseConvPruner = ConvPruner
+LSTMPruner = RNNPruner
 
 __all__ = [
     *_FUNCTIONS,
@@ -38,9 +40,11 @@ __all__ = [
     "InstanceNormPruner",
     "LayerNormPruner",
     "LayernormPruner",
+    "LSTMPruner",
     "LinearPruner",
     "MultiheadAttentionPruner",
     "PReLUPruner",
     "ParameterPruner",
+    "RNNPruner",
     "TransposedLinearPruner",
 ]

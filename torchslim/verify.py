@@ -80,7 +80,8 @@ class VerifyReport:
 def random_selections(
     graph: DependencyGraph, ratio: float = 0.3, seed: int = 0, root_module_types: Any = None
 ) -> list[tuple[Group, list[int]]]:
-    """A random ``ratio`` of the prunable indices of every prunable group (at least one)."""
+    """A random ``ratio`` of the prunable indices of every prunable group (at least one); a
+    selection the graph refuses (one that would flip a size comparison) is left out."""
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     rng = random.Random(seed)
@@ -93,7 +94,9 @@ def random_selections(
         if not candidates:
             continue
         count = max(1, int(round(len(candidates) * ratio)))
-        selections.append((group, sorted(rng.sample(candidates, min(count, len(candidates))))))
+        chosen = sorted(rng.sample(candidates, min(count, len(candidates))))
+        if group.refusal(chosen) is None:
+            selections.append((group, chosen))
     return selections
 
 

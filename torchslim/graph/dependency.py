@@ -37,6 +37,10 @@ from torchslim.spaces.trace import TraceState, Unsupported, iter_tensors
 ForwardFn = Callable[[nn.Module, Any], Any]
 LOG = logging.getLogger("torchslim")
 
+#: Layers whose outputs root the groups ``get_all_groups`` yields (torch-pruning's default:
+#: convolutions, linear and recurrent layers).
+ROOT_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.RNNBase, nn.RNNCellBase)
+
 
 @dataclass(frozen=True)
 class Node:
@@ -457,12 +461,26 @@ class DependencyGraph:
                     ids.append(cid)
         return [analysis.couplings[c] for c in ids if c in analysis.couplings]
 
+    def _declared_members(self, module: nn.Module, fn: Callable, role: Role) -> list[ParamDim]:
+        """Members at the dims a layer pruning function declares for ``role``, for layers the
+        graph slices tensor by tensor (``nn.LSTM``: its outputs are ``weight_hh_l0``'s
+        columns)."""
+        pruner = getattr(fn, "__self__", None)
+        if not isinstance(pruner, BasePruningFunc):
+            return []
+        declared = {key for key, r in pruner.param_roles(module).items() if r == role}
+        return [m for m in self._members(module, None) if (m.ref.name, m.dim) in declared]
+
     def get_pruning_group(
         self, module: nn.Module, pruning_fn: Callable, idxs: Sequence[int]
     ) -> Group:
         """The group that removing channels ``idxs`` of ``module`` (via ``pruning_fn``) triggers."""
         role = Role.IN if role_of(pruning_fn) == Role.IN else Role.OUT
-        members = self._members(module, role) or self._members(module, None)
+        members = (
+            self._declared_members(module, pruning_fn, role)
+            or self._members(module, role)
+            or self._members(module, None)
+        )
         if not members:
             raise ValueError(
                 f"{type(module).__name__} is not a traced layer with prunable channels"
@@ -515,7 +533,7 @@ class DependencyGraph:
     def get_all_groups(
         self,
         ignored_layers: Iterable[nn.Module] = (),
-        root_module_types: Sequence[type] = (nn.modules.conv._ConvNd, nn.Linear),
+        root_module_types: Sequence[type] = ROOT_TYPES,
     ) -> Iterator[Group]:
         """Each prunable group once, rooted at the first layer of ``root_module_types``."""
         self._require()
@@ -524,7 +542,7 @@ class DependencyGraph:
         for _, module in self.model.named_modules():
             if not _is_root(module, tuple(root_module_types)) or id(module) in ignored:
                 continue
-            for root in self._members(module, Role.OUT):
+            for root in self._members(module, Role.OUT) or self._members(module, Role.PARAM):
                 for coupling in self._couplings_of(root):
                     if coupling.id in visited:
                         continue

@@ -1,6 +1,6 @@
 """Op rules: how channel positions flow through each torch op (see :mod:`.registry`)."""
 
-from torchslim.ops import decompositions, elementwise, layers, shape, tensor_math
+from torchslim.ops import decompositions, elementwise, layers, recurrent, shape, tensor_math
 from torchslim.ops.registry import OpContext, callables, lookup, register_rule, rule_for
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "elementwise",
     "layers",
     "lookup",
+    "recurrent",
     "register_rule",
     "rule_for",
     "shape",

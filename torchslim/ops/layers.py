@@ -11,14 +11,6 @@ from torchslim.ops.registry import OpContext, rule_for
 from torchslim.spaces.layout import DimLayout, merge
 
 
-def _owner(ctx: OpContext, tensor: Optional[torch.Tensor]) -> Optional[nn.Module]:
-    """The module a parameter belongs to, if it is one of the model's parameters."""
-    if tensor is None:
-        return None
-    ref = ctx.state.refs.get(id(tensor))
-    return ref.module if ref is not None and ref.tensor is tensor else None
-
-
 def _unify_vector(ctx: OpContext, vector: Optional[torch.Tensor], dim: DimLayout) -> None:
     if vector is not None and vector.dim() == 1 and vector.shape[0] == dim.size:
         ctx.unify(ctx.layout(vector)[0], dim)
@@ -46,7 +38,7 @@ def conv_rule(ctx: OpContext) -> None:
         g_out, _ = ctx.split(wl[0], [groups, wl[0].size // groups])
         ctx.unify(g_in, g_out)
         ctx.unify(wl[1], per_group_in)
-        if not isinstance(_owner(ctx, weight), nn.modules.conv._ConvNd):
+        if not isinstance(ctx.owner(weight), nn.modules.conv._ConvNd):
             ctx.freeze(g_out, "literal groups of a functional convolution")
     _unify_vector(ctx, bias, wl[0])
     _spatial_out(ctx, batch, wl[0])
@@ -66,7 +58,7 @@ def conv_transpose_rule(ctx: OpContext) -> None:
     else:
         g_in, _ = ctx.split(channels, [groups, channels.size // groups])
         out_channels = merge([g_in, wl[1]])
-        if not isinstance(_owner(ctx, weight), nn.modules.conv._ConvNd):
+        if not isinstance(ctx.owner(weight), nn.modules.conv._ConvNd):
             ctx.freeze(g_in, "literal groups of a functional convolution")
     if bias is not None:
         ctx.unify(ctx.layout(bias)[0], out_channels)
@@ -114,7 +106,7 @@ def _trailing_norm(ctx: OpContext, shape_arg: str, weight_index: int, label: str
     weight = ctx.arg(weight_index, "weight", None)
     bias = ctx.arg(weight_index + 1, "bias", None) if label == "LayerNorm" else None
     trailing = xl[len(xl) - len(shape) :]
-    owner = _owner(ctx, weight)
+    owner = ctx.owner(weight)
     for size, dim in zip(shape, trailing):
         if owner is None or not hasattr(owner, "normalized_shape"):
             ctx.require_size(size, dim)

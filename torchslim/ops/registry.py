@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from torchslim.spaces.layout import DimLayout, TensorLayout, opaque, split, unify
-from torchslim.spaces.symbolic import TrackedInt
-from torchslim.spaces.trace import TraceState, Unsupported, iter_tensors
+from torchslim.spaces.symbolic import TrackedInt, expr_of
+from torchslim.spaces.trace import Comparison, TraceState, Unsupported, iter_tensors
 
 Rule = Callable[["OpContext"], None]
 _RULES: dict[Any, Rule] = {}
@@ -114,6 +114,13 @@ class OpContext:
             raise TypeError(f"{self.name}: missing argument {name!r}")
         return default
 
+    def owner(self, tensor: Optional[torch.Tensor]) -> Optional[torch.nn.Module]:
+        """The module a parameter or buffer belongs to, if it is one of the model's."""
+        if tensor is None:
+            return None
+        ref = self.state.refs.get(id(tensor))
+        return ref.module if ref is not None and ref.tensor is tensor else None
+
     def layout(self, tensor: torch.Tensor) -> TensorLayout:
         return self.state.layout(tensor)
 
@@ -132,6 +139,11 @@ class OpContext:
     def require_size(self, value: Any, dim: DimLayout) -> None:
         """The int ``value`` is used as the size of ``dim`` (view shapes, split sizes, ...)."""
         self.state.require_size(value, dim, self.where)
+
+    def keep_true(self, op: str, lhs: Any, rhs: Any) -> None:
+        """A condition between sizes that the op needs (``op`` from ``"lt"``, ``"le"``, ...):
+        a selection that would make it false is refused."""
+        self.state.comparisons.append(Comparison(op, expr_of(lhs), expr_of(rhs), True, self.where))
 
     def freeze(self, dim: DimLayout, why: str) -> None:
         self.table.freeze_many(dim.atoms, f"{why} ({self.where})")

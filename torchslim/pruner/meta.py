@@ -17,7 +17,7 @@ from torch import nn
 
 from torchslim.capture.modules import unwrap_model
 from torchslim.graph.checkpoint import trial
-from torchslim.graph.dependency import DependencyGraph, Group
+from torchslim.graph.dependency import ROOT_TYPES, DependencyGraph, Group
 from torchslim.graph.kinds import KINDS, group_kind
 from torchslim.importance import Importance, MagnitudeImportance
 from torchslim.pruner.compat import (
@@ -36,7 +36,7 @@ from torchslim.verify import VerifyReport, verify
 
 Scope = Union[nn.Module, Sequence[nn.Module]]
 Calibration = Union[None, Reconstruction, Iterable[Any]]
-DEFAULT_ROOTS: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
+DEFAULT_ROOTS = ROOT_TYPES
 
 
 class MetaPruner:
@@ -364,15 +364,23 @@ class MetaPruner:
                 by_kind.setdefault(kind, []).append(group)
             else:
                 pooled.append(group)
+        postponed = []
         for group, group_ratio in local:
             chosen = self._select_local(group, group_ratio)
-            if chosen:
+            if chosen and group.refusal(chosen) is not None:
+                postponed.append((group, chosen))
+            elif chosen:
                 yield group.select(chosen)
         for kind, members in by_kind.items():
             yield from self._select_global(members, self._scheduled(self.kind_ratios[kind]))
         pools = isomorphic_pools(pooled) if self.isomorphic else [pooled]
         for pool in pools:
             yield from self._select_global(pool, ratio)
+        # Refused while groups of this step were still whole (a size comparison with them, as
+        # an LSTM's hidden units before its projection): once more, now that they are pruned.
+        for group, chosen in postponed:
+            if group.refusal(chosen) is None:
+                yield group.select(chosen)
 
     def _factor_followers(self, groups: list[Group]) -> set[int]:
         """Groups the default ratio leaves alone because a width they factor is already cut.
@@ -426,7 +434,7 @@ class MetaPruner:
         scores = self._scores(group) if count else None
         if scores is None:
             return []
-        return self._admissible(group, _lowest(scores, group.prunable_idxs, count))
+        return _lowest(scores, group.prunable_idxs, count)
 
     def _select_global(self, groups: list[Group], ratio: float) -> Iterator[Group]:
         scored = [(g, self._scores(g)) for g in groups]

@@ -438,6 +438,70 @@ def _keep_attention_scale(layer: nn.MultiheadAttention, ratio: float) -> None:
             replace_tensor(layer, name, scaled)
 
 
+class RNNPruner(BasePruningFunc):
+    """``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells. Outputs are the units the layer
+    emits (the projection's with ``proj_size``, else the hidden units), removed from every layer
+    and direction at once since they share ``hidden_size``: row ``j`` of each gate block, column
+    ``j`` of the recurrent weights, and in a deeper layer the input columns reading unit ``j`` of
+    each direction. Inputs are the first layer's input features. (The dependency graph slices
+    each tensor through its own positions; these serve direct calls.)"""
+
+    TARGET_MODULES = (nn.RNNBase, nn.RNNCellBase)
+    GATES = {"LSTM": 4, "GRU": 3}
+
+    def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
+        suffix = "" if isinstance(layer, nn.RNNCellBase) else "_l0"
+        return {(f"weight_hh{suffix}", 1): Role.OUT, (f"weight_ih{suffix}", 1): Role.IN}
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return getattr(layer, "proj_size", 0) or layer.hidden_size
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.input_size
+
+    def _gates(self, layer: nn.Module) -> int:
+        name = type(layer).__name__.removesuffix("Cell")
+        return self.GATES.get(getattr(layer, "mode", name).split("_")[0], 1)
+
+    def _directions(self, layer: nn.Module) -> int:
+        return 2 if getattr(layer, "bidirectional", False) else 1
+
+    def _cells(self, layer: nn.Module) -> list[str]:
+        """Name suffixes of each layer-direction's tensors, layer by layer."""
+        if isinstance(layer, nn.RNNCellBase):
+            return [""]
+        directions = ["", "_reverse"][: self._directions(layer)]
+        return [f"_l{k}{d}" for k in range(layer.num_layers) for d in directions]
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        units = self.get_out_channels(layer)
+        keep = keep_indices(units, normalise_indices(layer, idxs, units))
+        projected = bool(getattr(layer, "proj_size", 0))
+        size, gates = layer.hidden_size, self._gates(layer)
+        rows = [g * size + k for g in range(gates) for k in keep]
+        directions = self._directions(layer)
+        columns = [d * units + k for d in range(directions) for k in keep]
+        for n, suffix in enumerate(self._cells(layer)):
+            slice_parameter(layer, f"weight_hh{suffix}", 1, keep)
+            if projected:
+                slice_parameter(layer, f"weight_hr{suffix}", 0, keep)
+            else:
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    if getattr(layer, f"{name}{suffix}", None) is not None:
+                        slice_parameter(layer, f"{name}{suffix}", 0, rows)
+            if n >= directions:
+                slice_parameter(layer, f"weight_ih{suffix}", 1, columns)
+        setattr(layer, "proj_size" if projected else "hidden_size", len(keep))
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Indices) -> nn.Module:
+        keep = keep_indices(layer.input_size, normalise_indices(layer, idxs, layer.input_size))
+        for suffix in self._cells(layer)[: self._directions(layer)]:
+            slice_parameter(layer, f"weight_ih{suffix}", 1, keep)
+        layer.input_size = len(keep)
+        return layer
+
+
 class ParameterPruner(BasePruningFunc):
     """A bare ``nn.Parameter``: ``prune_parameter_out_channels(param, idxs)`` returns a new one."""
 
@@ -490,6 +554,7 @@ GROUPNORM_PRUNER = GroupNormPruner()
 PRELU_PRUNER = PReLUPruner()
 EMBEDDING_PRUNER = EmbeddingPruner()
 MHA_PRUNER = MultiheadAttentionPruner()
+RNN_PRUNER = RNNPruner()
 TRANSPOSED_LINEAR_PRUNER = TransposedLinearPruner()
 PARAMETER_PRUNER = ParameterPruner()
 
@@ -517,6 +582,10 @@ prune_embedding_out_channels = EMBEDDING_PRUNER.prune_out_channels
 prune_embedding_in_channels = EMBEDDING_PRUNER.prune_in_channels
 prune_multihead_attention_out_channels = MHA_PRUNER.prune_out_channels
 prune_multihead_attention_in_channels = MHA_PRUNER.prune_in_channels
+prune_rnn_out_channels = RNN_PRUNER.prune_out_channels
+prune_rnn_in_channels = RNN_PRUNER.prune_in_channels
+prune_lstm_out_channels = RNN_PRUNER.prune_out_channels
+prune_lstm_in_channels = RNN_PRUNER.prune_in_channels
 prune_parameter_out_channels = PARAMETER_PRUNER.prune_out_channels
 prune_parameter_in_channels = PARAMETER_PRUNER.prune_in_channels
 prune_conv = prune_conv_out_channels
@@ -525,6 +594,7 @@ prune_batchnorm = prune_batchnorm_out_channels
 
 __all__ = [
     "TransposedLinearPruner",
+    "RNNPruner",
     "ParameterPruner",
     "ParameterHandler",
     "BasePruningFunc",
