@@ -21,12 +21,6 @@ NO_SENSE = {
     "torchslim has no op-type enum (tp.pruning.layer_kind answers what a layer is)",
     ".Node:grad_fn": "a node of the peer's autograd graph; torchslim traces torch calls",
 }
-#: Not built yet (issue 16); each must still be missing, so the list shrinks as they land.
-NOT_YET = {
-    "importance.OBDCImportance",
-    "importance.ComputeMatGrad",
-    "utils.draw_computational_graph",
-}
 
 
 def _gaps() -> set[str]:
@@ -63,8 +57,7 @@ def test_every_public_name_and_parameter_of_torch_pruning_exists():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gaps = _gaps()
-    assert gaps - set(NO_SENSE) - NOT_YET == set()
-    assert gaps >= NOT_YET, f"landed, take off NOT_YET: {sorted(NOT_YET - gaps)}"
+    assert gaps - set(NO_SENSE) == set()
 
 
 def test_group_items_are_dep_idxs_named_tuples_with_root_idxs():
@@ -222,13 +215,22 @@ def test_isomorphic_ranking_prunes_each_structure_by_the_ratio():
 def test_groups_and_dependencies_are_drawn_as_png(tmp_path):
     model = torchvision.models.resnet18()
     graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 32, 32))
-    for draw in (tp.utils.draw_dependency_graph, tp.utils.draw_groups):
+    drawings = (
+        tp.utils.draw_dependency_graph,
+        tp.utils.draw_groups,
+        tp.utils.draw_computational_graph,
+    )
+    for draw in drawings:
         path = draw(graph, tmp_path / f"{draw.__name__}.png", figsize=(4, 4), dpi=50)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     layers, groups = tp.utils.drawing.coupled_layers(graph)
     assert layers[0] == "conv1" and len(groups) == len(list(graph.get_all_groups()))
     residual = next(g for g in groups if layers.index("layer1.0.conv2") in g)
     assert layers.index("layer1.1.conv2") in residual  # the stage's residual stream is one group
+    layers, flow = tp.utils.drawing.channel_flow(graph)
+    conv1, bn1 = layers.index("layer1.0.conv1"), layers.index("layer1.0.bn1")
+    assert flow[conv1, bn1] == 1 and flow[bn1, conv1] == 0  # conv1 makes what bn1 reads
+    assert flow[layers.index("layer4.1.conv2"), layers.index("fc")] == 1
 
 
 def test_growing_regularisation_grows_fastest_on_the_least_important_channels():
@@ -249,3 +251,40 @@ def test_growing_regularisation_grows_fastest_on_the_least_important_channels():
     assert torch.allclose(model[0].weight.grad, expected)
     assert torch.allclose(model[2].weight.grad, gamma.float().view(1, 8, 1, 1) * model[2].weight)
     assert torch.equal(model[0].bias.grad, torch.zeros(8))  # biases only with bias=True
+
+
+def test_obdc_scores_are_obd_with_per_sample_gradients_and_run_the_peer_workflow():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 3)
+    ).double()
+    batches = [(torch.randn(5, 2, 6, 6).double(), torch.randint(0, 3, (5,))) for _ in range(2)]
+    loss_fn = torch.nn.functional.cross_entropy
+    fisher = torch.zeros_like(model[0].weight)
+    for images, labels in batches:
+        for image, label in zip(images, labels):
+            (grad,) = torch.autograd.grad(loss_fn(model(image[None]), label[None]), model[0].weight)
+            fisher += grad.pow(2)
+    expected = (model[0].weight.detach().pow(2) * fisher / len(batches)).flatten(1).sum(1)
+    imp = tp.importance.OBDCImportance(normalizer=None, num_classes=3)
+    pruner = tp.pruner.MetaPruner(model, batches[0][0], importance=imp, pruning_ratio=0.5)
+    imp._prepare_model(model, pruner)
+    for images, labels in batches:
+        model.zero_grad()
+        loss_fn(model(images), labels).backward()
+        imp.step()
+    group = pruner.DG.get_pruning_group(model[0], tp.prune_conv_out_channels, [0])
+    assert torch.allclose(imp(group), expected, rtol=1e-10)
+    assert imp(pruner.DG.get_pruning_group(model[3], tp.prune_linear_out_channels, [0])) is None
+    original = model[0].weight.detach().clone()
+    pruner.step()
+    imp._rm_hooks(model)
+    imp._clear_buffer()
+    kept = sorted(expected.argsort()[2:].tolist())  # the two filters with the highest scores
+    assert torch.equal(model[0].weight, original[kept]) and imp.steps == 0
+    assert not model[0]._forward_hooks
+    layer = torch.nn.Conv2d(2, 4, 3)
+    per_sample = tp.importance.ComputeMatGrad()(
+        torch.randn(3, 2, 6, 6), torch.randn(3, 4, 4, 4), layer
+    )
+    assert per_sample.shape == (3, 4, 2 * 9 + 1)  # the bias column last

@@ -27,7 +27,7 @@ ALLOWED = {
     "importance": GRAPH,
     "verify": GRAPH,
     "persistence": GRAPH,
-    "utils": {"spaces", "ops", "capture"},
+    "utils": {"spaces", "ops", "capture", "pruning"},
     "pruner": ANALYSES | {"function"},
     "hf": PRUNER,
     "sparsity": PRUNER,

@@ -122,6 +122,31 @@ def test_a_cache_the_traced_forward_fills_is_left_as_it_was():
     assert model(x).shape == (1, 4, 8, 8)
 
 
+class DecodesOnAGrid(nn.Module):
+    """Like ultralytics' Detect: a grid rebuilt when the input shape differs from the one
+    stored on the module (a class attribute until the first forward sets it)."""
+
+    shape = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.grid = torch.empty(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.shape != y.shape:
+            self.grid, self.shape = torch.arange(y.shape[-1], dtype=y.dtype), y.shape
+        return y + self.grid
+
+
+def test_attributes_the_traced_forward_adds_are_taken_away_again():
+    model = DecodesOnAGrid()  # never run before the trace
+    tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 5, 5))
+    assert "shape" not in vars(model) and model.grid.numel() == 0
+    assert model(torch.randn(1, 3, 5, 5)).shape == (1, 8, 5, 5)
+
+
 NORMS = {
     "weight_norm hook": nn.utils.weight_norm,
     "weight_norm parametrization": PARAM.weight_norm,

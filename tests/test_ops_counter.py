@@ -55,7 +55,7 @@ def test_multihead_attention_counts_projections_and_attention():
     total, params, per_layer, _ = tp.utils.count_ops_and_params(layer, (x, x, x), layer_wise=True)
     assert total == projections + attention
     assert params == 4 * 16 * 16 + 4 * 16
-    assert per_layer == {"<model>": total}
+    assert per_layer == {layer: total, layer.out_proj: 0}  # out_proj runs inside the MHA op
 
 
 def test_resnet18_matches_published_count_and_restores_train_mode():
@@ -77,9 +77,20 @@ def test_layer_wise_breakdown_sums_to_totals_and_counts_shared_params_once():
         model, x, layer_wise=True
     )
     assert params == 20 + 10
-    assert sum(layer_params.values()) == params
-    assert layer_macs == {"0": 2 * 48 * 4, "3": 3 * 2 * 4 * 4}
-    assert sum(layer_macs.values()) == total
+    assert layer_params == {model: params, shared: 20, model[1]: 0, model[3]: 10}
+    assert layer_macs == {model: total, shared: 2 * 48 * 4, model[1]: 0, model[3]: 3 * 2 * 4 * 4}
+    assert total == 2 * 48 * 4 + 3 * 2 * 4 * 4
+    own = tp.utils.ops_counter.own_counts(model, layer_macs, layer_params)
+    assert own == [("0", 2 * 48 * 4, 20), ("3", 3 * 2 * 4 * 4, 10)]
+
+
+def test_recurrent_layers_count_every_weight_once_per_step():
+    model = nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3)
+    x = torch.randn(7, 2, 5)
+    weights = sum(p.numel() for n, p in model.named_parameters() if "weight" in n)
+    assert tp.utils.count_ops_and_params(model, x)[0] == 7 * 2 * weights
+    cell = nn.GRUCell(5, 6)
+    assert tp.utils.count_ops_and_params(cell, torch.randn(4, 5))[0] == 4 * 3 * 6 * (5 + 6)
 
 
 def test_counting_runs_on_meta_tensors():

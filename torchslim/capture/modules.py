@@ -57,7 +57,6 @@ def call_forward(
 
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
-_CACHE_TYPES = (dict, list, torch.Tensor)
 Snapshot = list[tuple[dict, dict[str, tuple[Any, Any]]]]
 
 
@@ -78,15 +77,10 @@ def _cache_snapshot(model: nn.Module) -> Snapshot:
 
 def _restore_caches(snapshot: Snapshot) -> None:
     """Undo what the traced forward stored on modules: a tensor cached from dense weights
-    would not fit the pruned model."""
+    would not fit the pruned model, and an attribute it added (ultralytics' Detect stores the
+    input shape it built its anchors for) would stand for a cache that is no longer there."""
     for state, entries in snapshot:
-        added = [
-            name
-            for name, value in state.items()
-            if name not in entries
-            and name not in _MODULE_INTERNALS
-            and isinstance(value, _CACHE_TYPES)
-        ]
+        added = [name for name in state if name not in entries and name not in _MODULE_INTERNALS]
         for name in added:
             del state[name]
         for name, (value, contents) in entries.items():

@@ -28,6 +28,7 @@ from torchslim.importance.criteria import (
     WandaImportance,
 )
 from torchslim.importance.fisher import FisherImportance
+from torchslim.importance.obdc import ComputeMatGrad, OBDCImportance
 from torchslim.importance.registry import importance_names, make_importance, register_importance
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "REDUCTIONS",
     "ActivationImportance",
     "BNScaleImportance",
+    "ComputeMatGrad",
     "FPGMImportance",
     "FisherImportance",
     "Group",
@@ -47,6 +49,7 @@ __all__ = [
     "Importance",
     "LAMPImportance",
     "MagnitudeImportance",
+    "OBDCImportance",
     "OBDImportance",
     "OBSImportance",
     "RandomImportance",

@@ -1,7 +1,7 @@
 """Utilities users reach as ``tp.utils``: MACs and parameter counting, pictures of a graph's
 groups, and torch-pruning's small helpers."""
 
-from torchslim.utils.drawing import draw_dependency_graph, draw_groups
+from torchslim.utils.drawing import draw_computational_graph, draw_dependency_graph, draw_groups
 from torchslim.utils.helpers import (
     TORCH_BATCHNORM,
     TORCH_CONV,
@@ -20,6 +20,7 @@ __all__ = [
     "TORCH_PRELU",
     "count_ops_and_params",
     "count_params",
+    "draw_computational_graph",
     "draw_dependency_graph",
     "draw_groups",
     "flatten_as_list",

@@ -98,6 +98,20 @@ def _multi_head_attention(args: tuple, kwargs: dict, out: Any) -> int:
     return projections + batch * query.shape[0] * key.shape[0] * embed * 2
 
 
+def _recurrent(args: tuple, kwargs: dict, out: Any) -> int:
+    """``torch.lstm``/``gru``/``rnn_*`` (padded or packed): every weight matrix of every layer
+    and direction is applied once per step of every sequence."""
+    packed = not args[1].is_floating_point() if isinstance(args[1], torch.Tensor) else False
+    params = args[3] if packed else args[2]
+    steps = math.prod(out[0].shape[:-1])
+    return steps * sum(w.numel() for w in params if w.dim() == 2)
+
+
+def _recurrent_cell(args: tuple, kwargs: dict, out: Any) -> int:
+    h = out[0] if isinstance(out, (tuple, list)) else out
+    return math.prod(h.shape[:-1]) * (args[2].numel() + args[3].numel())
+
+
 MAC_RULES: dict[Any, MacRule] = {
     F.multi_head_attention_forward: _multi_head_attention,
     F.conv1d: _conv,
@@ -118,6 +132,9 @@ for _name in ("matmul", "mm", "bmm", "__matmul__", "mv", "inner"):
         if hasattr(_owner, _name):
             MAC_RULES[getattr(_owner, _name)] = _product_with(0, "input")
 MAC_RULES[torch.Tensor.__rmatmul__] = _product_with(1, "other")
+for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+    MAC_RULES[getattr(torch, _name)] = _recurrent
+    MAC_RULES[getattr(torch, f"{_name}_cell")] = _recurrent_cell
 for _name in ("addmm", "baddbmm", "addmv"):
     for _owner in (torch, torch.Tensor):
         MAC_RULES[getattr(_owner, _name)] = _product_with(1, "mat1")
@@ -143,13 +160,14 @@ def count_ops_and_params(
     example_inputs: Any,
     forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
     layer_wise: bool = False,
-) -> Union[tuple[int, int], tuple[int, int, dict[str, int], dict[str, int]]]:
+) -> Union[tuple[int, int], tuple[int, int, dict[nn.Module, int], dict[nn.Module, int]]]:
     """Return ``(macs, params)`` of one forward pass on ``example_inputs``.
 
-    With ``layer_wise=True`` also return two dicts keyed by module name: the MACs each module
-    ran itself (not its children) and the parameters it owns directly. Shared parameters are
-    counted once. The forward runs in eval mode without autograd and leaves the model as it was
-    (modes, caches, RNG state).
+    With ``layer_wise=True`` also return two dicts keyed by module, every module of the model
+    and the model itself (as torch-pruning): the MACs each module's forward ran, its children
+    included, and the parameters it holds, its children's included (a shared parameter once).
+    The model's entries are the totals. The forward runs in eval mode without autograd and
+    leaves the model as it was (modes, caches, RNG state).
     """
     stack: list[str] = []
     counter = _MacCounter(stack)
@@ -159,10 +177,27 @@ def count_ops_and_params(
     macs = sum(counter.per_module.values())
     if not layer_wise:
         return macs, params
-    seen: set[int] = set()
-    layer_params: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    layer_macs: dict[nn.Module, int] = {}
+    for name in reversed(list(modules)):  # children before their parents
+        module = modules[name]
+        children = sum(layer_macs.get(child, 0) for child in module.children())
+        layer_macs[module] = counter.per_module.get(name, 0) + children
+    layer_macs[model] = macs
+    layer_params = {m: sum(p.numel() for p in m.parameters()) for m in modules.values()}
+    return macs, params, layer_macs, layer_params
+
+
+def own_counts(
+    model: nn.Module, layer_macs: dict[nn.Module, int], layer_params: dict[nn.Module, int]
+) -> list[tuple[str, int, int]]:
+    """``(name, MACs, params)`` each module runs and holds itself, its children's left out
+    (from :func:`count_ops_and_params` with ``layer_wise=True``), for modules with either."""
+    rows = []
     for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for p in own)
-        layer_params[name or "<model>"] = sum(p.numel() for p in own)
-    return macs, params, dict(counter.per_module), layer_params
+        children = list(module.children())
+        macs = layer_macs.get(module, 0) - sum(layer_macs.get(c, 0) for c in children)
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        if macs or params:
+            rows.append((name or "<model>", macs, params))
+    return rows

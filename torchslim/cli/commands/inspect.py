@@ -9,6 +9,7 @@ from typing import Any
 import torchslim as tp
 from torchslim.cli.common import add_command, example_of, model_of, table
 from torchslim.graph.kinds import group_kind
+from torchslim.utils.ops_counter import own_counts
 
 
 def register(commands: Any) -> None:
@@ -51,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
     if args.draw:
         print(f"wrote {tp.utils.draw_groups(graph, args.draw, title=f'Groups of {args.model}')}")
     if args.layers:
-        names = [n for n in layer_params if layer_params[n] or layer_macs.get(n)]
-        layer_rows = [(n, layer_macs.get(n, 0), layer_params[n]) for n in names]
+        layer_rows = own_counts(model, layer_macs, layer_params)
         print("\n" + table(layer_rows, ("layer", "MACs", "params")))
     return 0
