@@ -115,6 +115,17 @@ def test_prune_calibrates_and_reconstructs_on_real_images(capsys):
     assert "exactness check: ok" in out
 
 
+@pytest.mark.parametrize("criterion", ["fisher", "obdc"])
+def test_prune_records_gradient_criteria_on_labelled_images(criterion, capsys):
+    factory = "torchslim.cli.demo:DigitsNet"
+    argv = ["prune", factory, "--input-shape", "1,1,8,8", "--ratio", "0.5", "--verify"]
+    calibrated = ["--importance", criterion, "--calibration", "digits", "--calibration-size", "256"]
+    assert main([*argv, *calibrated]) == 0
+    out = capsys.readouterr().out
+    assert "exactness check: ok" in out
+    assert float(re.search(r"params\s+\S+ M\s+\S+ M\s+(\d+\.\d+)x", out).group(1)) > 3
+
+
 def test_pickled_models_need_explicit_trust(tmp_path, capsys):
     path = tmp_path / "whole.pt"
     torch.save(torchvision.models.resnet18(), path)

@@ -50,6 +50,9 @@ class FisherImportance(_Recorder):
     it), and a group's score sums it per sample over all its reads and positions before
     squaring, so a head or a channel read by several layers counts as one mask."""
 
+    #: Recorded with a loss and its backward pass (the CLI does that on labelled images).
+    needs_loss = True
+
     def __init__(self, normalizer: Any = None, **kwargs: Any) -> None:
         super().__init__(normalizer=normalizer, **kwargs)
         self._rows: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}

@@ -32,6 +32,7 @@ from torch import nn
 
 from torchslim.graph.dependency import Group
 from torchslim.importance.criteria import _Recorder
+from torchslim.importance.registry import register_importance
 from torchslim.pruning.roles import Role
 from torchslim.spaces.analysis import ParamDim
 
@@ -69,10 +70,14 @@ class ComputeMatGrad:
         return torch.einsum("bol,bil->boi", g, x)
 
 
+@register_importance("obdc")
 class OBDCImportance(_Recorder):
     """OBD scores from per-sample weight gradients (see the module docstring). Layers of
     ``target_types`` (linear and ungrouped 2-d convolutions) are recorded; a linear layer with
     ``num_classes`` outputs (the classifier) is not scored, as in torch-pruning."""
+
+    #: Recorded with a loss and its backward pass (the CLI does that on labelled images).
+    needs_loss = True
 
     def __init__(
         self,

@@ -46,7 +46,7 @@ def register(commands: Any) -> None:
     sub.add_argument(
         "--calibration",
         choices=DATASETS,
-        help="training images that calibrate --importance wanda/obs and --reconstruct",
+        help="training images that calibrate --importance wanda/obs/fisher/obdc and --reconstruct",
     )
     sub.add_argument("--data-dir", type=Path, help="folder with the IDX files (mnist)")
     sub.add_argument(
@@ -60,9 +60,11 @@ def register(commands: Any) -> None:
     sub.add_argument("--out", type=Path, help="directory for <model>.safetensors + plan")
 
 
-def calibration_batches(args: argparse.Namespace, importance: object) -> list[torch.Tensor]:
-    """Batches of training images for calibrated criteria and reconstruction (none needed:
-    an empty list)."""
+def calibration_batches(
+    args: argparse.Namespace, importance: object
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of training images and their labels for calibrated criteria and reconstruction
+    (none needed: an empty list)."""
     wanted = args.reconstruct or hasattr(importance, "record")
     if not wanted:
         return []
@@ -73,8 +75,24 @@ def calibration_batches(args: argparse.Namespace, importance: object) -> list[to
         )
     if args.calibration_size < 1:
         raise ValueError(f"--calibration-size must be positive, got {args.calibration_size}")
-    (images, _), _ = load_dataset(args.calibration, args.data_dir)
-    return list(images[: args.calibration_size].split(CALIBRATION_BATCH))
+    (images, labels), _ = load_dataset(args.calibration, args.data_dir)
+    size = args.calibration_size
+    return list(zip(images[:size].split(CALIBRATION_BATCH), labels[:size].split(CALIBRATION_BATCH)))
+
+
+def calibrate(model: torch.nn.Module, importance: Any, batches: list) -> None:
+    """Record a calibrated criterion: forward passes, and for criteria that need gradients
+    (``needs_loss``: Fisher, OBDC) the cross-entropy on the labels, backward, ``step()``."""
+    if not hasattr(importance, "record"):
+        return
+    gradients = getattr(importance, "needs_loss", False)
+    with importance.record(model), torch.set_grad_enabled(gradients):
+        for images, labels in batches:
+            outputs = model(images)
+            if gradients:
+                torch.nn.functional.cross_entropy(outputs, labels).backward()
+                getattr(importance, "step", lambda: None)()
+    model.zero_grad(set_to_none=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,10 +103,7 @@ def run(args: argparse.Namespace) -> int:
     before_macs, before_params = tp.utils.count_ops_and_params(model, example)
     importance = importance_of(args)
     batches = calibration_batches(args, importance)
-    if hasattr(importance, "record"):
-        with importance.record(model), torch.no_grad():
-            for batch in batches:
-                model(batch)
+    calibrate(model, importance, batches)
     pruner = tp.pruner.MetaPruner(
         model,
         example,
@@ -104,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     steps = tqdm(range(args.steps), desc="pruning", unit="step", disable=args.steps == 1)
-    reconstruct = batches if args.reconstruct else None
+    reconstruct = [images for images, _ in batches] if args.reconstruct else None
     reports, mixing, refused = [], set(), {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "of the .* groups this step pruned pass through")
