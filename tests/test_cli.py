@@ -1,6 +1,7 @@
 """The torchslim command: inspect and prune, their outputs, files and errors."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 import torchvision
 
 import torchslim as tp
+from torchslim.cli.common import ignored_modules
 from torchslim.cli.main import main
 
 SMALL = ["--input-shape", "1,3,64,64"]
@@ -75,7 +77,18 @@ def test_prune_to_a_macs_target(capsys):
     ("argv", "message"),
     [
         (["prune", "nosuchnet", "--ratio", "0.5"], "unknown model 'nosuchnet'"),
-        (["prune", "resnet18", "--ratio", "1.5"], r"pruning_ratio must be in \[0, 1\)"),
+        (["prune", "resnet18", "--ratio", "1.5"], r"--ratio must be in \[0, 1\), got 1.5"),
+        (["prune", "resnet18", "--target-macs", "2"], r"--target-macs must be in \(0, 1\]"),
+        (["inspect", "os:getcwd"], "os:getcwd returned a str, not a torch.nn.Module"),
+        (
+            ["inspect", "torchvision.models:get_model"],
+            r"torchvision.models:get_model needs arguments \(name\): MODEL must be a factory",
+        ),
+        (["inspect", "missing/model.pt"], "no such file: missing/model.pt"),
+        (
+            ["prune", "resnet18", "--ratio", "0.5", "--out", "/proc/forbidden"],
+            "--out /proc/forbidden is not writable",
+        ),
         (["prune", "resnet18", "--ratio", "0.5", "--ignore", "head"], "--ignore names no module"),
         (["inspect", "resnet18", "--input-shape", "1,3,a"], "--input-shape must be integers"),
         (["inspect", "torchvision.models:nothing"], "has no attribute 'nothing'"),
@@ -124,6 +137,41 @@ def test_prune_records_gradient_criteria_on_labelled_images(criterion, capsys):
     out = capsys.readouterr().out
     assert "exactness check: ok" in out
     assert float(re.search(r"params\s+\S+ M\s+\S+ M\s+(\d+\.\d+)x", out).group(1)) > 3
+
+
+def test_a_timm_name_without_timm_says_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    assert main(["inspect", "vit_tiny_patch16_224"]) == 2
+    assert "timm is not installed to look it up there (pip install timm)" in capsys.readouterr().err
+
+
+def test_version_and_help_with_defaults_from_the_console_script():
+    run = [sys.executable, "-m", "torchslim"]
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"torchslim {tp.__version__}"
+    usage = subprocess.run([*run, "prune", "--help"], capture_output=True, text=True).stdout
+    assert "(default: l2)" in usage and "(default: 1,3,224,224)" in usage
+    assert "(default: None)" not in usage and "(default: False)" not in usage
+
+
+def test_prune_takes_comma_separated_ignores_and_says_when_nothing_is_written(capsys):
+    argv = ["prune", "resnet18", *SMALL, "--ratio", "0.5", "--ignore", "fc,layer4"]
+    assert main(argv) == 0
+    assert "nothing written: give --out DIR" in capsys.readouterr().out
+    model = torchvision.models.resnet18()
+    assert ignored_modules(model, ["fc,layer4", "conv1"]) == [model.fc, model.layer4, model.conv1]
+
+
+def test_written_files_follow_the_umask_and_the_recipe_is_named(tmp_path, capsys):
+    previous = os.umask(0o022)
+    try:
+        assert main(["prune", "resnet18", *SMALL, "--ratio", "0.3", "--out", str(tmp_path)]) == 0
+    finally:
+        os.umask(previous)
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'resnet18.recipe.yaml'}" in out and "resnet18.plan.json" in out
+    for name in ("resnet18.safetensors", "resnet18.plan.json", "resnet18.recipe.yaml"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_pickled_models_need_explicit_trust(tmp_path, capsys):

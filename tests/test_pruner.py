@@ -332,3 +332,27 @@ def test_step_and_verify_checks_target_mode_whose_increments_revisit_a_group():
     assert sum(check.removed for check in report.checks) == (32 - model[0].out_channels) + (
         32 - model[2].out_channels
     )
+
+
+def test_importance_and_ignored_layers_by_name():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    by_name = resnet18().eval()
+    pruner = tp.pruner.MetaPruner(
+        by_name, x, importance="l1", pruning_ratio=0.5, ignored_layers=["layer4.*", "conv1"]
+    )
+    assert isinstance(pruner.importance, tp.importance.MagnitudeImportance)
+    assert pruner.importance.p == 1
+    pruner.step()
+    assert (
+        by_name.layer4[0].conv1.out_channels == 512 and by_name.layer2[0].conv1.out_channels == 64
+    )
+    assert by_name.conv1.out_channels == 64  # conv1 kept: its residual width stays whole
+    cls = tp.pruner.MetaPruner(resnet18(), x, importance=tp.importance.MagnitudeImportance)
+    assert isinstance(cls.importance, tp.importance.MagnitudeImportance)
+    with pytest.raises(ValueError, match="names no module or parameter of the model"):
+        tp.pruner.MetaPruner(resnet18(), x, ignored_layers=["head"])
+    with pytest.raises(ValueError, match="unknown importance 'l3'"):
+        tp.pruner.MetaPruner(resnet18(), x, importance="l3")
+    with pytest.raises(TypeError, match="importance must be a criterion"):
+        tp.pruner.MetaPruner(resnet18(), x, importance=3)

@@ -17,6 +17,16 @@ Run = Callable[[argparse.Namespace], int]
 DATASETS = ("digits", "fashion-mnist", "mnist")
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Help that shows each option's default, where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class CommandParser(argparse.ArgumentParser):
     """A subcommand's parser that tells which options it has and which exclude each other
     (what a ``--config`` recipe may set, and which recipe keys a flag replaces)."""
@@ -33,7 +43,12 @@ def add_command(
 ) -> CommandParser:
     """Add subcommand ``name`` that runs ``run(args)``; with ``model``, also the shared MODEL,
     --config, --input-shape and --trust-pickle arguments."""
-    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub = commands.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        formatter_class=DefaultsShown,
+    )
     sub.set_defaults(func=run)
     if not model:
         return sub
@@ -44,9 +59,7 @@ def add_command(
         "by @pruned.safetensors (a checkpoint from `torchslim prune`)",
     )
     sub.add_argument("--config", type=Path, help="YAML recipe with any of these options")
-    sub.add_argument(
-        "--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)"
-    )
+    sub.add_argument("--input-shape", default="1,3,224,224", help="example input shape")
     sub.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt")
     return sub
 
@@ -54,7 +67,7 @@ def add_command(
 def add_importance_argument(sub: argparse.ArgumentParser) -> None:
     """``--importance NAME``: a criterion of :mod:`torchslim.importance`'s registry."""
     names = ", ".join(tp.importance.importance_names())
-    sub.add_argument("--importance", default="l2", help=f"criterion: {names} (default l2)")
+    sub.add_argument("--importance", default="l2", help=f"criterion: {names}")
 
 
 def importance_of(args: argparse.Namespace) -> object:
@@ -77,13 +90,35 @@ def example_of(args: argparse.Namespace) -> torch.Tensor:
     return torch.randn(parse_shape(args.input_shape))
 
 
+def add_ignore_argument(sub: argparse.ArgumentParser) -> None:
+    """``--ignore NAME[,NAME...]`` (repeatable): modules to leave unpruned."""
+    sub.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        help="module names to keep whole, comma-separated or repeated",
+    )
+
+
 def ignored_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
     """The modules ``--ignore`` names, or a clear error naming those that do not exist."""
     modules = dict(model.named_modules())
+    names = [name.strip() for entry in names for name in entry.split(",") if name.strip()]
     missing = [name for name in names if name not in modules]
     if missing:
         raise ValueError(f"--ignore names no module of this model: {', '.join(missing)}")
     return [modules[name] for name in names]
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work if ``folder`` cannot be created or written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".torchslim-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {folder} is not writable ({error.strerror or error})") from None
 
 
 def table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:

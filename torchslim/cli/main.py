@@ -16,6 +16,7 @@ import pkgutil
 import sys
 from typing import Optional
 
+from torchslim import __version__
 from torchslim.cli import commands as command_modules
 from torchslim.cli.common import CommandParser
 from torchslim.cli.models import ModelNotFound
@@ -32,6 +33,7 @@ def build_parser() -> ToolParser:
         prog="torchslim",
         description="Structural pruning of PyTorch models on an exact dependency graph.",
     )
+    parser.add_argument("--version", action="version", version=f"torchslim {__version__}")
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
     )

@@ -5,6 +5,7 @@ followed by ``@pruned.safetensors``."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -27,7 +28,9 @@ def load_model(spec: str, trust_pickle: bool = False) -> nn.Module:
         base, _, checkpoint = spec.rpartition("@")
         return load_pruned(load_model(base, trust_pickle), checkpoint).eval()
     path = Path(spec)
-    if path.suffix in (".pt", ".pth") and path.exists():
+    if path.suffix in (".pt", ".pth") and not path.exists():
+        raise ModelNotFound(f"no such file: {spec}")
+    if path.suffix in (".pt", ".pth"):
         if not trust_pickle:
             raise ModelNotFound(
                 f"{spec} is a pickled model: loading it runs code from the file. Pass "
@@ -46,7 +49,7 @@ def load_model(spec: str, trust_pickle: bool = False) -> nn.Module:
         builder = getattr(module, factory, None)
         if builder is None:
             raise ModelNotFound(f"{module_name} has no attribute {factory!r}")
-        return builder().eval()
+        return _built(spec, builder)
     if any(name == spec for _, name in torchvision_names()):
         return build_torchvision(spec).model
     try:
@@ -55,10 +58,38 @@ def load_model(spec: str, trust_pickle: bool = False) -> nn.Module:
         timm = None
     if timm is not None and timm.is_model(spec):
         return timm.create_model(spec, pretrained=False).eval()
+    if timm is None:
+        raise ModelNotFound(
+            f"unknown model {spec!r}: not a torchvision name, and timm is not installed to "
+            "look it up there (pip install timm); or give package.module:factory or a .pt file"
+        )
     raise ModelNotFound(
         f"unknown model {spec!r}: give a torchvision or timm name, package.module:factory, "
         "or a .pt file"
     )
+
+
+def _built(spec: str, builder: object) -> nn.Module:
+    """``builder()``: a factory taking no arguments that returns a module."""
+    if not callable(builder):
+        raise ModelNotFound(f"{spec} is a {type(builder).__name__}, not a model factory")
+    try:
+        required = [
+            name
+            for name, p in inspect.signature(builder).parameters.items()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        required = []
+    if required:
+        raise ModelNotFound(
+            f"{spec} needs arguments ({', '.join(required)}): MODEL must be a factory that "
+            "takes none (write one in your package that calls it)"
+        )
+    model = builder()
+    if not isinstance(model, nn.Module):
+        raise ModelNotFound(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -19,7 +20,12 @@ from torchslim.capture.modules import unwrap_model
 from torchslim.graph.checkpoint import trial
 from torchslim.graph.dependency import ROOT_TYPES, DependencyGraph, Group
 from torchslim.graph.kinds import KINDS, group_kind
-from torchslim.importance import Importance, MagnitudeImportance
+from torchslim.importance import (
+    Importance,
+    MagnitudeImportance,
+    importance_names,
+    make_importance,
+)
 from torchslim.pruner.compat import (
     HEAD_KINDS,
     check_channel_groups,
@@ -115,7 +121,7 @@ class MetaPruner:
         self.model = model
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
-        self.importance = importance if importance is not None else MagnitudeImportance(p=2)
+        self.importance = _criterion(importance)
         self.global_pruning = global_pruning
         self.pruning_ratio = _ratio("pruning_ratio", _first(ch_sparsity, pruning_ratio))
         self.max_pruning_ratio = _ratio("max_pruning_ratio", max_pruning_ratio, upper=1.0)
@@ -551,6 +557,23 @@ def _ratio(name: str, value: float, upper: float = 1.0 - 1e-12) -> float:
     return float(value)
 
 
+def _criterion(importance: Any) -> Any:
+    """The importance criterion: an instance, a criterion class (made with no arguments) or a
+    registered name (``"l1"``, ``"wanda"``, ... see ``tp.importance.importance_names()``)."""
+    if importance is None:
+        return MagnitudeImportance(p=2)
+    if isinstance(importance, str):
+        return make_importance(importance)
+    if isinstance(importance, type) and issubclass(importance, Importance):
+        return importance()
+    if isinstance(importance, type) or not callable(importance):
+        raise TypeError(
+            "importance must be a criterion such as tp.importance.MagnitudeImportance(p=2) or "
+            f"a registered name ({', '.join(importance_names())}), got {importance!r}"
+        )
+    return importance
+
+
 def _split_ignored(model: nn.Module, ignored: Iterable[Any]) -> tuple[list[nn.Module], set[int]]:
     """Ignored modules (types expand to every module of that type) and ignored parameters."""
     modules: list[nn.Module] = []
@@ -568,8 +591,22 @@ def _split_ignored(model: nn.Module, ignored: Iterable[Any]) -> tuple[list[nn.Mo
             if id(item) not in known_modules:
                 raise ValueError(f"ignored_layers holds a {type(item).__name__} not in the model")
             modules.extend(item.modules())
+        elif isinstance(item, str):
+            named = [m for name, m in model.named_modules() if name and fnmatchcase(name, item)]
+            named_params = [p for name, p in model.named_parameters() if fnmatchcase(name, item)]
+            if not named and not named_params:
+                raise ValueError(
+                    f"ignored_layers: {item!r} names no module or parameter of the model "
+                    "(names as in model.named_modules(), globs like 'layer4.*' allowed)"
+                )
+            for module in named:
+                modules.extend(module.modules())
+            params.update(id(p) for p in named_params)
         else:
-            raise TypeError(f"ignored_layers takes modules, types or parameters, got {item!r}")
+            raise TypeError(
+                "ignored_layers takes modules, module types, parameters or names (globs "
+                f"allowed), got {item!r}"
+            )
     return modules, params
 
 

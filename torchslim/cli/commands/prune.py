@@ -13,7 +13,9 @@ import torchslim as tp
 from torchslim.cli.common import (
     DATASETS,
     add_command,
+    add_ignore_argument,
     add_importance_argument,
+    check_writable,
     example_of,
     ignored_modules,
     importance_of,
@@ -35,8 +37,8 @@ def register(commands: Any) -> None:
     add_importance_argument(sub)
     sub.add_argument("--round-to", type=int, help="keep channel counts multiples of this")
     sub.add_argument("--global", dest="global_pruning", action="store_true", help="rank globally")
-    sub.add_argument("--steps", type=int, default=1, help="iterative steps (default 1)")
-    sub.add_argument("--ignore", action="append", default=[], help="module name(s) to keep")
+    sub.add_argument("--steps", type=int, default=1, help="iterative steps")
+    add_ignore_argument(sub)
     sub.add_argument("--verify", action="store_true", help="run the exactness check")
     sub.add_argument(
         "--exact-only",
@@ -49,9 +51,7 @@ def register(commands: Any) -> None:
         help="training images that calibrate --importance wanda/obs/fisher/obdc and --reconstruct",
     )
     sub.add_argument("--data-dir", type=Path, help="folder with the IDX files (mnist)")
-    sub.add_argument(
-        "--calibration-size", type=int, default=1024, help="calibration images (default 1024)"
-    )
+    sub.add_argument("--calibration-size", type=int, default=1024, help="calibration images")
     sub.add_argument(
         "--reconstruct",
         action="store_true",
@@ -98,6 +98,12 @@ def calibrate(model: torch.nn.Module, importance: Any, batches: list) -> None:
 def run(args: argparse.Namespace) -> int:
     if (args.ratio is None) == (args.target_macs is None):
         raise ValueError("give exactly one of --ratio and --target-macs")
+    if args.ratio is not None and not 0 <= args.ratio < 1:
+        raise ValueError(f"--ratio must be in [0, 1), got {args.ratio}")
+    if args.target_macs is not None and not 0 < args.target_macs <= 1:
+        raise ValueError(f"--target-macs must be in (0, 1], got {args.target_macs}")
+    if args.out:
+        check_writable(args.out)
     model, example = model_of(args), example_of(args)
     ignored = ignored_modules(model, args.ignore)
     before_macs, before_params = tp.utils.count_ops_and_params(model, example)
@@ -158,9 +164,12 @@ def run(args: argparse.Namespace) -> int:
             f"exactness check: {status} (relative error {worst:.1e}"
             + (f"; {len(mixing)} mixing groups not checked)" if mixing else ")")
         )
-    if args.out:
-        name = output_name(args.model)
-        path = tp.save_pruned(model, args.out / f"{name}.safetensors")
-        write_recipe(args, args.out / f"{name}.recipe.yaml")
-        print(f"wrote {path} and {path.with_name(path.stem + '.plan.json')}")
+    if not args.out:
+        print("nothing written: give --out DIR to save the pruned weights, plan and recipe")
+        return 0
+    name = output_name(args.model)
+    path = tp.save_pruned(model, args.out / f"{name}.safetensors")
+    recipe = args.out / f"{name}.recipe.yaml"
+    write_recipe(args, recipe)
+    print(f"wrote {path}, {tp.persistence.plan_path(path)} and {recipe}")
     return 0

@@ -19,6 +19,7 @@ from torch import nn
 import torchslim as tp
 from torchslim.cli.common import (
     add_command,
+    add_ignore_argument,
     add_importance_argument,
     example_of,
     ignored_modules,
@@ -80,7 +81,7 @@ def _shared(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument("--units", help="comma-separated module names (default: each group root)")
     add_importance_argument(sub)
-    sub.add_argument("--ignore", action="append", default=[], help="module name(s) to keep")
+    add_ignore_argument(sub)
     sub.add_argument("--out", type=Path, help="directory for the outputs")
 
 
