@@ -27,9 +27,9 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from torchslim.search.progress import progress
 from torchslim.search.sensitivity import Sensitivity
 from torchslim.search.space import EvalFn, Ratios, SearchSpace, evaluate
+from torchslim.utils.progress import progress
 
 KINDS = ("macs", "params", "latency")
 State = tuple[int, ...]

@@ -45,10 +45,10 @@ from torch import nn
 
 from torchslim.capture.modules import call_forward
 from torchslim.search.budget import Budget
-from torchslim.search.progress import progress
 from torchslim.search.runtime import Runtime
 from torchslim.search.space import Ratios, SearchSpace, keep_ratio
 from torchslim.utils.ops_counter import count_ops_and_params
+from torchslim.utils.progress import progress
 
 MULTIPLES = (8, 16, 32, 64)
 UP_SHARE = 0.25

@@ -10,8 +10,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-from torchslim.search.progress import progress
 from torchslim.search.space import EvalFn, SearchSpace, evaluate
+from torchslim.utils.progress import progress
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 log = logging.getLogger("torchslim.search")

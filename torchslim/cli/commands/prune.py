@@ -25,6 +25,7 @@ from torchslim.cli.common import (
     write_recipe,
 )
 from torchslim.cli.datasets import load_dataset
+from torchslim.utils.progress import progress
 
 CALIBRATION_BATCH = 128
 
@@ -122,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
         ignored_layers=ignored,
         exact_only=args.exact_only,
     )
-    from tqdm import tqdm
-
-    steps = tqdm(range(args.steps), desc="pruning", unit="step", disable=args.steps == 1)
+    steps = progress(range(args.steps), "pruning", enabled=args.steps > 1, unit="step")
     reconstruct = [images for images, _ in batches] if args.reconstruct else None
     reports, mixing, refused = [], set(), {}
     with warnings.catch_warnings():

@@ -1,4 +1,5 @@
-"""Progress bars for long searches (tqdm on a terminal when installed, silent otherwise)."""
+"""Progress bars for long loops (tqdm on a terminal when installed, silent otherwise: tqdm is
+optional)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Iterable, Iterator, TypeVar
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], description: str, enabled: bool = True) -> Iterator[T]:
+def progress(
+    items: Iterable[T], description: str, enabled: bool = True, unit: str = "trial"
+) -> Iterator[T]:
     """Iterate ``items`` with a tqdm bar named ``description`` when enabled and stderr is a
     terminal (logs and pipes get no carriage-return noise)."""
     items = list(items)
@@ -18,4 +21,4 @@ def progress(items: Iterable[T], description: str, enabled: bool = True) -> Iter
             from tqdm import tqdm
         except ImportError:
             enabled = False
-    yield from tqdm(items, desc=description, unit="trial", leave=False) if enabled else items
+    yield from tqdm(items, desc=description, unit=unit, leave=False) if enabled else items
