@@ -447,7 +447,6 @@ class RNNPruner(BasePruningFunc):
     each tensor through its own positions; these serve direct calls.)"""
 
     TARGET_MODULES = (nn.RNNBase, nn.RNNCellBase)
-    GATES = {"LSTM": 4, "GRU": 3}
 
     def param_roles(self, layer: nn.Module) -> dict[tuple[str, int], Role]:
         suffix = "" if isinstance(layer, nn.RNNCellBase) else "_l0"
@@ -460,8 +459,9 @@ class RNNPruner(BasePruningFunc):
         return layer.input_size
 
     def _gates(self, layer: nn.Module) -> int:
-        name = type(layer).__name__.removesuffix("Cell")
-        return self.GATES.get(getattr(layer, "mode", name).split("_")[0], 1)
+        if isinstance(layer, (nn.LSTM, nn.LSTMCell)):
+            return 4
+        return 3 if isinstance(layer, (nn.GRU, nn.GRUCell)) else 1
 
     def _directions(self, layer: nn.Module) -> int:
         return 2 if getattr(layer, "bidirectional", False) else 1
