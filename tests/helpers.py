@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -70,3 +71,20 @@ def tiny_llama(layers: int = 2, **extra: Any) -> nn.Module:
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the sun. " * 40
+
+
+def tiny_llama_folder(path: Path) -> Path:
+    """:func:`tiny_llama` saved by ``save_pretrained`` into ``path``, with a word-level
+    tokenizer of :data:`WORDS` (trained here, nothing downloaded)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tiny_llama().save_pretrained(path)
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([WORDS], trainers.WordLevelTrainer(special_tokens=["<unk>"]))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+    return path

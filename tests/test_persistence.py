@@ -107,3 +107,23 @@ def test_a_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
         tp.save_pruned(build(), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan.json", "m.safetensors"]
+
+
+def test_a_failed_folder_save_leaves_the_previous_folder_intact(tmp_path):
+    folder = tmp_path / "model"
+
+    def write(content: str):
+        def into(tmp):
+            (tmp / "weights").write_text(content)
+            if content == "broken":
+                raise OSError("disk full")
+
+        return into
+
+    tp.persistence.atomic_folder(folder, write("first"))
+    with pytest.raises(OSError, match="disk full"):
+        tp.persistence.atomic_folder(folder, write("broken"))
+    assert (folder / "weights").read_text() == "first"
+    tp.persistence.atomic_folder(folder, write("second"))
+    assert (folder / "weights").read_text() == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

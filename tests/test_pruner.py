@@ -356,3 +356,19 @@ def test_importance_and_ignored_layers_by_name():
         tp.pruner.MetaPruner(resnet18(), x, importance="l3")
     with pytest.raises(TypeError, match="importance must be a criterion"):
         tp.pruner.MetaPruner(resnet18(), x, importance=3)
+
+
+def test_the_summary_says_per_kind_what_was_asked_and_why_groups_kept_every_channel():
+    from helpers import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+    pruner = tp.pruner.MetaPruner(
+        model, ids, pruning_ratio=0.0, pruning_ratio_dict={"heads": 0.25, "neurons": 0.2}
+    )
+    with pytest.warns(UserWarning, match=r"asked for 25% of the heads, none were removed"):
+        pruner.step()
+    rows = {row.kind: row for row in pruner.summary()}
+    assert (rows["neurons"].pruned, rows["neurons"].before, rows["neurons"].after) == (2, 128, 104)
+    assert rows["heads"].why_not == "2 where 25% of 2 rounds to 0"
+    assert rows["width"].why_not == "1 not asked" and rows["width"].asked == 0.0

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -67,6 +68,31 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_folder(path: PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary folder next to ``path``, then move it into place; a
+    folder already at ``path`` stays whole until the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = tmp.with_suffix(".old")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved folder follows the umask
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                os.chmod(file, 0o666 & ~_umask())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def save_pruned(model: nn.Module, path: PathLike) -> Path:

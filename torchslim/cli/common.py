@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 import torchslim as tp
-from torchslim.cli.models import load_model, parse_shape
+from torchslim.cli.models import (
+    default_shape,
+    hf_folder_of,
+    load_model,
+    parse_shape,
+    takes_token_ids,
+    vocabulary,
+)
 
 Run = Callable[[argparse.Namespace], int]
 DATASETS = ("digits", "fashion-mnist", "mnist")
@@ -59,7 +66,18 @@ def add_command(
         "by @pruned.safetensors (a checkpoint from `torchslim prune`)",
     )
     sub.add_argument("--config", type=Path, help="YAML recipe with any of these options")
-    sub.add_argument("--input-shape", default="1,3,224,224", help="example input shape")
+    sub.add_argument(
+        "--input-shape",
+        help="example input shape (default: 1,16 token ids for a Hugging Face language model, "
+        "its image size for a vision one, else 1,3,224,224)",
+    )
+    sub.add_argument(
+        "--input-dtype",
+        choices=("float", "long"),
+        help="example input values: random floats, or random token ids below the vocabulary "
+        "of the model's first embedding (default: token ids for a Hugging Face language model "
+        "or a model whose first layer is an nn.Embedding)",
+    )
     sub.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled .pt")
     return sub
 
@@ -85,9 +103,15 @@ def model_of(args: argparse.Namespace) -> nn.Module:
     return load_model(args.model, args.trust_pickle)
 
 
-def example_of(args: argparse.Namespace) -> torch.Tensor:
-    """The example input: random values of ``--input-shape``."""
-    return torch.randn(parse_shape(args.input_shape))
+def example_of(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
+    """The example input: seeded random floats or token ids of ``--input-shape``, inferred for
+    the model where they are not given."""
+    tokens = takes_token_ids(model) if args.input_dtype is None else args.input_dtype == "long"
+    shape = parse_shape(args.input_shape) if args.input_shape else default_shape(model, tokens)
+    generator = torch.Generator().manual_seed(0)
+    if tokens:
+        return torch.randint(0, vocabulary(model), shape, generator=generator)
+    return torch.randn(shape, generator=generator)
 
 
 def add_ignore_argument(sub: argparse.ArgumentParser) -> None:
@@ -121,6 +145,17 @@ def check_writable(folder: Path) -> None:
         raise ValueError(f"--out {folder} is not writable ({error.strerror or error})") from None
 
 
+def count(n: float) -> str:
+    """A count of MACs or parameters as every command prints it: 4 significant digits with
+    K, M, G or T (``11.69 M``, ``148.6 M``, ``1.820 G``)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            value = n / scale
+            digits = 4 - len(str(int(abs(value))))
+            return f"{value:.{max(digits, 0)}f} {suffix}"
+    return f"{n:g}"
+
+
 def table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [header, tuple("-" * w for w in widths), *rows]
@@ -129,8 +164,29 @@ def table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
     )
 
 
+def aligned(markdown: str) -> str:
+    """``markdown`` for the terminal: its tables as aligned columns, like the other commands'."""
+    out: list[str] = []
+    rows: list[tuple[str, ...]] = []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = tuple(cell.strip() for cell in line.strip().strip("|").split("|"))
+            if not all(set(cell) <= set("-: ") for cell in cells):
+                rows.append(cells)
+            continue
+        if rows:
+            out.append(table(rows[1:], rows[0]))
+            rows = []
+        out.append(line)
+    return "\n".join(out[:-1])
+
+
 def output_name(spec: str) -> str:
-    """``resnet18`` -> resnet18, ``pkg.mod:Net`` -> Net, ``path/to/model.pt`` -> model."""
+    """``resnet18`` -> resnet18, ``pkg.mod:Net`` -> Net, ``path/to/model.pt`` -> model,
+    a Hugging Face folder -> its name."""
+    folder = hf_folder_of(spec)
+    if folder is not None:
+        return folder.resolve().name
     spec = spec.partition("@")[0]
     if ":" in spec:
         return spec.partition(":")[2]

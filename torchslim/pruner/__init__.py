@@ -16,6 +16,7 @@ from torchslim.pruner.sparse import (
     MagnitudePruner,
     RandomPruner,
 )
+from torchslim.pruner.summary import KindSummary, unmet_requests
 
 __all__ = [
     *_FUNCTIONS,
@@ -24,6 +25,7 @@ __all__ = [
     "BasePruner",
     "GroupNormPruner",
     "GrowingRegPruner",
+    "KindSummary",
     "MagnitudePruner",
     "MetaPruner",
     "RandomPruner",
@@ -32,4 +34,5 @@ __all__ = [
     "ReconstructionReport",
     "decaying_l1",
     "linear_scheduler",
+    "unmet_requests",
 ]

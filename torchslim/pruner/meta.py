@@ -36,6 +36,7 @@ from torchslim.pruner.compat import (
 from torchslim.pruner.reconstruct import Reconstruction, ReconstructionReport, reconstruct
 from torchslim.pruner.safety import SafePruning, StepReport, prune_checked, prune_merged
 from torchslim.pruner.schedule import linear_scheduler
+from torchslim.pruner.summary import KindSummary, summarise, unmet_requests
 from torchslim.pruning.reparametrised import detach_cached
 from torchslim.utils.ops_counter import count_ops_and_params
 from torchslim.verify import VerifyReport, verify
@@ -234,6 +235,18 @@ class MetaPruner:
             for m in group.coupling.members
         )
 
+    def kind_of(self, group: Group) -> str:
+        """The group's kind of channel (see :mod:`torchslim.graph.kinds`), found once."""
+        kind = self._kinds.get(group.coupling.id)
+        if kind is None:
+            kind = self._kinds[group.coupling.id] = group_kind(group)
+        return kind
+
+    def summary(self) -> list[KindSummary]:
+        """Per kind of channel, what was asked and what was pruned so far, and why groups
+        kept all their channels (see :mod:`torchslim.pruner.summary`)."""
+        return summarise(self)
+
     def _ratio_for(self, group: Group) -> Optional[float]:
         return self._ratio_source(group)[0]
 
@@ -244,9 +257,7 @@ class MetaPruner:
             if root in members:
                 return ratio, None
         if self.kind_ratios:
-            kind = self._kinds.get(group.coupling.id)
-            if kind is None:
-                kind = self._kinds[group.coupling.id] = group_kind(group)
+            kind = self.kind_of(group)
             if kind in HEAD_KINDS and self.head_scopes:
                 touched = {id(m.ref.module) for m in group.coupling.members}
                 for members, ratio in self.head_scopes:
@@ -332,6 +343,9 @@ class MetaPruner:
         for (group, _), reason in result.refused:
             self.refused[group.coupling.id] = reason
         self.last_step = report = StepReport.of(result, self._skipped_mixing())
+        if self.current_step == self.iterative_steps:
+            for message in unmet_requests(self, self.summary()):
+                warnings.warn(message, UserWarning, stacklevel=3)
         if report.mixing:
             reasons = sorted({r for _, rs in report.mixing for r in rs})
             warnings.warn(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch import nn
 
 import torchslim as tp
 from torchslim.cli.common import (
@@ -16,6 +18,7 @@ from torchslim.cli.common import (
     add_ignore_argument,
     add_importance_argument,
     check_writable,
+    count,
     example_of,
     ignored_modules,
     importance_of,
@@ -25,6 +28,8 @@ from torchslim.cli.common import (
     write_recipe,
 )
 from torchslim.cli.datasets import load_dataset
+from torchslim.cli.models import hf_folder_of
+from torchslim.graph.kinds import KINDS
 from torchslim.utils.progress import progress
 
 CALIBRATION_BATCH = 128
@@ -35,6 +40,11 @@ def register(commands: Any) -> None:
     amount = sub.add_mutually_exclusive_group()
     amount.add_argument("--ratio", type=float, help="fraction of every group's channels to remove")
     amount.add_argument("--target-macs", type=float, help="fraction of the dense MACs to keep")
+    sub.add_argument(
+        "--kinds",
+        help="ratios per kind of channel, as neurons=0.2,heads=0.25 (kinds: "
+        f"{', '.join(KINDS)}); with or instead of --ratio",
+    )
     add_importance_argument(sub)
     sub.add_argument("--round-to", type=int, help="keep channel counts multiples of this")
     sub.add_argument("--global", dest="global_pruning", action="store_true", help="rank globally")
@@ -48,74 +58,144 @@ def register(commands: Any) -> None:
     )
     sub.add_argument(
         "--calibration",
-        choices=DATASETS,
-        help="training images that calibrate --importance wanda/obs/fisher/obdc and --reconstruct",
+        help="what calibrates --importance wanda/obs/fisher/obdc and --reconstruct: training "
+        f"images ({', '.join(DATASETS)}) or, for a Hugging Face language model, a UTF-8 text "
+        "file read with the folder's tokenizer",
     )
     sub.add_argument("--data-dir", type=Path, help="folder with the IDX files (mnist)")
-    sub.add_argument("--calibration-size", type=int, default=1024, help="calibration images")
+    sub.add_argument(
+        "--calibration-size",
+        type=int,
+        default=1024,
+        help="calibration images, or tokens of a text (in blocks of --input-shape's length)",
+    )
     sub.add_argument(
         "--reconstruct",
         action="store_true",
         help="refit the layers reading removed channels on the calibration images",
     )
-    sub.add_argument("--out", type=Path, help="directory for <model>.safetensors + plan")
+    sub.add_argument(
+        "--out",
+        type=Path,
+        help="directory for <model>.safetensors + plan, or <model>/ by save_pretrained for a "
+        "Hugging Face model",
+    )
 
 
 def calibration_batches(
-    args: argparse.Namespace, importance: object
+    args: argparse.Namespace, model: nn.Module, example: torch.Tensor, importance: object
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of training images and their labels for calibrated criteria and reconstruction
-    (none needed: an empty list)."""
+    """Batches of inputs and their labels (a token block is its own label) for calibrated
+    criteria and reconstruction (none needed: an empty list)."""
     wanted = args.reconstruct or hasattr(importance, "record")
     if not wanted:
         return []
+    tokens = not example.is_floating_point()
     if args.calibration is None:
+        what = (
+            "a text file (UTF-8)" if tokens else "digits, fashion-mnist or mnist (with --data-dir)"
+        )
         raise ValueError(
-            f"--importance {args.importance} and --reconstruct need calibration images: "
-            "give --calibration digits, fashion-mnist or mnist (with --data-dir)"
+            f"--importance {args.importance} and --reconstruct need calibration data: "
+            f"give --calibration {what}"
         )
     if args.calibration_size < 1:
         raise ValueError(f"--calibration-size must be positive, got {args.calibration_size}")
+    if tokens:
+        blocks = text_blocks(args, example.shape[-1])
+        return [(ids, ids) for ids in blocks.split(example.shape[0])]
+    if args.calibration not in DATASETS:
+        raise ValueError(
+            f"--calibration {args.calibration}: give one of {', '.join(DATASETS)} (a text file "
+            "calibrates Hugging Face language models)"
+        )
     (images, labels), _ = load_dataset(args.calibration, args.data_dir)
     size = args.calibration_size
     return list(zip(images[:size].split(CALIBRATION_BATCH), labels[:size].split(CALIBRATION_BATCH)))
 
 
-def calibrate(model: torch.nn.Module, importance: Any, batches: list) -> None:
+def text_blocks(args: argparse.Namespace, length: int) -> torch.Tensor:
+    """The calibration text as blocks of ``length`` tokens, by the model folder's tokenizer."""
+    folder, text = hf_folder_of(args.model or ""), Path(args.calibration)
+    if folder is None:
+        raise ValueError(
+            "--calibration with a text file needs MODEL to be a Hugging Face folder with its "
+            "tokenizer"
+        )
+    if not text.is_file():
+        raise ValueError(f"--calibration {text}: no such text file")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{folder} has no tokenizer to read --calibration with: {error}") from None
+    blocks = max(1, args.calibration_size // length)
+    return tp.hf.token_blocks(tokenizer, text, length, blocks)
+
+
+def calibrate(model: nn.Module, importance: Any, batches: list) -> None:
     """Record a calibrated criterion: forward passes, and for criteria that need gradients
-    (``needs_loss``: Fisher, OBDC) the cross-entropy on the labels, backward, ``step()``."""
+    (``needs_loss``: Fisher, OBDC) the loss on the labels (cross-entropy, or a language model's
+    next-token loss), backward, ``step()``."""
     if not hasattr(importance, "record"):
         return
     gradients = getattr(importance, "needs_loss", False)
     with importance.record(model), torch.set_grad_enabled(gradients):
-        for images, labels in batches:
-            outputs = model(images)
-            if gradients:
-                torch.nn.functional.cross_entropy(outputs, labels).backward()
-                getattr(importance, "step", lambda: None)()
+        for inputs, labels in batches:
+            if not gradients:
+                model(inputs)
+                continue
+            if inputs.is_floating_point():
+                loss = nn.functional.cross_entropy(model(inputs), labels)
+            else:
+                loss = model(inputs, labels=labels).loss
+            loss.backward()
+            getattr(importance, "step", lambda: None)()
     model.zero_grad(set_to_none=True)
 
 
+def kind_ratios(text: Optional[str]) -> dict[str, float]:
+    """``neurons=0.2,heads=0.25`` -> ``{"neurons": 0.2, "heads": 0.25}``."""
+    ratios = {}
+    for entry in filter(None, (part.strip() for part in (text or "").split(","))):
+        kind, _, value = entry.partition("=")
+        if kind not in KINDS:
+            raise ValueError(f"--kinds: unknown kind {kind!r}; use {', '.join(KINDS)}")
+        try:
+            ratios[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"--kinds: {entry!r} is not KIND=RATIO (as neurons=0.2)") from None
+        if not 0 <= ratios[kind] < 1:
+            raise ValueError(f"--kinds: the ratio of {kind} must be in [0, 1), got {value}")
+    return ratios
+
+
 def run(args: argparse.Namespace) -> int:
-    if (args.ratio is None) == (args.target_macs is None):
-        raise ValueError("give exactly one of --ratio and --target-macs")
+    kinds = kind_ratios(args.kinds)
+    if args.ratio is None and args.target_macs is None and not kinds:
+        raise ValueError("give --ratio, --kinds or --target-macs")
+    if kinds and args.target_macs is not None:
+        raise ValueError("give --kinds with --ratio or alone, not with --target-macs")
     if args.ratio is not None and not 0 <= args.ratio < 1:
         raise ValueError(f"--ratio must be in [0, 1), got {args.ratio}")
     if args.target_macs is not None and not 0 < args.target_macs <= 1:
         raise ValueError(f"--target-macs must be in (0, 1], got {args.target_macs}")
     if args.out:
         check_writable(args.out)
-    model, example = model_of(args), example_of(args)
+    model = model_of(args)
+    example = example_of(args, model)
     ignored = ignored_modules(model, args.ignore)
     before_macs, before_params = tp.utils.count_ops_and_params(model, example)
     importance = importance_of(args)
-    batches = calibration_batches(args, importance)
+    batches = calibration_batches(args, model, example, importance)
     calibrate(model, importance, batches)
     pruner = tp.pruner.MetaPruner(
         model,
         example,
         importance=importance,
         pruning_ratio=args.ratio if args.ratio is not None else 0.0,
+        pruning_ratio_dict=kinds or None,
         target_macs=args.target_macs,
         global_pruning=args.global_pruning or args.target_macs is not None,
         iterative_steps=args.steps,
@@ -125,27 +205,29 @@ def run(args: argparse.Namespace) -> int:
     )
     steps = progress(range(args.steps), "pruning", enabled=args.steps > 1, unit="step")
     reconstruct = [images for images, _ in batches] if args.reconstruct else None
-    reports, mixing, refused = [], set(), {}
+    reports, pruned, mixing, refused = [], set(), set(), {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "of the .* groups this step pruned pass through")
+        warnings.filterwarnings("ignore", "asked for .* none were removed")
+        warnings.filterwarnings("ignore", "pruning_ratio=.* removed no channel")
         for _ in steps:
             if args.verify:
                 reports.append(pruner.step_and_verify(reconstruct=reconstruct))
             else:
                 pruner.step(reconstruct=reconstruct)
+            pruned.update(label for label, _ in pruner.last_step.pruned)
             mixing.update(label for label, _ in pruner.last_step.mixing)
             refused.update(pruner.last_step.refused)
     macs, params = tp.utils.count_ops_and_params(model, example)
     rows = [
-        (
-            "params",
-            f"{before_params / 1e6:.3f} M",
-            f"{params / 1e6:.3f} M",
-            f"{before_params / params:.2f}x",
-        ),
-        ("MACs", f"{before_macs / 1e9:.4f} G", f"{macs / 1e9:.4f} G", f"{before_macs / macs:.2f}x"),
+        ("params", count(before_params), count(params), f"{before_params / params:.2f}x"),
+        ("MACs", count(before_macs), count(macs), f"{before_macs / macs:.2f}x"),
     ]
     print(table(rows, ("", "before", "after", "reduction")))
+    summary = pruner.summary()
+    print("\n" + kinds_table(summary))
+    for message in tp.pruner.unmet_requests(pruner, summary):
+        print(f"warning: {message}")
     if pruner.reconstruction is not None:
         print(pruner.reconstruction)
     if mixing:
@@ -160,15 +242,66 @@ def run(args: argparse.Namespace) -> int:
         worst = max(report.worst for report in reports)
         status = "ok" if all(report.ok for report in reports) else "FAIL"
         print(
-            f"exactness check: {status} (relative error {worst:.1e}"
-            + (f"; {len(mixing)} mixing groups not checked)" if mixing else ")")
+            f"exactness check: {status}: {len(pruned - mixing)} pruned groups exact (relative "
+            f"error {worst:.1e}); {len(mixing)} through channel-mixing ops, not exact by design "
+            f"(not checked); {len(refused)} refused"
         )
     if not args.out:
         print("nothing written: give --out DIR to save the pruned weights, plan and recipe")
         return 0
     name = output_name(args.model)
-    path = tp.save_pruned(model, args.out / f"{name}.safetensors")
     recipe = args.out / f"{name}.recipe.yaml"
+    if tp.hf.is_hf_model(model):
+        folder = save_hf_folder(model, args.out / name, hf_folder_of(args.model))
+        write_recipe(args, recipe)
+        loader = (
+            "tp.hf.from_pretrained (per-layer widths)"
+            if hasattr(model.config, tp.hf.RECORD_KEY)
+            else "plain from_pretrained"
+        )
+        print(f"wrote {folder}/ (save_pretrained; {loader} loads it) and {recipe}")
+        return 0
+    path = tp.save_pruned(model, args.out / f"{name}.safetensors")
     write_recipe(args, recipe)
     print(f"wrote {path}, {tp.persistence.plan_path(path)} and {recipe}")
     return 0
+
+
+def kinds_table(summary: list[tp.pruner.KindSummary]) -> str:
+    """Per kind of channel: asked, groups pruned, channels before -> after, and why not."""
+    rows = [
+        (
+            row.kind,
+            "target" if row.asked is None else f"{row.asked:.0%}",
+            f"{row.pruned}/{row.groups}",
+            f"{row.before} -> {row.after}",
+            row.why_not,
+        )
+        for row in summary
+    ]
+    return table(rows, ("kind", "asked", "groups pruned", "channels", "groups kept whole"))
+
+
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "*processor_config.json",
+)
+
+
+def save_hf_folder(model: nn.Module, folder: Path, source: Optional[Path]) -> Path:
+    """``save_pretrained`` into ``folder`` (whole or not at all), with the source folder's
+    tokenizer and processor files, so the folder is as usable as the one pruned."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        for pattern in TOKENIZER_FILES if source is not None else ():
+            for file in source.glob(pattern):
+                if file.is_file():
+                    shutil.copy2(file, tmp / file.name)
+
+    return tp.persistence.atomic_folder(folder, write)

@@ -21,6 +21,7 @@ from torchslim.cli.common import (
     add_command,
     add_ignore_argument,
     add_importance_argument,
+    aligned,
     example_of,
     ignored_modules,
     importance_of,
@@ -28,6 +29,7 @@ from torchslim.cli.common import (
     output_name,
     write_recipe,
 )
+from torchslim.cli.models import vocabulary
 from torchslim.search.sensitivity import DEFAULT_RATIOS, Sensitivity
 
 AGREEMENT = {"agreement": "top1", "cosine": "cosine"}
@@ -91,7 +93,12 @@ def resolve_eval(spec: str, model: nn.Module, example: torch.Tensor, samples: in
         if samples < 1:
             raise ValueError(f"--samples must be >= 1, got {samples}")
         generator = torch.Generator().manual_seed(0)
-        inputs = torch.randn((samples, *example.shape[1:]), generator=generator)
+        shape = (samples, *example.shape[1:])
+        inputs = (
+            torch.randn(shape, generator=generator)
+            if example.is_floating_point()
+            else torch.randint(0, vocabulary(model), shape, generator=generator)
+        )
         return tp.search.output_agreement(model, inputs, AGREEMENT[spec])
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
@@ -131,13 +138,14 @@ def _required_eval(args: argparse.Namespace) -> str:
 
 
 def run_sensitivity(args: argparse.Namespace) -> int:
-    model, example = model_of(args), example_of(args)
+    model = model_of(args)
+    example = example_of(args, model)
     eval_fn = resolve_eval(_required_eval(args), model, example, args.samples)
     table = tp.search.sensitivity(
         model, example, eval_fn, ratios=_ratios(args.ratios), **_options(model, args)
     )
     text = tp.search.sensitivity_markdown(table)
-    print(text)
+    print(aligned(text))
     if args.out:
         name = output_name(args.model)
         tp.search.report.write_json(args.out / f"{name}.sensitivity.json", table.to_dict())
@@ -155,7 +163,8 @@ def run_search(args: argparse.Namespace) -> int:
     if len(given) != 1:
         raise ValueError("give one of --target-macs, --target-params, --target-latency")
     target = tp.search.Target(*given[0])
-    model, example = model_of(args), example_of(args)
+    model = model_of(args)
+    example = example_of(args, model)
     eval_fn = resolve_eval(_required_eval(args), model, example, args.samples)
     table = None
     if args.sensitivity:
@@ -175,7 +184,7 @@ def run_search(args: argparse.Namespace) -> int:
         min_speedup=args.min_speedup,
         **_options(model, args),
     )
-    print(tp.search.search_markdown(result))
+    print(aligned(tp.search.search_markdown(result)))
     if args.out:
         name = output_name(args.model)
         tp.search.save_result(result, args.out / f"{name}.safetensors")

@@ -1,0 +1,145 @@
+"""Hugging Face models through the command line: a local folder in, token ids as the example,
+text calibration through the folder's tokenizer, a ``save_pretrained`` folder out that
+transformers loads, and ``bench`` on the two folders. Tiny random Llama, nothing downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import WORDS, tiny_llama_folder
+from torch import nn
+
+from torchslim.cli.main import main
+
+transformers = pytest.importorskip("transformers")
+
+
+def torchslim(*argv: str) -> str:
+    """Run the console script; its standard output (failing the test on an error)."""
+    script = Path(sys.executable).with_name("torchslim")
+    done = subprocess.run([str(script), *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tiny_llama_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
+def test_inspect_a_folder_traces_token_ids_and_names_each_kind(folder):
+    out = torchslim("inspect", str(folder))
+    kinds = set(re.findall(r"\]\s+(\w+)\s+\d+", out))
+    assert {"width", "heads", "query_heads", "head_dim", "neurons"} <= kinds
+    assert "9 groups, 8 prunable" in out
+
+
+def test_prune_writes_a_folder_plain_transformers_loads(folder, tmp_path):
+    out = torchslim(
+        "prune", str(folder), "--kinds", "neurons=0.25", "--verify", "--out", str(tmp_path)
+    )
+    assert re.search(r"exactness check: ok: 2 pruned groups exact", out)
+    assert re.search(r"neurons\s+25%\s+2/2\s+128 -> 96", out)
+    assert "plain from_pretrained loads it" in out
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")
+    assert [layer.mlp.down_proj.in_features for layer in pruned.model.layers] == [48, 48]
+    assert pruned.config.intermediate_size == 48
+    assert (tmp_path / "tiny-llama" / "tokenizer.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (tmp_path / "tiny-llama").iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
+
+    # the saved model is the dense one with the removed neurons zeroed
+    dense = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for kept, whole in zip(pruned.model.layers, dense.model.layers):
+            rows = whole.mlp.gate_proj.weight
+            idxs = [int((rows == row).all(1).nonzero()) for row in kept.mlp.gate_proj.weight]
+            removed = sorted(set(range(64)) - set(idxs))
+            whole.mlp.down_proj.weight[:, removed] = 0
+        ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(pruned(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_global_prune_of_a_folder_and_bench_of_the_two(folder, tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text(WORDS)
+    argv = ["--kinds", "neurons=0.3", "--global", "--importance", "fisher"]
+    out = torchslim("prune", str(folder), *argv, "--calibration", str(text), "--out", str(tmp_path))
+    saved = tmp_path / "tiny-llama"
+    config = json.loads((saved / "config.json").read_text())
+    per_layer = "torchslim_plan" in config
+    assert ("tp.hf.from_pretrained (per-layer widths)" in out) == per_layer
+    out = torchslim("bench", str(folder), str(saved), "--repeats", "2", "--threads", "1")
+    for runtime in ("PyTorch CPU", "ONNX Runtime"):
+        assert re.search(rf"{runtime}\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+x", out)
+
+    import torchslim as tp
+
+    pruned = tp.hf.from_pretrained(saved)
+    widths = [layer.mlp.down_proj.in_features for layer in pruned.model.layers]
+    assert sum(widths) == 128 - int(128 * 0.3)
+
+
+def test_a_model_class_can_be_named_for_the_folder(folder, capsys):
+    assert main(["inspect", f"LlamaModel:{folder}"]) == 0
+    out = capsys.readouterr().out
+    assert "lm_head" not in out and "model.embed_tokens" not in out
+    assert main(["inspect", f"NoSuchModel:{folder}"]) == 2
+    assert "transformers has no model class 'NoSuchModel'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--kinds", "tails=0.2"], "--kinds: unknown kind 'tails'"),
+        (["--kinds", "neurons"], "--kinds: 'neurons' is not KIND=RATIO"),
+        (["--kinds", "neurons=1.5"], r"the ratio of neurons must be in \[0, 1\)"),
+        (["--kinds", "neurons=0.2", "--target-macs", "0.5"], "not with --target-macs"),
+        (["--importance", "wanda", "--kinds", "neurons=0.2"], "give --calibration a text file"),
+        (
+            ["--importance", "wanda", "--kinds", "neurons=0.2", "--calibration", "missing.txt"],
+            "--calibration missing.txt: no such text file",
+        ),
+    ],
+)
+def test_prune_errors_for_language_models(folder, argv, message, capsys):
+    assert main(["prune", str(folder), *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+class Tagger(nn.Module):
+    """Token ids in, a class per token out: a custom net that needs integer inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.hidden = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(self.embed(ids))))
+
+
+def test_a_custom_net_starting_with_an_embedding_gets_token_ids(capsys):
+    argv = ["prune", "test_cli_hf:Tagger", "--input-shape", "2,7", "--ratio", "0.5", "--verify"]
+    assert main(argv) == 0
+    assert "exactness check: ok: 1 pruned groups exact" in capsys.readouterr().out
+    assert main([*argv, "--input-dtype", "long"]) == 0
+    assert main([*argv, "--input-dtype", "float"]) == 2
+    assert "torchslim: error:" in capsys.readouterr().err
+
+
+def test_a_request_that_removes_nothing_is_said(folder, capsys):
+    assert main(["prune", str(folder), "--kinds", "heads=0.25,neurons=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"heads\s+25%\s+0/2\s+4 -> 4\s+2 where 25% of 2 rounds to 0", out)
+    assert "warning: asked for 25% of the heads, none were removed" in out

@@ -1,0 +1,103 @@
+"""What a pruner was asked for and what it did, per kind of channel (:data:`KINDS`): groups and
+channels before and after, and why groups kept every channel (a ratio that rounds to nothing,
+``round_to``, a refusal, ``exact_only``, a global ranking that took channels elsewhere), so a
+request that did nothing is said, not silent."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+from torchslim.graph.dependency import Group
+from torchslim.graph.kinds import KINDS
+
+if TYPE_CHECKING:
+    from torchslim.pruner.meta import MetaPruner
+
+
+@dataclass
+class KindSummary:
+    """One kind of channel: the ratio asked (``None`` under a MACs or params target), its
+    groups, how many lost channels, its channels before and after, and why the others kept
+    all of theirs (reason -> number of groups)."""
+
+    kind: str
+    asked: Optional[float]
+    groups: int = 0
+    pruned: int = 0
+    before: int = 0
+    after: int = 0
+    whole: Counter = field(default_factory=Counter)
+
+    @property
+    def why_not(self) -> str:
+        return "; ".join(f"{n} {reason}" for reason, n in self.whole.most_common())
+
+
+def summarise(pruner: MetaPruner) -> list[KindSummary]:
+    """Per kind, what ``pruner`` has pruned so far against its groups' first sizes."""
+    rows: dict[str, KindSummary] = {}
+    for group in pruner._candidates():
+        kind = pruner.kind_of(group)
+        initial = pruner.initial_sizes.get(group.coupling.id, group.size)
+        asked = _asked(pruner, group)
+        row = rows.setdefault(kind, KindSummary(kind, asked))
+        if row.asked is not None and asked is not None:
+            row.asked = max(row.asked, asked)
+        row.groups += 1
+        row.before += initial
+        row.after += group.size
+        if group.size < initial:
+            row.pruned += 1
+        else:
+            row.whole[_why_whole(pruner, group, initial, asked)] += 1
+    return sorted(rows.values(), key=lambda row: KINDS.index(row.kind))
+
+
+def unmet_requests(pruner: MetaPruner, summary: list[KindSummary]) -> list[str]:
+    """The requests that removed nothing: a kind's ratio, or the ratio of every group."""
+    messages = []
+    for row in summary:
+        if row.kind in pruner.kind_ratios and pruner.kind_ratios[row.kind] > 0 and row.pruned == 0:
+            messages.append(
+                f"asked for {pruner.kind_ratios[row.kind]:.0%} of the {row.kind}, none were "
+                f"removed ({row.groups} groups: {row.why_not})"
+            )
+    if pruner.pruning_ratio > 0 and not any(row.pruned for row in summary):
+        reasons = "; ".join(row.why_not for row in summary if row.whole)
+        messages.append(
+            f"pruning_ratio={pruner.pruning_ratio:g} removed no channel ({reasons or 'no groups'})"
+        )
+    return messages
+
+
+def _asked(pruner: MetaPruner, group: Group) -> Optional[float]:
+    if pruner.target_macs is not None or pruner.target_params is not None:
+        return None
+    own = pruner._ratio_for(group)
+    return pruner.pruning_ratio if own is None else own
+
+
+def _why_whole(pruner: MetaPruner, group: Group, initial: int, asked: Optional[float]) -> str:
+    if group.coupling.id in pruner.refused:
+        return f"refused ({pruner.refused[group.coupling.id].split(':')[0]})"
+    if not len(group.prunable_idxs):
+        return f"refused ({group.refusal([0]) or 'no prunable channel'})"
+    if pruner.exact_only and group.mixing:
+        return "left alone by exact_only (channel-mixing ops)"
+    if asked is None:
+        return "not needed for the target"
+    if asked == 0:
+        return "not asked"
+    if initial <= 1:
+        return "with 1 channel"
+    count = math.floor(initial * min(asked, pruner.max_pruning_ratio))
+    if count == 0:
+        return f"where {asked:.0%} of {initial} rounds to 0"
+    if pruner.round_to and pruner._rounded(group, count) == 0:
+        return f"where round_to={pruner.round_to} keeps all {initial}"
+    if pruner.global_pruning:
+        return "ranked above the channels taken elsewhere (global)"
+    return "not scored by the importance"
