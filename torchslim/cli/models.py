@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from torchslim.hf import from_pretrained
 from torchslim.persistence import CheckpointError, load_pruned
 from torchslim.zoo import build_torchvision, torchvision_names
 
@@ -97,8 +98,6 @@ def load_hf_folder(path: Path, class_name: str = "") -> nn.Module:
             f"{path} is a Hugging Face folder, and transformers is not installed "
             "(pip install transformers)"
         ) from None
-    from torchslim.hf import from_pretrained
-
     model_class = None
     if class_name:
         model_class = getattr(transformers, class_name, None)
