@@ -46,7 +46,7 @@ def test_search_ships_a_plan_that_reproduces_its_report(tmp_path, capsys):
     argv = ["search", *MODEL, "--target-macs", "0.5", *FAST, *TIMING, "--out", str(tmp_path)]
     assert main([*argv, "--eval", "tests.test_search_cli:first_output_mean"]) == 0
     out = capsys.readouterr().out
-    assert "guard:" in out and "wrote" in out
+    assert "guard:" in out and "wrote" in out and "a rerun can choose other channel counts" in out
     report = json.loads((tmp_path / "digits.search.json").read_text())
     assert report["accepted"] and report["target"] == {"kind": "macs", "fraction": 0.5}
     model = tp.load_pruned(DigitsNet(), tmp_path / "digits.safetensors")
@@ -132,3 +132,19 @@ def test_search_errors_are_one_clear_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_result_below_the_metric_floor_is_refused_and_nothing_ships(tmp_path, capsys):
+    argv = ["search", *MODEL, "--target-params", "0.3", "--eval", "agreement", *FAST, *TIMING]
+    argv += ["--rounding", "none", "--no-guard", "--out", str(tmp_path)]
+    assert main([*argv, "--min-metric", "1.01"]) == 3
+    err = capsys.readouterr().err
+    assert re.search(
+        r"quality: refused: the pruned model's metric [\d.]+ is below min_metric 1.01", err
+    )
+    report = json.loads((tmp_path / "digits.search.json").read_text())
+    assert not report["accepted"] and report["refusal"].startswith("quality: refused")
+    assert not (tmp_path / "digits.safetensors").exists()
+    assert "quality: refused" in (tmp_path / "digits.search.md").read_text()
+    assert main([*argv, "--min-metric", "0"]) == 0
+    assert (tmp_path / "digits.safetensors").exists()

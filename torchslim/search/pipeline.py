@@ -29,7 +29,8 @@ FALLBACK_ROUND_TO = 8
 
 @dataclass
 class SearchResult:
-    """What the search chose and measured. ``model`` is ``None`` when the guard refused."""
+    """What the search chose and measured. ``model`` is ``None`` when the guard refused it
+    (too slow) or its metric fell below ``min_metric``; ``refusal`` says which."""
 
     target: Target
     seed: int
@@ -43,6 +44,7 @@ class SearchResult:
     metric: Optional[float] = None
     macs: Optional[int] = None
     params: Optional[int] = None
+    refusal: str = ""
 
     @property
     def accepted(self) -> bool:
@@ -55,6 +57,7 @@ class SearchResult:
             "ratios": self.ratios,
             "applied": self.applied,
             "accepted": self.accepted,
+            "refusal": self.refusal,
             "metric": self.metric,
             "macs": self.macs,
             "params": self.params,
@@ -79,6 +82,7 @@ def search(
     rounding: str = "latency",
     use_guard: bool = True,
     min_speedup: float = 1.0,
+    min_metric: Optional[float] = None,
     multiples: Sequence[int] = MULTIPLES,
     show_progress: bool = True,
     **space_options: Any,
@@ -89,7 +93,8 @@ def search(
     computed on ``ratios``). With a ``runtime`` (``"torch"``, ``"onnxruntime"``, ``"cuda"`` or a
     :class:`Runtime`), ``rounding="latency"`` picks channel counts from measured layer times and
     the guard (``use_guard``) refuses or rolls back a result not faster than dense. ``model`` is
-    not modified; ``space_options`` go to :class:`SearchSpace`.
+    not modified; ``space_options`` go to :class:`SearchSpace`. A result whose ``eval_fn`` is
+    below ``min_metric`` is refused too (a pruned model that no longer does the job).
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
@@ -136,9 +141,17 @@ def search(
         result.dense["latency_ms"] = result.verdict.dense_ms
         chosen = result.verdict.chosen
         if chosen is None:
+            result.refusal = result.verdict.message
             log.warning("%s", result.verdict.message)
     if chosen is not None:
         _ship(result, space, eval_fn, chosen, configs[chosen], models[chosen])
+    if result.accepted and min_metric is not None and result.metric < min_metric:
+        result.model = None
+        result.refusal = (
+            f"quality: refused: the pruned model's metric {result.metric:.4f} is below "
+            f"min_metric {min_metric:g} (dense {dense['metric']:.4f})"
+        )
+        log.warning("%s", result.refusal)
     return result
 
 

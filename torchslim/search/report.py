@@ -83,6 +83,8 @@ def search_markdown(result: SearchResult) -> str:
         ]
     if result.verdict is not None:
         lines += [result.verdict.message, ""]
+    if result.refusal.startswith("quality"):
+        lines += [result.refusal, ""]
     lines += ["| unit | searched ratio |", "|---|---|"]
     lines += [f"| {unit} | {ratio:g} |" for unit, ratio in result.ratios.items()]
     if result.accepted:

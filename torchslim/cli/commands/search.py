@@ -11,7 +11,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -65,6 +65,12 @@ def register(commands: Any) -> None:
     search.add_argument("--no-guard", action="store_true", help="ship even if not faster")
     search.add_argument(
         "--min-speedup", type=float, default=1.0, help="the guard's required speed-up"
+    )
+    search.add_argument(
+        "--min-metric",
+        type=float,
+        help="refuse a result whose --eval metric is below this (default: 0.5 for `agreement` "
+        "and `cosine`, none for your own function)",
     )
 
 
@@ -131,6 +137,14 @@ def _ratios(text: str) -> list[float]:
         raise ValueError(f"--ratios must be numbers like 0.25,0.5, got {text!r}") from error
 
 
+def _min_metric(args: argparse.Namespace) -> Optional[float]:
+    """``--min-metric``, or 0.5 for the built-in agreement metrics: a pruned model agreeing
+    with the dense one on fewer than half of the inputs does not do the same job."""
+    if args.min_metric is not None:
+        return args.min_metric
+    return 0.5 if args.eval_spec in AGREEMENT else None
+
+
 def _required_eval(args: argparse.Namespace) -> str:
     if not args.eval_spec:
         raise ValueError("give --eval package.module:function (or `agreement`)")
@@ -182,9 +196,15 @@ def run_search(args: argparse.Namespace) -> int:
         rounding=args.rounding,
         use_guard=not args.no_guard,
         min_speedup=args.min_speedup,
+        min_metric=_min_metric(args),
         **_options(model, args),
     )
     print(aligned(tp.search.search_markdown(result)))
+    if args.rounding == "latency" or not args.no_guard:
+        print(
+            "note: latency-aware rounding and the guard choose from times measured now; a rerun "
+            "can choose other channel counts (--rounding none --no-guard reproduces a --seed)"
+        )
     if args.out:
         name = output_name(args.model)
         tp.search.save_result(result, args.out / f"{name}.safetensors")
@@ -192,6 +212,6 @@ def run_search(args: argparse.Namespace) -> int:
         written = f"{name}.safetensors, .plan.json, " if result.accepted else ""
         print(f"wrote {args.out}/{written}{name}.search.json and .search.md")
     if not result.accepted:
-        print(f"torchslim: {result.verdict.message}", file=sys.stderr)
+        print(f"torchslim: {result.refusal}", file=sys.stderr)
         return REFUSED
     return 0
