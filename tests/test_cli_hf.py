@@ -46,7 +46,7 @@ def test_prune_writes_a_folder_plain_transformers_loads(folder, tmp_path):
         "prune", str(folder), "--kinds", "neurons=0.25", "--verify", "--out", str(tmp_path)
     )
     assert re.search(r"exactness check: ok: 2 pruned groups exact", out)
-    assert re.search(r"neurons\s+25%\s+2/2\s+128 -> 96", out)
+    assert re.search(r"neurons\s+25%\s+2/3\s+225 -> 193\s+1 refused \(a model output\)", out)
     assert "plain from_pretrained loads it" in out
     pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")
     assert [layer.mlp.down_proj.in_features for layer in pruned.model.layers] == [48, 48]

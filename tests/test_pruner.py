@@ -369,6 +369,8 @@ def test_the_summary_says_per_kind_what_was_asked_and_why_groups_kept_every_chan
     with pytest.warns(UserWarning, match=r"asked for 25% of the heads, none were removed"):
         pruner.step()
     rows = {row.kind: row for row in pruner.summary()}
-    assert (rows["neurons"].pruned, rows["neurons"].before, rows["neurons"].after) == (2, 128, 104)
+    neurons = rows["neurons"]  # two MLPs, and lm_head's outputs (97, refused: a model output)
+    assert (neurons.groups, neurons.pruned, neurons.before, neurons.after) == (3, 2, 225, 201)
+    assert neurons.why_not == "1 refused (a model output)"
     assert rows["heads"].why_not == "2 where 25% of 2 rounds to 0"
     assert rows["width"].why_not == "1 not asked" and rows["width"].asked == 0.0

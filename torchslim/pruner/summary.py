@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from torchslim.graph.dependency import Group
 from torchslim.graph.kinds import KINDS
@@ -39,18 +39,22 @@ class KindSummary:
 def summarise(pruner: MetaPruner) -> list[KindSummary]:
     """Per kind, what ``pruner`` has pruned so far against its groups' first sizes."""
     rows: dict[str, KindSummary] = {}
-    for group in pruner._candidates():
+    candidates = pruner._candidates()
+    seen = {group.coupling.id for group in candidates}
+    left_out = {group.coupling.id: (group, why) for group, why in _left_out(pruner, seen)}
+    for group in [*candidates, *(group for group, _ in left_out.values())]:
         kind = pruner.kind_of(group)
         initial = pruner.initial_sizes.get(group.coupling.id, group.size)
         asked = _asked(pruner, group)
         row = rows.setdefault(kind, KindSummary(kind, asked))
-        if row.asked is not None and asked is not None:
-            row.asked = max(row.asked, asked)
+        row.asked = asked if row.asked is None else max(row.asked, asked or 0.0)
         row.groups += 1
         row.before += initial
         row.after += group.size
         if group.size < initial:
             row.pruned += 1
+        elif group.coupling.id in left_out:
+            row.whole[left_out[group.coupling.id][1]] += 1
         else:
             row.whole[_why_whole(pruner, group, initial, asked)] += 1
     return sorted(rows.values(), key=lambda row: KINDS.index(row.kind))
@@ -71,6 +75,22 @@ def unmet_requests(pruner: MetaPruner, summary: list[KindSummary]) -> list[str]:
             f"pruning_ratio={pruner.pruning_ratio:g} removed no channel ({reasons or 'no groups'})"
         )
     return messages
+
+
+def _left_out(pruner: MetaPruner, seen: set[int]) -> Iterator[tuple[Group, str]]:
+    """The groups of more than one channel that the pruner never considers, and why: a layer
+    ignored, or a refusal of the graph (a model input or output, a hard-coded size, ...)."""
+    ignored = {id(m) for m in pruner.ignored_modules}
+    for group in pruner.DG.all_groups():
+        if group.coupling.id in seen or group.size <= 1:
+            continue
+        members = group.coupling.members
+        if any(id(m.ref.module) in ignored for m in members) or pruner._touches_ignored_param(
+            group
+        ):
+            yield group, "in ignored layers"
+        else:
+            yield group, f"refused ({group.refusal([0]) or 'not rooted at a prunable layer'})"
 
 
 def _asked(pruner: MetaPruner, group: Group) -> Optional[float]:
