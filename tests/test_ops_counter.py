@@ -114,3 +114,10 @@ def test_forward_fn_and_dict_inputs():
     assert macs(model, {"x": x, "scale": 2.0}) == 24
     total, _ = tp.utils.count_ops_and_params(model, x, forward_fn=lambda m, i: m(i[:2]))
     assert total == 12
+
+
+def test_counts_print_alike_in_every_command():
+    from torchslim.utils.ops_counter import count
+
+    printed = [count(n) for n in (610, 94_190, 609_500, 11_689_512, 148_600_000, 1.82e9, 3e12)]
+    assert printed == ["610", "94.19 K", "609.5 K", "11.69 M", "148.6 M", "1.820 G", "3.000 T"]

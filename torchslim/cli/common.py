@@ -145,17 +145,6 @@ def check_writable(folder: Path) -> None:
         raise ValueError(f"--out {folder} is not writable ({error.strerror or error})") from None
 
 
-def count(n: float) -> str:
-    """A count of MACs or parameters as every command prints it: 4 significant digits with
-    K, M, G or T (``11.69 M``, ``148.6 M``, ``1.820 G``)."""
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            value = n / scale
-            digits = 4 - len(str(int(abs(value))))
-            return f"{value:.{max(digits, 0)}f} {suffix}"
-    return f"{n:g}"
-
-
 def table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [header, tuple("-" * w for w in widths), *rows]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torchslim.cli.common import count
+from torchslim.utils.ops_counter import count
 
 
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:

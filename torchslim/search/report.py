@@ -11,6 +11,7 @@ from typing import Any, Union
 from torchslim.persistence import atomic_write, save_pruned
 from torchslim.search.pipeline import SearchResult
 from torchslim.search.sensitivity import Sensitivity
+from torchslim.utils.ops_counter import count
 
 
 def sensitivity_markdown(table: Sensitivity) -> str:
@@ -76,8 +77,9 @@ def search_markdown(result: SearchResult) -> str:
             "| | dense | pruned |",
             "|---|---|---|",
             f"| metric | {dense['metric']:.4f} | {result.metric:.4f} |",
-            f"| MACs | {dense['macs']:,} | {result.macs:,} ({result.macs / dense['macs']:.3f}) |",
-            f"| params | {dense['params']:,} | {result.params:,} "
+            f"| MACs | {count(dense['macs'])} | {count(result.macs)} "
+            f"({result.macs / dense['macs']:.3f}) |",
+            f"| params | {count(dense['params'])} | {count(result.params)} "
             f"({result.params / dense['params']:.3f}) |",
             "",
         ]

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 import torchslim as tp
-from torchslim.cli.common import add_command, count, example_of, model_of, table
+from torchslim.cli.common import add_command, example_of, model_of, table
 from torchslim.graph.dependency import Group
 from torchslim.graph.kinds import group_kind
-from torchslim.utils.ops_counter import own_counts
+from torchslim.utils.ops_counter import count, own_counts
 
 
 def register(commands: Any) -> None:

@@ -18,7 +18,6 @@ from torchslim.cli.common import (
     add_ignore_argument,
     add_importance_argument,
     check_writable,
-    count,
     example_of,
     ignored_modules,
     importance_of,
@@ -30,6 +29,7 @@ from torchslim.cli.common import (
 from torchslim.cli.datasets import load_dataset
 from torchslim.cli.models import hf_folder_of
 from torchslim.graph.kinds import KINDS
+from torchslim.utils.ops_counter import count
 from torchslim.utils.progress import progress
 
 CALIBRATION_BATCH = 128
