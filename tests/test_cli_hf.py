@@ -143,3 +143,17 @@ def test_a_request_that_removes_nothing_is_said(folder, capsys):
     out = capsys.readouterr().out
     assert re.search(r"heads\s+25%\s+0/2\s+4 -> 4\s+2 where 25% of 2 rounds to 0", out)
     assert "warning: asked for 25% of the heads, none were removed" in out
+
+
+def test_warnings_are_one_line_on_standard_error(folder):
+    script = Path(sys.executable).with_name("torchslim")
+    done = subprocess.run(
+        [str(script), "prune", str(folder), "--kinds", "neurons=0.25"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    warned = [line for line in done.stderr.splitlines() if "MagnitudeImportance" in line]
+    assert len(warned) == 1 and warned[0].startswith("torchslim: warning: MagnitudeImportance")
+    assert "UserWarning" not in done.stderr and "pruner = " not in done.stderr

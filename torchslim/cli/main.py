@@ -14,6 +14,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 from typing import Optional
 
 from torchslim import __version__
@@ -86,10 +87,17 @@ def _replaced_by_flags(subparser: CommandParser, argv: list[str]) -> set[str]:
     return replaced
 
 
+def _one_line(message: Warning | str, *_: object, **__: object) -> None:
+    """Warnings as the CLI's other messages: one line on standard error, no source line."""
+    print(f"torchslim: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
-        args = parse(argv)
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line
+            args = parse(argv)
+            return args.func(args)
     except (ModelNotFound, ValueError, RuntimeError, OSError) as error:
         print(f"torchslim: error: {error}", file=sys.stderr)
         return 2
