@@ -79,10 +79,11 @@ def atomic_folder(path: PathLike, write: Callable[[Path], None]) -> Path:
     old = tmp.with_suffix(".old")
     try:
         write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved folder follows the umask
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a saved folder follows the umask
         for file in tmp.rglob("*"):
             if file.is_file():
-                os.chmod(file, 0o666 & ~_umask())
+                os.chmod(file, 0o666 & ~umask)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)

@@ -108,6 +108,11 @@ def example_of(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
     the model where they are not given."""
     tokens = takes_token_ids(model) if args.input_dtype is None else args.input_dtype == "long"
     shape = parse_shape(args.input_shape) if args.input_shape else default_shape(model, tokens)
+    return random_inputs(model, shape, tokens)
+
+
+def random_inputs(model: nn.Module, shape: tuple[int, ...], tokens: bool) -> torch.Tensor:
+    """Seeded random floats, or token ids below the model's vocabulary, of ``shape``."""
     generator = torch.Generator().manual_seed(0)
     if tokens:
         return torch.randint(0, vocabulary(model), shape, generator=generator)

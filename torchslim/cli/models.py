@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from torchslim.hf import from_pretrained
+from torchslim.hf import from_pretrained, is_hf_model
 from torchslim.persistence import CheckpointError, load_pruned
 from torchslim.zoo import build_torchvision, torchvision_names
 
@@ -156,7 +156,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def takes_token_ids(model: nn.Module) -> bool:
     """A Hugging Face model whose main input is ``input_ids`` (a language model), or a model
     whose first layer is an ``nn.Embedding``."""
-    if hasattr(model, "main_input_name"):
+    if is_hf_model(model):
         return model.main_input_name == "input_ids"
     first = next((m for m in model.modules() if not next(m.children(), None)), None)
     return isinstance(first, nn.Embedding)
@@ -192,7 +192,7 @@ def tensor_output(model: nn.Module) -> nn.Module:
     model's first output (logits, last hidden state), without the key/value cache, and for
     token inputs with an explicit all-ones attention mask (without one transformers looks for
     packed sequences with an op ONNX does not have)."""
-    if not hasattr(model, "main_input_name"):
+    if not is_hf_model(model):
         return model
     options = {"return_dict": False}
     if getattr(model.config, "use_cache", None) is not None:

@@ -27,9 +27,9 @@ from torchslim.cli.common import (
     importance_of,
     model_of,
     output_name,
+    random_inputs,
     write_recipe,
 )
-from torchslim.cli.models import vocabulary
 from torchslim.search.sensitivity import DEFAULT_RATIOS, Sensitivity
 
 AGREEMENT = {"agreement": "top1", "cosine": "cosine"}
@@ -98,13 +98,8 @@ def resolve_eval(spec: str, model: nn.Module, example: torch.Tensor, samples: in
     if spec in AGREEMENT:
         if samples < 1:
             raise ValueError(f"--samples must be >= 1, got {samples}")
-        generator = torch.Generator().manual_seed(0)
         shape = (samples, *example.shape[1:])
-        inputs = (
-            torch.randn(shape, generator=generator)
-            if example.is_floating_point()
-            else torch.randint(0, vocabulary(model), shape, generator=generator)
-        )
+        inputs = random_inputs(model, shape, not example.is_floating_point())
         return tp.search.output_agreement(model, inputs, AGREEMENT[spec])
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
