@@ -386,6 +386,31 @@ def test_real_runtimes_time_models_in_turns():
         assert small_ms < dense_ms < big_ms
 
 
+def test_a_timing_table_times_each_job_once_and_survives_a_reload(tmp_path, monkeypatch):
+    measured = []
+
+    def fake_ms(runs, repeats, warmup):
+        measured.append(len(runs))
+        return [float(len(measured) * 10 + k) for k in range(len(runs))]
+
+    monkeypatch.setattr("torchslim.search.runtime.interleaved_ms", fake_ms)
+    path = tmp_path / "timings.json"
+    small, wide = nn.Conv2d(3, 4, 1).eval(), nn.Conv2d(3, 8, 1).eval()
+    runtime = tp.search.Runtime("torch", threads=1, repeats=2, timings=path)
+    first = runtime.time([(small, (X,)), (wide, (X,))])
+    assert first == [10.0, 11.0] and measured == [2]
+    copy_of_small = nn.Conv2d(3, 4, 1).eval()  # other weights, same structure: same time
+    again = tp.search.Runtime("torch", threads=1, repeats=2, timings=path)
+    assert again.time([(wide, (X,)), (copy_of_small, (X,))]) == [11.0, 10.0]
+    assert measured == [2]
+    assert again.time([(small, (X[:, :, :4],))]) == [20.0]  # other input shape: timed
+    other = tp.search.Runtime("torch", threads=1, repeats=3, timings=path)
+    assert other.time([(small, (X,))]) == [30.0] and len(tp.search.TimingTable(path)) == 4
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable timing table.*delete it"):
+        tp.search.Runtime("torch", timings=path)
+
+
 # -------------------------------------------------------------------------------- errors
 
 

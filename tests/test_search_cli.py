@@ -46,7 +46,7 @@ def test_search_ships_a_plan_that_reproduces_its_report(tmp_path, capsys):
     argv = ["search", *MODEL, "--target-macs", "0.5", *FAST, *TIMING, "--out", str(tmp_path)]
     assert main([*argv, "--eval", "tests.test_search_cli:first_output_mean"]) == 0
     out = capsys.readouterr().out
-    assert "guard:" in out and "wrote" in out and "a rerun can choose other channel counts" in out
+    assert "guard:" in out and "wrote" in out and "reused by reruns" in out
     report = json.loads((tmp_path / "digits.search.json").read_text())
     assert report["accepted"] and report["target"] == {"kind": "macs", "fraction": 0.5}
     model = tp.load_pruned(DigitsNet(), tmp_path / "digits.safetensors")
@@ -74,6 +74,23 @@ def test_search_reuses_a_sensitivity_table_and_is_deterministic(tmp_path, capsys
     assert runs[0]["sensitivity"] == json.loads(table.read_text())
     plans = [(tmp_path / n / "digits.plan.json").read_text() for n in ("a", "b")]
     assert plans[0] == plans[1]
+
+
+def test_latency_rounding_and_the_guard_rerun_the_same_from_the_timing_table(tmp_path, capsys):
+    timings = tmp_path / "timings.json"
+    argv = ["search", *MODEL, "--target-macs", "0.5", "--eval", "cosine", *FAST, *TIMING]
+    argv += ["--timings", str(timings)]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    stored = timings.read_text()
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert timings.read_text() == stored  # the rerun measured nothing new
+    runs = [json.loads((tmp_path / n / "digits.search.json").read_text()) for n in "ab"]
+    assert runs[0]["log"] == runs[1]["log"] and runs[0]["applied"] == runs[1]["applied"]
+    assert any(entry["phase"] == "round" for entry in runs[0]["log"])
+    plans = [(tmp_path / n / "digits.plan.json").read_text() for n in "ab"]
+    assert plans[0] == plans[1]
+    assert main([*argv[:-2], "--timings", "none"]) == 0
+    assert "a rerun can choose other channel counts" in capsys.readouterr().out
 
 
 def test_a_search_recipe_reruns_the_same_search(tmp_path, capsys):

@@ -23,11 +23,13 @@ from torchslim.search.rounding import candidate_counts, latency_aware_rounding
 from torchslim.search.runtime import Runtime
 from torchslim.search.sensitivity import Sensitivity, Trial, analyse, sensitivity
 from torchslim.search.space import SearchSpace, Unit, evaluate, keep_ratio
+from torchslim.search.timings import TimingTable
 
 __all__ = [
     "Budget",
     "Checkpoint",
     "Runtime",
+    "TimingTable",
     "SearchResult",
     "SearchSpace",
     "Sensitivity",

@@ -10,11 +10,12 @@ import copy
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from torchslim.search.timings import TimingTable, job_key
 from torchslim.utils.latency import interleaved_ms, onnx_session
 
 RUNTIMES = ("torch", "onnxruntime", "cuda")
@@ -23,10 +24,17 @@ Job = tuple[nn.Module, tuple[torch.Tensor, ...]]
 
 class Runtime:
     """Times modules on one runtime. ``threads`` pins the CPU threads (``None``: the runtime's
-    default); ``repeats`` timed calls per module after ``warmup`` calls."""
+    default); ``repeats`` timed calls per module after ``warmup`` calls. With ``timings`` (a
+    :class:`TimingTable` or its file), what was timed before is not timed again: its stored
+    time is used, so reruns decide from the same numbers."""
 
     def __init__(
-        self, name: str = "torch", threads: Optional[int] = None, repeats: int = 20, warmup: int = 3
+        self,
+        name: str = "torch",
+        threads: Optional[int] = None,
+        repeats: int = 20,
+        warmup: int = 3,
+        timings: Union[None, str, Path, TimingTable] = None,
     ) -> None:
         if name not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {name!r}")
@@ -39,6 +47,7 @@ class Runtime:
         if repeats < 1 or warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
         self.name, self.threads, self.repeats, self.warmup = name, threads, repeats, warmup
+        self.timings = TimingTable(timings) if isinstance(timings, (str, Path)) else timings
 
     def __str__(self) -> str:
         device = "CUDA" if self.name == "cuda" else "CPU"
@@ -46,7 +55,19 @@ class Runtime:
         return f"{'PyTorch' if self.name != 'onnxruntime' else 'ONNX Runtime'} {device}{threads}"
 
     def time(self, jobs: Sequence[Job]) -> list[float]:
-        """Median milliseconds of each ``module(*inputs)``, timed in turns."""
+        """Median milliseconds of each ``module(*inputs)``, timed in turns (only the jobs the
+        timing table does not hold yet)."""
+        if self.timings is None:
+            return self._measure(jobs)
+        threads = self.threads or torch.get_num_threads()
+        keys = [job_key(f"{self}; {threads}", m, x, self.repeats, self.warmup) for m, x in jobs]
+        missing = {key: job for key, job in zip(keys, jobs) if key not in self.timings}
+        self.timings.update(dict(zip(missing, self._measure(list(missing.values())))))
+        return [self.timings[key] for key in keys]
+
+    def _measure(self, jobs: Sequence[Job]) -> list[float]:
+        if not jobs:
+            return []
         with self._threads(), self._runners(jobs) as runs:
             return interleaved_ms(runs, self.repeats, self.warmup)
 

@@ -62,6 +62,12 @@ def register(commands: Any) -> None:
     search.add_argument("--threads", type=int, help="CPU threads while timing (default: all)")
     search.add_argument("--repeats", type=int, default=20, help="timed runs per measurement")
     search.add_argument("--rounding", choices=("latency", "none"), default="latency")
+    search.add_argument(
+        "--timings",
+        default=str(tp.search.timings.default_path()),
+        help="a table of measured times that reruns reuse, so the same flags give the same "
+        "result; 'none' measures afresh (default: %(default)s)",
+    )
     search.add_argument("--no-guard", action="store_true", help="ship even if not faster")
     search.add_argument(
         "--min-speedup", type=float, default=1.0, help="the guard's required speed-up"
@@ -72,6 +78,10 @@ def register(commands: Any) -> None:
         help="refuse a result whose --eval metric is below this (default: 0.5 for `agreement` "
         "and `cosine`, none for your own function)",
     )
+
+
+def _timings(args: argparse.Namespace) -> Optional[str]:
+    return None if args.timings.lower() == "none" else args.timings
 
 
 def _shared(sub: argparse.ArgumentParser) -> None:
@@ -187,7 +197,7 @@ def run_search(args: argparse.Namespace) -> int:
         ratios=_ratios(args.ratios),
         seed=args.seed,
         refine_steps=args.refine_steps,
-        runtime=tp.search.Runtime(args.runtime, args.threads, args.repeats),
+        runtime=tp.search.Runtime(args.runtime, args.threads, args.repeats, timings=_timings(args)),
         rounding=args.rounding,
         use_guard=not args.no_guard,
         min_speedup=args.min_speedup,
@@ -197,8 +207,11 @@ def run_search(args: argparse.Namespace) -> int:
     print(aligned(tp.search.search_markdown(result)))
     if args.rounding == "latency" or not args.no_guard:
         print(
-            "note: latency-aware rounding and the guard choose from times measured now; a rerun "
-            "can choose other channel counts (--rounding none --no-guard reproduces a --seed)"
+            f"note: times kept in {args.timings} and reused by reruns (--timings none measures "
+            "afresh)"
+            if _timings(args)
+            else "note: latency-aware rounding and the guard chose from times measured now; "
+            "a rerun can choose other channel counts"
         )
     if args.out:
         name = output_name(args.model)
