@@ -88,3 +88,17 @@ def tiny_llama_folder(path: Path) -> Path:
     tokenizer.train_from_iterator([WORDS], trainers.WordLevelTrainer(special_tokens=["<unk>"]))
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
     return path
+
+
+def group_signatures(graph) -> list[tuple]:
+    """Everything a graph says about its groups: members and positions, prunable positions,
+    mixing labels and the refusal of the first position."""
+    return [
+        (
+            str(group),
+            [int(i) for i in group.prunable_idxs],
+            sorted(group.mixing),
+            str(group.refusal([0]) if group.prunable_idxs else ""),
+        )
+        for group in graph.all_groups()
+    ]

@@ -109,7 +109,7 @@ def test_values_leaving_torch_freeze_their_channels():
 
 def test_example_inputs_on_another_device():
     model = Net().to("meta")
-    with pytest.raises(RuntimeError, match="forward failed on the example inputs while tracing"):
+    with pytest.raises(ValueError, match="example inputs are on cpu but the model is on meta"):
         build(model, X)
 
 

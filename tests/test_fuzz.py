@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import torchslim as tp
 from tests.fuzz_nets import FuzzNet, architectures
+from tests.helpers import group_signatures
 from torchslim.verify import random_selections
 from torchslim.zoo import randomize_constant_parameters
 
@@ -64,3 +65,13 @@ def test_a_pruning_ratio_never_removes_more_than_asked_of_any_dim(blocks, ratio,
     for name, param in model.named_parameters():
         for before, after in zip(shapes[name], param.shape):
             assert before - after <= ratio * before + 1e-9, (blocks, name, before, after)
+
+
+@fuzzed(max(EXAMPLES // 3, 10))
+def test_meta_and_real_traces_find_the_same_groups(blocks, ratio, seed):
+    torch.manual_seed(seed)
+    model = randomize_constant_parameters(FuzzNet(blocks).eval(), seed)
+    x = torch.randn(2, 3, 6, 6)
+    graphs = [tp.DependencyGraph().build_dependency(model, x, trace_on_meta=m) for m in (1, 0)]
+    assert graphs[0].traced_on_meta and not graphs[1].traced_on_meta
+    assert group_signatures(graphs[0]) == group_signatures(graphs[1]), blocks

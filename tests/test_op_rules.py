@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchslim as tp
-from tests.helpers import assert_exact, build
+from tests.helpers import assert_exact, build, group_signatures
 
 torch.manual_seed(0)
 IMG = torch.randn(2, 3, 8, 8)
@@ -521,3 +521,44 @@ def test_verify_catches_a_wrong_index_mapping(monkeypatch):
     group = graph.get_pruning_group(model.a, tp.prune_conv_out_channels, [0])
     report = tp.verify(graph, IMG, [group])
     assert not report.ok and report.worst > 1e-3
+
+
+SEEN: list[str] = []
+
+
+class Recorded(nn.Module):
+    """Two linears; the device of every input they see goes to ``SEEN``. With
+    ``needs_values`` the forward reads a value (``float``), which a ``meta`` tensor lacks."""
+
+    def __init__(self, needs_values: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.needs_values = needs_values
+
+    def forward(self, x):
+        SEEN.append(x.device.type)
+        h = self.a(x)
+        if self.needs_values and float(h.abs().sum()) < 0:
+            h = -h
+        return self.b(h.relu())
+
+
+def test_graphs_are_traced_on_meta_unless_the_forward_needs_values():
+    x = torch.randn(3, 4)
+    SEEN.clear()
+    graph = tp.DependencyGraph().build_dependency(Recorded(needs_values=False), x)
+    assert graph.traced_on_meta and set(SEEN) == {"meta"}  # no real FLOPs
+    assert "traced on meta tensors" in graph.summary()
+    reading = Recorded(needs_values=True)
+    SEEN.clear()
+    graph = tp.DependencyGraph().build_dependency(reading, x)
+    assert not graph.traced_on_meta and SEEN[:2] == ["meta", "cpu"]
+    assert (
+        "traced on real tensors: the forward fails on meta tensors (RuntimeError: Tensor.item() "
+        "cannot be called on meta tensors)" in graph.summary()
+    )
+    real = tp.DependencyGraph().build_dependency(reading, x, trace_on_meta=False)
+    assert group_signatures(graph) == group_signatures(real)
+    assert [len(g.prunable_idxs) for g in graph.all_groups()] == [8, 0, 0]  # hidden, in, out
+    with pytest.raises(RuntimeError, match="forward failed on the example inputs while tracing"):
+        tp.DependencyGraph().build_dependency(reading, x, trace_on_meta=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import torchslim as tp
+from tests.helpers import group_signatures
 from torchslim.spaces.trace import iter_tensors
 from torchslim.verify import random_selections
 from torchslim.zoo import build_torchvision, randomize_constant_parameters, torchvision_names
@@ -56,6 +57,23 @@ def _outputs(zoo, model):
         else:
             out = model(zoo.inputs)
     return list(iter_tensors(out))
+
+
+@pytest.mark.zoo
+def test_meta_and_real_traces_find_the_same_groups(zoo_entry):
+    kind, name = zoo_entry
+    zoo = build_torchvision(name, kind)
+    forward = zoo.dense_forward if kind == "optical_flow" else None
+    graphs = [
+        tp.DependencyGraph().build_dependency(
+            zoo.model, zoo.inputs, forward_fn=forward, trace_on_meta=on_meta
+        )
+        for on_meta in (None, False)
+    ]
+    assert group_signatures(graphs[0]) == group_signatures(graphs[1]), name
+    said = "forward fails on meta tensors" in graphs[0].summary()
+    assert graphs[0].traced_on_meta is not said
+    assert graphs[0].traced_on_meta or kind == "detection"  # post-processing needs values
 
 
 @pytest.mark.zoo

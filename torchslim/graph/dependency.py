@@ -230,6 +230,7 @@ class DependencyGraph:
         self._pending = False
         self._unsupported: list[Unsupported] = []
         self._calls = 0
+        self.traced_on_meta = False
         self.notes: list[str] = []
         #: Run after each ``Group.prune`` outside a pruner's step (see :meth:`forward_failure`);
         #: set to ``None`` to skip.
@@ -248,16 +249,20 @@ class DependencyGraph:
         ignored_params: Optional[Iterable[nn.Parameter]] = None,
         verbose: bool = True,
         trace_train_mode: bool = True,
-        trace_on_meta: bool = False,
+        trace_on_meta: Optional[bool] = None,
     ) -> DependencyGraph:
         """Trace ``model`` on ``example_inputs`` and compute its coupled groups.
 
-        The forward runs in eval mode. If layers with parameters did not run (auxiliary heads
-        that only run while training) and ``trace_train_mode`` is set, it runs once more in
-        train mode so they are coupled too; a train-mode forward that fails (e.g. a detector
-        that wants targets) is skipped and noted. With ``trace_on_meta`` the forward runs on a
-        weightless ``meta`` copy of the model (no memory, no compute: LLM-sized models), and
-        the graph is then bound to ``model`` itself.
+        The forward runs in eval mode on a weightless ``meta`` copy of the model and inputs (no
+        FLOPs, no memory), and the graph is then bound to ``model`` itself. A forward that
+        needs real values (``.item()``, data-dependent shapes such as a detector's
+        post-processing, tensors made on the CPU) fails on ``meta``; it is then traced on the
+        real tensors, and :meth:`summary` says why. The groups are the same either way (op
+        rules never read values). ``trace_on_meta=True`` or ``False`` forces one or the other.
+        If layers with parameters did not run (auxiliary heads that only run while training)
+        and ``trace_train_mode`` is set, it runs once more in train mode so they are coupled
+        too; a train-mode forward that fails (e.g. a detector that wants targets) is skipped
+        and noted.
 
         Parameters used outside their module's forward (cls tokens, layer scales) are found
         by the trace; ``unwrapped_parameters`` (the peer's ``[(param, dim), ...]``) is checked
@@ -271,29 +276,38 @@ class DependencyGraph:
         self.model = model
         self.customized_pruners = dict(customized_pruners or {})
         self.ignored_params = list(ignored_params or [])
-        traced = meta_twin(model) if trace_on_meta else model
-        if trace_on_meta:
-            example_inputs = to_meta(example_inputs)
-        state = TraceState(traced)
-        inputs = list(iter_tensors(example_inputs))
-        if not inputs:
+        if not any(True for _ in iter_tensors(example_inputs)):
             raise ValueError("example_inputs must contain at least one tensor")
-        for tensor in inputs:
-            state.layouts[tensor] = [opaque(s, "a model input") for s in tensor.shape]
-
-        def call() -> Any:
-            return call_forward(traced, example_inputs, forward_fn)
-
-        try:
-            outputs = run_traced(state, call)
-        except Exception as error:
-            raise RuntimeError(
-                f"the model's forward failed on the example inputs while tracing: {error}"
-            ) from error
-        self._freeze_outputs(state, outputs, output_transform)
-        check = ForwardCheck(model, example_inputs, forward_fn, outputs, on_meta=trace_on_meta)
-        self.forward_check = check if trace_on_meta else check.probed()
+        _check_devices(model, example_inputs)
         self.notes = []
+        tries = (True, False) if trace_on_meta is None else (trace_on_meta,)
+        for on_meta in tries:
+            traced = meta_twin(model) if on_meta else model
+            inputs = to_meta(example_inputs) if on_meta else example_inputs
+            state = TraceState(traced)
+            for tensor in iter_tensors(inputs):
+                state.layouts[tensor] = [opaque(s, "a model input") for s in tensor.shape]
+
+            def call(traced: nn.Module = traced, inputs: Any = inputs) -> Any:
+                return call_forward(traced, inputs, forward_fn)
+
+            try:
+                outputs = run_traced(state, call)
+                break
+            except Exception as error:
+                if on_meta and len(tries) > 1:
+                    self.notes.append(
+                        "traced on real tensors: the forward fails on meta tensors "
+                        f"({type(error).__name__}: {_first_line(error)})"
+                    )
+                    continue
+                raise RuntimeError(
+                    f"the model's forward failed on the example inputs while tracing: {error}"
+                ) from error
+        self.traced_on_meta = on_meta
+        self._freeze_outputs(state, outputs, output_transform)
+        check = ForwardCheck(model, example_inputs, forward_fn, outputs, on_meta=on_meta)
+        self.forward_check = check if on_meta else check.probed()
         if trace_train_mode and _layers_not_run(traced, state):
             try:
                 outputs = run_traced(state, call, training=True)
@@ -304,7 +318,7 @@ class DependencyGraph:
         self._calls = state.calls
         state.finish()
         self.analysis = Analysis(state)
-        if trace_on_meta:
+        if on_meta:
             rebind(self.analysis, list(state.attributes.values()), model)
         known = model_record(model).setdefault("size_attributes", set())
         known.update(
@@ -322,8 +336,10 @@ class DependencyGraph:
         rules (whose channels are frozen) and notes."""
         groups = self.all_groups()
         prunable = sum(1 for group in groups if group.prunable_idxs)
+        on = "meta" if self.traced_on_meta else "real"
         lines = [
-            f"{self._calls} torch calls traced; {len(groups)} groups, {prunable} prunable",
+            f"{self._calls} torch calls traced on {on} tensors; {len(groups)} groups, "
+            f"{prunable} prunable",
             *(f"unsupported op {u.op} in module {u.module}" for u in self.unsupported()),
             *self.notes,
         ]
@@ -759,6 +775,27 @@ def _operation(item: GroupItem) -> dict[str, Any]:
 def _is_root(module: nn.Module, types: tuple[type, ...]) -> bool:
     """A layer of ``types``; layers pruned like ``nn.Linear`` (``Conv1D``) count as Linear."""
     return isinstance(module, types) or (nn.Linear in types and is_linear_like(module))
+
+
+def _check_devices(model: nn.Module, example_inputs: Any) -> None:
+    """A model whose parameters all live on one device needs its example inputs there too
+    (a forward on the real tensors would fail; a trace on ``meta`` would hide it)."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        return
+    (device,) = devices
+    for tensor in iter_tensors(example_inputs):
+        if tensor.device != device:
+            raise ValueError(
+                f"example inputs are on {tensor.device} but the model is on {device}: move "
+                f"them to one device (e.g. inputs.to('{device}'))"
+            )
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _layers_not_run(model: nn.Module, state: TraceState) -> list[str]:

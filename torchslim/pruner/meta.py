@@ -62,8 +62,9 @@ class MetaPruner:
     switch to target mode: each step prunes in small global increments until the count is
     reached. ``ch_sparsity`` / ``ch_sparsity_dict`` are the older names of the ratios.
     ``graph`` reuses a dependency graph already built on ``model`` instead of tracing it again
-    (searches apply many configurations to one graph); ``trace_on_meta`` traces a weightless
-    copy instead of the model (LLM-sized models, see ``DependencyGraph.build_dependency``).
+    (searches apply many configurations to one graph); ``trace_on_meta`` forces tracing on a
+    weightless copy (``True``) or on the model (``False``); by default the copy is traced
+    unless its forward needs real values (see ``DependencyGraph.build_dependency``).
     ``exact_only`` leaves alone the groups whose channels pass through channel-mixing ops
     (LayerNorm statistics, a head size used as a scale): what remains is exactly the original
     with the removed channels zeroed. Every step ends with a forward check of the pruned model
@@ -104,7 +105,7 @@ class MetaPruner:
         ch_sparsity_dict: Optional[dict[Any, float]] = None,
         trace_train_mode: bool = True,
         graph: Optional[DependencyGraph] = None,
-        trace_on_meta: bool = False,
+        trace_on_meta: Optional[bool] = None,
         exact_only: bool = False,
         isomorphic: bool = False,
         in_channel_groups: Optional[dict[nn.Module, int]] = None,

@@ -77,16 +77,16 @@ class Analysis:
         table = self.table
         n = len(table)
         roots = table.roots(np.arange(n, dtype=np.int64)) if n else np.zeros(0, np.int64)
-        defined = np.array(sorted(table.definition), dtype=np.int64)
+        defined = table.defined_atoms()
         primitive = ~np.isin(roots, defined)
         families = np.asarray(table.family_of, dtype=np.int64)
         links = _UnionFind(len(table.families))
         if n:
-            pairs = np.unique(
-                np.stack([families[primitive], families[roots[primitive]]], axis=1), axis=0
-            )
-            for a, b in pairs:
-                links.union(int(a), int(b))
+            mine, theirs = families[primitive], families[roots[primitive]]
+            linked = mine != theirs
+            count = max(len(table.families), 1)
+            for pair in np.unique(mine[linked] * count + theirs[linked]).tolist():
+                links.union(*divmod(pair, count))
         self._coupling_of_family = np.array(
             [links.find(f) for f in range(len(table.families))], np.int64
         )
@@ -238,28 +238,31 @@ class Analysis:
         members_of, signature_of = _signatures(owners, holders, len(self.param_dims))
         couplings: dict[int, Coupling] = {}
         self._coupling_of_class: dict[int, int] = {}
+        table = self.table
         for entry in families.values():
-            parts: dict[int, Coupling] = {}
-            for cls in entry.classes:
-                part = parts.get(signature_of[cls])
-                if part is None:
-                    part = Coupling(len(couplings))
-                    part.members = [self.param_dims[k] for k in members_of(cls)]
-                    parts[signature_of[cls]] = couplings[part.id] = part
-                part.classes.append(cls)
-                self._coupling_of_class[cls] = part.id
-                root = self.table.find(cls)
-                if root in self.table.frozen:
-                    part.frozen[cls] = self.table.frozen[root]
-                part.mixing.update(self.table.mixing.get(root, ()))
+            classes = np.array(entry.classes, np.int64)
+            signatures = signature_of(classes)
+            _, first, inverse = np.unique(signatures, return_index=True, return_inverse=True)
+            roots = table.roots(classes)
+            for k in np.argsort(first, kind="stable").tolist():
+                part = couplings[len(couplings)] = Coupling(len(couplings))
+                chosen = inverse.reshape(-1) == k
+                mine = classes[chosen].tolist()
+                part.members = [self.param_dims[m] for m in members_of(mine[0])]
+                part.classes = mine
+                self._coupling_of_class.update(dict.fromkeys(mine, part.id))
+                for cls, root in zip(mine, roots[chosen].tolist()):
+                    if root in table.frozen:
+                        part.frozen[cls] = table.frozen[root]
+                    part.mixing.update(table.mixing.get(root, ()))
         return couplings
 
 
 def _signatures(
     owners: list[np.ndarray], holders: list[np.ndarray], count: int
-) -> tuple[Callable[[int], list[int]], dict[int, int]]:
-    """For each class, the parameter dims holding it (``members_of``) and a 64-bit hash of
-    that set (random weight per dim, summed), so classes can be grouped by signature."""
+) -> tuple[Callable[[int], list[int]], Callable[[np.ndarray], np.ndarray]]:
+    """For a class, the parameter dims holding it (``members_of``); for classes, a 64-bit hash
+    of that set each (random weight per dim, summed), so classes can be grouped by it."""
     classes = np.concatenate(owners) if owners else np.zeros(0, np.int64)
     dims = np.concatenate(holders) if holders else np.zeros(0, np.int64)
     weights = np.random.default_rng(0).integers(1, 2**62, size=max(count, 1), dtype=np.int64)
@@ -273,7 +276,10 @@ def _signatures(
         lo, hi = np.searchsorted(sorted_classes, [cls, cls + 1])
         return sorted(set(sorted_dims[lo:hi].tolist()))
 
-    return members_of, dict(zip(unique.tolist(), sums.tolist()))
+    def signature_of(of: np.ndarray) -> np.ndarray:
+        return sums[np.searchsorted(unique, of)]
+
+    return members_of, signature_of
 
 
 def _size_argument_breaks(check: SizeCheck, got: int, expected: int) -> str:

@@ -6,8 +6,9 @@ A position is removed exactly when any atom of its term is removed. Atoms that m
 together are merged in a union-find; an atom can also be *defined* as a product of other atoms,
 which is how reshapes refine a flat channel dimension into factors.
 
-The union-find lives in numpy arrays and merges whole columns of atoms at once, so tracing an
-LLM with hundreds of thousands of channel positions stays fast.
+The union-find and the definitions live in numpy arrays, and whole columns of atoms are merged,
+defined and expanded at once, so tracing an LLM with hundreds of thousands of channel positions
+stays fast.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class AtomTable:
         self._family = np.zeros(1024, np.int64)
         self._flag = np.zeros(1024, bool)
         self._defined = np.zeros(1024, bool)
+        self._parts = np.full((1024, 2), NO_ATOM, np.int64)  # row r: the factors r is defined as
         self._size = 0
         self.families: list[Family] = []
-        self.definition: dict[int, tuple[int, ...]] = {}
         self.frozen: dict[int, str] = {}
         self.mixing: dict[int, set[str]] = {}
 
@@ -60,14 +61,42 @@ class AtomTable:
             self._family = np.resize(self._family, capacity)
             self._flag = np.resize(self._flag, capacity)
             self._defined = np.resize(self._defined, capacity)
+            parts = np.full((capacity, self._parts.shape[1]), NO_ATOM, np.int64)
+            parts[:start] = self._parts[:start]
+            self._parts = parts
         atoms = np.arange(start, end, dtype=np.int64)
         self._parent[start:end] = atoms
         self._family[start:end] = len(self.families)
         self._flag[start:end] = False
         self._defined[start:end] = False
+        self._parts[start:end] = NO_ATOM
         self.families.append(Family(kind, description, start, size))
         self._size = end
         return atoms
+
+    def defined_atoms(self) -> np.ndarray:
+        """The class roots that are defined as products of other atoms."""
+        return np.flatnonzero(self._defined[: self._size])
+
+    def definition(self, root: int) -> tuple[int, ...] | None:
+        """The factors ``root`` is defined as (``None``: a primitive class)."""
+        if not self._defined[root]:
+            return None
+        return tuple(int(p) for p in self._parts[root] if p != NO_ATOM)
+
+    def _set_definition(self, roots: np.ndarray, parts: np.ndarray) -> None:
+        width = parts.shape[1]
+        if width > self._parts.shape[1]:
+            extra = np.full((self._parts.shape[0], width - self._parts.shape[1]), NO_ATOM)
+            self._parts = np.concatenate([self._parts, extra], axis=1)
+        self._parts[roots] = NO_ATOM
+        self._parts[roots, :width] = parts
+        self._defined[roots] = True
+        self._flag[roots] = True
+
+    def _clear_definition(self, root: int) -> None:
+        self._defined[root] = False
+        self._parts[root] = NO_ATOM
 
     # ------------------------------------------------------------------------ union-find
 
@@ -143,14 +172,13 @@ class AtomTable:
         self._parent[rb] = ra
         if self._flag[rb]:
             self._move_marks(rb, ra)
-        def_b = self.definition.pop(rb, None)
+        def_b = self.definition(rb)
         if def_b is None:
             return
-        self._defined[rb] = False
-        def_a = self.definition.get(ra)
+        self._clear_definition(rb)
+        def_a = self.definition(ra)
         if def_a is None:
-            self.definition[ra] = def_b
-            self._defined[ra] = True
+            self._set_definition(np.array([ra]), np.array([def_b], np.int64).reshape(1, -1))
             self._propagate(ra)
         else:
             self.unify_terms(def_a, def_b)
@@ -174,18 +202,40 @@ class AtomTable:
         if root in expanded:
             self.freeze(root, "a channel defined in terms of itself")
             return
-        existing = self.definition.get(root)
+        existing = self.definition(root)
         if existing is None:
-            self.definition[root] = expanded
-            self._flag[root] = True
-            self._defined[root] = True
+            self._set_definition(np.array([root]), np.array([expanded], np.int64).reshape(1, -1))
             self._propagate(root)
         else:
             self.unify_terms(existing, expanded)
 
+    def define_many(self, atoms: np.ndarray, terms: np.ndarray) -> None:
+        """``define(atoms[i], terms[i])`` for every row (``NO_ATOM`` pads a term), in order.
+
+        Rows that cannot interact (distinct plain classes, none defined, frozen or mixing, none
+        appearing in any row's factors, no empty term) are defined at once; otherwise the rows
+        go one by one, so the result never depends on which path ran."""
+        atoms = np.asarray(atoms, np.int64).reshape(-1)
+        terms = np.asarray(terms, np.int64).reshape(atoms.size, -1)
+        if not atoms.size:
+            return
+        roots = self._roots(atoms)
+        expanded = self.expand_rows(terms)
+        independent = (
+            np.unique(roots).size == roots.size
+            and not (self._flag[roots] | self._defined[roots]).any()
+            and (expanded != NO_ATOM).any(axis=1).all()
+            and not np.isin(roots, expanded).any()
+        )
+        if independent:
+            self._set_definition(roots, expanded)
+            return
+        for atom, term in zip(atoms.tolist(), terms.tolist()):
+            self.define(atom, tuple(t for t in term if t != NO_ATOM))
+
     def _propagate(self, root: int) -> None:
         """A class that became a product passes its frozen and mixing marks to its factors."""
-        for part in self.definition[root]:
+        for part in self.definition(root) or ():
             if root in self.frozen:
                 self.freeze(part, self.frozen[root])
             for reason in self.mixing.get(root, ()):
@@ -204,7 +254,7 @@ class AtomTable:
             if atom == NO_ATOM:
                 continue
             root = self.find(atom)
-            parts = self.definition.get(root)
+            parts = self.definition(root)
             if parts is None:
                 out.append(root)
             else:
@@ -218,7 +268,7 @@ class AtomTable:
         if atoms.shape[1] == 0:
             return np.zeros((n, 0), np.int64)
         roots = self.roots(atoms)
-        if not self.definition:
+        if not self._defined[: self._size].any():
             return roots
         columns = [self._expand_column(column) for column in roots.T]
         return _left_aligned(np.concatenate(columns, axis=1))
@@ -229,11 +279,13 @@ class AtomTable:
         if not self._defined[column[valid]].any():
             return column[:, None]
         values, inverse = np.unique(column, return_inverse=True)
-        parts = [self.definition.get(int(v), (int(v),)) if v != NO_ATOM else () for v in values]
-        table = np.full((len(values), max(len(p) for p in parts)), NO_ATOM, np.int64)
-        for i, part in enumerate(parts):
-            table[i, : len(part)] = part
-        expanded = [self._expand_column(self.roots(c)) for c in table.T]
+        table = np.full((len(values), self._parts.shape[1]), NO_ATOM, np.int64)
+        real = values != NO_ATOM
+        defined = np.zeros(len(values), bool)
+        defined[real] = self._defined[values[real]]
+        table[defined] = self._parts[values[defined]]
+        table[real & ~defined, 0] = values[real & ~defined]
+        expanded = [self._expand_column(self.roots(c)) for c in table.T if (c != NO_ATOM).any()]
         return np.concatenate(expanded, axis=1)[inverse.reshape(-1)]
 
     # ------------------------------------------------------------------- frozen, mixing
@@ -247,7 +299,7 @@ class AtomTable:
             return
         self.frozen[root] = reason
         self._flag[root] = True
-        for part in self.definition.get(root, ()):
+        for part in self.definition(root) or ():
             self.freeze(part, reason)
 
     def freeze_many(self, atoms: np.ndarray, reason: str) -> None:

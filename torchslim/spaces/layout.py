@@ -142,13 +142,11 @@ def split(table: AtomTable, dim: DimLayout, sizes: Sequence[int], where: str) ->
             atoms = table.new_family(count, "fresh", f"factor {axis} of a reshape in {where}")
             fresh.append(atoms[labels])
             columns[axis].append(atoms[labels])
-        coords = np.indices(sub.shape).reshape(len(axes), -1).T
-        seen: set[int] = set()
-        for value, coord in zip(sub.reshape(-1), coords):
-            if int(value) in seen:
-                continue
-            seen.add(int(value))
-            table.define(int(value), tuple(int(f[i]) for f, i in zip(fresh, coord)))
+        coords = np.indices(sub.shape).reshape(len(axes), -1)
+        _, first = np.unique(sub.reshape(-1), return_index=True)
+        first = np.sort(first)  # each value at its first position, in row-major order
+        factors = np.stack([f[coords[k, first]] for k, f in enumerate(fresh)], axis=1)
+        table.define_many(sub.reshape(-1)[first], factors)
     return [
         DimLayout(np.stack(cols, axis=1) if cols else np.zeros((s, 0), np.int64), dim.reason)
         for cols, s in zip(columns, sizes)
@@ -233,11 +231,16 @@ def _union_columns(table: AtomTable, x: np.ndarray, y: np.ndarray, where: str) -
 
 def _define_column(table: AtomTable, col: np.ndarray, parts: np.ndarray, where: str) -> None:
     rows = np.unique(np.concatenate([col[:, None], parts], axis=1), axis=0)
+    reason = f"coupled in {where} to fixed positions"
+    fixed = rows[:, 0] == NO_ATOM  # sorted first, as the rows below would be visited
+    table.freeze_many(rows[fixed, 1:], reason)
+    rows = rows[~fixed]
+    if (rows[:, 1:] != NO_ATOM).any(axis=1).all():
+        table.define_many(rows[:, 0], rows[:, 1:])
+        return
     for row in rows:
         atom, term = int(row[0]), tuple(int(t) for t in row[1:] if t != NO_ATOM)
-        if atom == NO_ATOM:
-            table.freeze_many(np.array(term, np.int64), f"coupled in {where} to fixed positions")
-        elif not term:
-            table.freeze(atom, f"coupled in {where} to fixed positions")
-        else:
+        if term:
             table.define(atom, term)
+        else:
+            table.freeze(atom, reason)
