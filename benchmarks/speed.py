@@ -11,6 +11,7 @@ runs is checked after its step (a failure is a result, not a crash of the benchm
     python benchmarks/speed.py resnet50 vit_s16 llama     # a few
     python benchmarks/speed.py --markdown out.md          # also write the README table
 
+Images are 224x224 (inception_v3: 299x299), token sequences 32 long.
 Models: torchvision classification models up to 60M parameters (``--list`` prints them), timm
 ViT-S/16 and ConvNeXt-T (``vit_s16``, ``timm_convnext_t``) and a tiny Hugging Face Llama
 (``llama``). torch-pruning is a benchmark-only dependency: ``pip install torch-pruning==1.6.1``.
@@ -107,7 +108,8 @@ def build_case(name: str) -> Case:
         model = transformers.LlamaForCausalLM(config).eval()
         return Case(name, model, torch.randint(0, 1000, (1, 32)), lambda m: [m.lm_head])
     zoo = build_torchvision(name, "classification")
-    return Case(name, zoo.model, zoo.inputs, classifier_heads)
+    size = 299 if name == "inception_v3" else 224  # the resolution the model was made for
+    return Case(name, zoo.model, torch.randn(1, 3, size, size), classifier_heads)
 
 
 def _run(model: nn.Module, inputs: Any) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from torchslim.capture.modules import watched
+from torchslim.capture.shortcuts import shortcut
 from torchslim.ops.registry import OpContext, apply_rule, lookup
 from torchslim.spaces.attributes import tracked_attributes
 from torchslim.spaces.symbolic import observed
@@ -80,7 +81,9 @@ class Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         self.state.inside_op += 1
         try:
-            out = func(*args, **kwargs)
+            out = shortcut(func, args, kwargs)
+            if out is None:
+                out = func(*args, **kwargs)
             self.state.calls += 1
             context = OpContext(self.state, func, args, kwargs, out, retrace=self.retrace)
             apply_rule(context, lookup(func))

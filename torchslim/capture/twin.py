@@ -1,41 +1,50 @@
-"""Tracing on a ``meta`` twin: the model's structure without its weights.
+"""Running the model on ``meta`` tensors: its structure without its weights.
 
-An LLM's graph is built from a copy of its module tree whose parameters and buffers are
-``meta`` tensors (no memory, no compute), run on ``meta`` copies of the example inputs. The
-graph is then *rebound* to the real model, by module path, so pruning and importance scores
-work on the real weights.
+Graphs are traced, and pruned models checked, with the model's own tensors swapped for
+``meta`` ones (no memory, no compute) and ``meta`` copies of the example inputs; the real
+tensors are back in place when the block ends, so pruning and importance scores work on the
+real weights.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from torchslim.spaces.analysis import Analysis
-from torchslim.spaces.attributes import AttributeSlot
-from torchslim.spaces.trace import TensorRef
 
+@contextmanager
+def swapped_to_meta(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` itself with its parameters, buffers and tensor attributes (weights that an
+    old-style ``weight_norm`` hook computed, caches) swapped for ``meta`` tensors of the same
+    shapes inside the block (shared tensors stay shared), and put back afterwards: a forward
+    then costs no FLOPs, no memory and no copy of the module tree."""
+    twins: dict[int, torch.Tensor] = {}
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
 
-def meta_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters, buffers and tensor attributes (weights that
-    an old-style ``weight_norm`` hook computed, caches) live on ``meta``."""
-    memo: dict[int, Any] = {}
-    attributes = (
-        value
-        for module in model.modules()
-        for value in vars(module).values()
-        if isinstance(value, torch.Tensor)
-    )
-    for tensor in itertools.chain(model.parameters(), model.buffers(), attributes):
-        twin = torch.empty_like(tensor, device="meta")
-        if isinstance(tensor, nn.Parameter):
-            twin = nn.Parameter(twin, requires_grad=tensor.requires_grad)
-        memo[id(tensor)] = twin
-    return copy.deepcopy(model, memo)
+    def twin(tensor: torch.Tensor) -> torch.Tensor:
+        found = twins.get(id(tensor))
+        if found is None:
+            found = torch.empty_like(tensor, device="meta")
+            if isinstance(tensor, nn.Parameter):
+                found = nn.Parameter(found, requires_grad=tensor.requires_grad)
+            twins[id(tensor)] = found
+        return found
+
+    for module in model.modules():
+        stores = (module._parameters, module._buffers, vars(module))
+        for store in stores:
+            for name, value in list(store.items()):
+                if isinstance(value, torch.Tensor) and not value.is_meta:
+                    swapped.append((store, name, value))
+                    store[name] = twin(value)
+    try:
+        yield model
+    finally:
+        for store, name, value in reversed(swapped):
+            store[name] = value
 
 
 def to_meta(obj: Any) -> Any:
@@ -47,18 +56,3 @@ def to_meta(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_meta(value) for value in obj)
     return obj
-
-
-def rebind(analysis: Analysis, slots: list[AttributeSlot], model: nn.Module) -> None:
-    """Point every parameter reference and attribute slot of a twin's graph at ``model``."""
-    refs: dict[tuple[str, str], TensorRef] = {}
-    for member in analysis.param_dims:
-        key = (member.ref.module_name, member.ref.name)
-        if key not in refs:
-            owner = model.get_submodule(member.ref.module_name)
-            refs[key] = TensorRef(
-                member.ref.module_name, owner, member.ref.name, member.ref.is_buffer
-            )
-        member.ref = refs[key]
-    for slot in slots:
-        slot.module = model.get_submodule(slot.module_name)

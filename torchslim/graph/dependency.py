@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import namedtuple
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from torchslim.capture.modules import call_forward, unwrap_model
 from torchslim.capture.recorder import run_traced
-from torchslim.capture.twin import meta_twin, rebind, to_meta
+from torchslim.capture.twin import swapped_to_meta, to_meta
 from torchslim.graph.checkpoint import Checkpoint
 from torchslim.graph.forward_check import ForwardCheck, ForwardFailure
 from torchslim.graph.hooks import run_prune_hooks
@@ -282,17 +282,10 @@ class DependencyGraph:
         self.notes = []
         tries = (True, False) if trace_on_meta is None else (trace_on_meta,)
         for on_meta in tries:
-            traced = meta_twin(model) if on_meta else model
-            inputs = to_meta(example_inputs) if on_meta else example_inputs
-            state = TraceState(traced)
-            for tensor in iter_tensors(inputs):
-                state.layouts[tensor] = [opaque(s, "a model input") for s in tensor.shape]
-
-            def call(traced: nn.Module = traced, inputs: Any = inputs) -> Any:
-                return call_forward(traced, inputs, forward_fn)
-
             try:
-                outputs = run_traced(state, call)
+                state, outputs = self._trace(
+                    model, example_inputs, forward_fn, output_transform, trace_train_mode, on_meta
+                )
                 break
             except Exception as error:
                 if on_meta and len(tries) > 1:
@@ -305,21 +298,11 @@ class DependencyGraph:
                     f"the model's forward failed on the example inputs while tracing: {error}"
                 ) from error
         self.traced_on_meta = on_meta
-        self._freeze_outputs(state, outputs, output_transform)
         check = ForwardCheck(model, example_inputs, forward_fn, outputs, on_meta=on_meta)
         self.forward_check = check if on_meta else check.probed()
-        if trace_train_mode and _layers_not_run(traced, state):
-            try:
-                outputs = run_traced(state, call, training=True)
-                self._freeze_outputs(state, outputs, output_transform)
-            except Exception as error:
-                self.notes.append(f"train-mode forward skipped: {type(error).__name__}: {error}")
         self._unsupported = state.unsupported
         self._calls = state.calls
-        state.finish()
         self.analysis = Analysis(state)
-        if on_meta:
-            rebind(self.analysis, list(state.attributes.values()), model)
         known = model_record(model).setdefault("size_attributes", set())
         known.update(
             f"{slot.module_name}:{slot.name}"
@@ -330,6 +313,39 @@ class DependencyGraph:
         if verbose and LOG.isEnabledFor(logging.INFO):
             LOG.info("%s", self.summary())
         return self
+
+    def _trace(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        forward_fn: Optional[ForwardFn],
+        output_transform: Optional[Callable[[Any], Any]],
+        train_mode: bool,
+        on_meta: bool,
+    ) -> tuple[TraceState, Any]:
+        """One trace (eval mode, then train mode if layers with parameters did not run) of the
+        model on its own tensors, or with them swapped for ``meta`` ones; the eval outputs."""
+        inputs = to_meta(example_inputs) if on_meta else example_inputs
+        with swapped_to_meta(model) if on_meta else nullcontext():
+            state = TraceState(model)
+            for tensor in iter_tensors(inputs):
+                state.layouts[tensor] = [opaque(s, "a model input") for s in tensor.shape]
+
+            def call() -> Any:
+                return call_forward(model, inputs, forward_fn)
+
+            outputs = run_traced(state, call)
+            self._freeze_outputs(state, outputs, output_transform)
+            if train_mode and _layers_not_run(model, state):
+                try:
+                    trained = run_traced(state, call, training=True)
+                    self._freeze_outputs(state, trained, output_transform)
+                except Exception as error:
+                    self.notes.append(
+                        f"train-mode forward skipped: {type(error).__name__}: {error}"
+                    )
+            state.finish()
+        return state, outputs
 
     def summary(self) -> str:
         """What the trace found: calls recorded, groups and how many are prunable, ops without
@@ -458,24 +474,21 @@ class DependencyGraph:
         return self._require_state().live(coupling)
 
     def _members(self, module: nn.Module, role: Optional[str]) -> list[ParamDim]:
-        analysis = self._require()
         found = []
-        for member in analysis.param_dims:
-            if member.ref.module is module and member.terms.shape[1] > 0:
+        for member in self._require().members_of(module):
+            if member.terms.shape[1] > 0:
                 _, member_role = self.pruning_function(member)
                 if role is None or member_role == role:
                     found.append(member)
         return found
 
     def _couplings_of(self, member: ParamDim) -> list[Coupling]:
+        """The couplings of a member's channels, in the order of their smallest class."""
         analysis = self._require()
-        ids = []
-        for cls in np.unique(member.terms):
-            if cls >= 0:
-                cid = analysis.coupling_of(int(cls))
-                if cid not in ids:
-                    ids.append(cid)
-        return [analysis.couplings[c] for c in ids if c in analysis.couplings]
+        ids = analysis.couplings_of(np.unique(member.terms))
+        _, first = np.unique(ids, return_index=True)
+        ordered = ids[np.sort(first)].tolist()
+        return [analysis.couplings[c] for c in ordered if c in analysis.couplings]
 
     def _declared_members(self, module: nn.Module, fn: Callable, role: Role) -> list[ParamDim]:
         """Members at the dims a layer pruning function declares for ``role``, for layers the
@@ -671,7 +684,8 @@ class DependencyGraph:
             if dep in by_dep:
                 continue
             rows = member.terms[member.positions_of(removed)]
-            root_idxs = [index_of.get(int(next(iter(r[r >= 0]), -1)), -1) for r in rows]
+            firsts = rows[np.arange(len(rows)), np.argmax(rows >= 0, axis=1)] if rows.size else rows
+            root_idxs = [index_of.get(c, -1) for c in np.reshape(firsts, -1).tolist()]
             by_dep[dep] = GroupItem(dep, [int(p) for p in positions], root_idxs)
         return list(by_dep.values())
 

@@ -11,6 +11,7 @@ are compared). A forward that raises, or outputs of another structure, is a
 from __future__ import annotations
 
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from torchslim.capture.modules import call_forward, untouched
-from torchslim.capture.twin import meta_twin, to_meta
+from torchslim.capture.shortcuts import meta_shortcuts
+from torchslim.capture.twin import swapped_to_meta, to_meta
 
 
 @dataclass
@@ -80,9 +82,13 @@ class ForwardCheck:
         """``None`` if the model runs and its outputs have the dense structure and shapes."""
         model, inputs = self.model, self.example_inputs
         if self.on_meta:
-            model, inputs = meta_twin(model), to_meta(inputs)
+            inputs = to_meta(inputs)
         try:
-            with untouched(model):
+            with (
+                untouched(model),
+                swapped_to_meta(model) if self.on_meta else nullcontext(),
+                meta_shortcuts() if self.on_meta else nullcontext(),
+            ):
                 outputs = call_forward(model, inputs, self.forward_fn)
         except Exception as error:
             return ForwardFailure(f"{type(error).__name__}: {error}", _raised_in(model, error))

@@ -554,7 +554,8 @@ def _reconstruction(value: Calibration) -> Optional[Reconstruction]:
 
 def _lowest(scores: torch.Tensor, candidates: Iterable[int], count: int) -> list[int]:
     """The ``count`` candidates with the lowest scores (ties: lower index), sorted."""
-    return sorted(sorted(candidates, key=lambda i: (float(scores[i]), i))[:count])
+    values = scores.tolist()
+    return sorted(sorted(candidates, key=lambda i: (values[i], i))[:count])
 
 
 def _interpolate(target: Optional[float], fraction: float) -> float:

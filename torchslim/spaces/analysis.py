@@ -11,7 +11,7 @@ each coupling removed and compared with the size the layouts predict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -118,10 +118,8 @@ class Analysis:
         for member in self.param_dims:
             if member.terms.shape[1] < 2 or member.terms.shape[0] == 0:
                 continue
-            classes, inverse = np.unique(member.terms, return_inverse=True)
-            owners = np.array([self.coupling_of(int(c)) for c in classes], np.int64)
-            for row in np.unique(owners[inverse.reshape(member.terms.shape)], axis=0):
-                factors = set(row.tolist()) - {-1}
+            for row in set(map(tuple, self.couplings_of(member.terms).tolist())):
+                factors = set(row) - {-1}
                 for coupling in factors:
                     partners.setdefault(coupling, set()).update(factors - {coupling})
         return partners
@@ -130,7 +128,7 @@ class Analysis:
         if not terms:
             return set()
         classes = np.unique(np.concatenate([t.reshape(-1) for t in terms]))
-        return {self.coupling_of(int(c)) for c in classes if c != NO_ATOM} - {-1}
+        return set(self.couplings_of(classes).tolist()) - {-1}
 
     def _removed_for(self, couplings: set[int], removed: dict[int, set[int]]) -> np.ndarray:
         classes = [c for k in couplings for c in removed.get(k, ())]
@@ -179,7 +177,22 @@ class Analysis:
 
     def coupling_of(self, cls: int) -> int:
         """The coupling holding a class (``-1`` for classes in no parameter)."""
-        return self._coupling_of_class.get(int(cls), -1)
+        return int(self.couplings_of(np.array([cls], np.int64))[0])
+
+    def couplings_of(self, classes: np.ndarray) -> np.ndarray:
+        """The coupling holding each class (``-1``: none, or ``NO_ATOM``)."""
+        classes = np.asarray(classes, np.int64)
+        inside = (classes >= 0) & (classes < self._coupling_of_class.size)
+        return np.where(inside, self._coupling_of_class[np.where(inside, classes, 0)], -1)
+
+    def members_of(self, module: Any) -> list[ParamDim]:
+        """The parameter dims of one module (indexed on first use: the modules are the
+        model's own once a ``meta`` trace is rebound)."""
+        if self._by_module is None:
+            self._by_module = {}
+            for member in self.param_dims:
+                self._by_module.setdefault(member.ref.module, []).append(member)
+        return self._by_module.get(module, [])
 
     def _classes_by_coupling(self, terms: list[np.ndarray]) -> dict[int, np.ndarray]:
         present = np.unique(np.concatenate([t.reshape(-1) for t in terms]))
@@ -237,7 +250,8 @@ class Analysis:
                 holders.append(np.full(len(order), number, np.int64))
         members_of, signature_of = _signatures(owners, holders, len(self.param_dims))
         couplings: dict[int, Coupling] = {}
-        self._coupling_of_class: dict[int, int] = {}
+        self._coupling_of_class = np.full(len(self.table), -1, np.int64)
+        self._by_module: Optional[dict[Any, list[ParamDim]]] = None
         table = self.table
         for entry in families.values():
             classes = np.array(entry.classes, np.int64)
@@ -250,7 +264,7 @@ class Analysis:
                 mine = classes[chosen].tolist()
                 part.members = [self.param_dims[m] for m in members_of(mine[0])]
                 part.classes = mine
-                self._coupling_of_class.update(dict.fromkeys(mine, part.id))
+                self._coupling_of_class[mine] = part.id
                 for cls, root in zip(mine, roots[chosen].tolist()):
                     if root in table.frozen:
                         part.frozen[cls] = table.frozen[root]

@@ -274,19 +274,17 @@ class AtomTable:
         return _left_aligned(np.concatenate(columns, axis=1))
 
     def _expand_column(self, column: np.ndarray) -> np.ndarray:
-        """Expand one column of class roots, one unique value at a time."""
+        """Expand one column of class roots: each defined class into its factors' columns."""
         valid = column != NO_ATOM
-        if not self._defined[column[valid]].any():
+        defined = valid & self._defined[np.where(valid, column, 0)]
+        if not defined.any():
             return column[:, None]
-        values, inverse = np.unique(column, return_inverse=True)
-        table = np.full((len(values), self._parts.shape[1]), NO_ATOM, np.int64)
-        real = values != NO_ATOM
-        defined = np.zeros(len(values), bool)
-        defined[real] = self._defined[values[real]]
-        table[defined] = self._parts[values[defined]]
-        table[real & ~defined, 0] = values[real & ~defined]
+        table = np.full((len(column), self._parts.shape[1]), NO_ATOM, np.int64)
+        table[defined] = self._parts[column[defined]]
+        plain = valid & ~defined
+        table[plain, 0] = column[plain]
         expanded = [self._expand_column(self.roots(c)) for c in table.T if (c != NO_ATOM).any()]
-        return np.concatenate(expanded, axis=1)[inverse.reshape(-1)]
+        return np.concatenate(expanded, axis=1)
 
     # ------------------------------------------------------------------- frozen, mixing
 
