@@ -35,6 +35,7 @@ from torchslim.spaces.layout import opaque
 from torchslim.spaces.trace import TraceState, Unsupported, iter_tensors
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+Handled = tuple[Optional[Callable], Optional[Role]]
 LOG = logging.getLogger("torchslim")
 
 #: Layers whose outputs root the groups ``get_all_groups`` yields (torch-pruning's default:
@@ -232,6 +233,7 @@ class DependencyGraph:
         self._calls = 0
         self.traced_on_meta = False
         self.notes: list[str] = []
+        self._handlers: dict[tuple[int, str, int], tuple[nn.Module, Handled]] = {}
         #: Run after each ``Group.prune`` outside a pruner's step (see :meth:`forward_failure`);
         #: set to ``None`` to skip.
         self.forward_check: Optional[ForwardCheck] = None
@@ -275,6 +277,7 @@ class DependencyGraph:
         _check_unwrapped(model, unwrapped_parameters)
         self.model = model
         self.customized_pruners = dict(customized_pruners or {})
+        self._handlers = {}
         self.ignored_params = list(ignored_params or [])
         if not any(True for _ in iter_tensors(example_inputs)):
             raise ValueError("example_inputs must contain at least one tensor")
@@ -442,7 +445,16 @@ class DependencyGraph:
 
     def pruning_function(self, member: ParamDim) -> tuple[Optional[Callable], Optional[Role]]:
         """The pruning function for a parameter dim, and its role (``OUT``/``IN``/``PARAM``; a
-        tensor that a weight norm or spectral norm slices along with the weight: ``COVERED``)."""
+        tensor that a weight norm or spectral norm slices along with the weight: ``COVERED``).
+        Found once per layer tensor dim (the cache holds the layer, so a key is never reused
+        by another module)."""
+        key = (id(member.ref.module), member.ref.name, member.dim)
+        cached = self._handlers.get(key)
+        if cached is None or cached[0] is not member.ref.module:
+            cached = self._handlers[key] = (member.ref.module, self._find_function(member))
+        return cached[1]
+
+    def _find_function(self, member: ParamDim) -> Handled:
         _, module, name, dim = self.pruned_through(member)
         if dim is None:
             return None, Role.COVERED

@@ -39,7 +39,7 @@ class ParamDim:
         """Positions removed when ``classes`` are removed."""
         if self.terms.shape[1] == 0 or classes.size == 0:
             return np.zeros(0, np.int64)
-        return np.nonzero(np.isin(self.terms, classes).any(axis=1))[0]
+        return np.nonzero(np.isin(self.terms, classes, kind="table").any(axis=1))[0]
 
 
 @dataclass
