@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import resource
 import statistics
 import sys
 import time
@@ -166,6 +168,7 @@ def bench(name: str, repeats: int) -> dict[str, Timing]:
                 run(case, timings[library])
             except Exception as error:
                 timings[library].note = f"fails: {type(error).__name__}: {str(error)[:60]}"
+                gc.collect()
     return timings
 
 
@@ -184,7 +187,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--list", action="store_true", help="print the default models and exit")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=12,
+        help="address-space cap: a library that needs more fails on that model (not the machine)",
+    )
     args = parser.parse_args(argv)
+    limit = int(args.memory_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     names = args.models or [*torchvision_cases(), "vit_s16", "timm_convnext_t", "llama"]
