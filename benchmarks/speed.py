@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib
 import resource
 import statistics
 import sys
@@ -194,6 +195,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         help="address-space cap: a library that needs more fails on that model (not the machine)",
     )
     args = parser.parse_args(argv)
+    for optional in ("timm", "transformers", "torch_pruning"):
+        importlib.import_module(optional)  # imported before the cap: their imports map a lot
     limit = int(args.memory_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(args.threads)
