@@ -282,17 +282,17 @@ class DependencyGraph:
         if not any(True for _ in iter_tensors(example_inputs)):
             raise ValueError("example_inputs must contain at least one tensor")
         _check_devices(model, example_inputs)
-        self.notes = []
+        fallback = []
         tries = (True, False) if trace_on_meta is None else (trace_on_meta,)
         for on_meta in tries:
             try:
-                state, outputs = self._trace(
+                state, outputs, notes = self._trace(
                     model, example_inputs, forward_fn, output_transform, trace_train_mode, on_meta
                 )
                 break
             except Exception as error:
                 if on_meta and len(tries) > 1:
-                    self.notes.append(
+                    fallback.append(
                         "traced on real tensors: the forward fails on meta tensors "
                         f"({type(error).__name__}: {_first_line(error)})"
                     )
@@ -301,6 +301,7 @@ class DependencyGraph:
                     f"the model's forward failed on the example inputs while tracing: {error}"
                 ) from error
         self.traced_on_meta = on_meta
+        self.notes = fallback + notes
         check = ForwardCheck(model, example_inputs, forward_fn, outputs, on_meta=on_meta)
         self.forward_check = check if on_meta else check.probed()
         self._unsupported = state.unsupported
@@ -325,9 +326,11 @@ class DependencyGraph:
         output_transform: Optional[Callable[[Any], Any]],
         train_mode: bool,
         on_meta: bool,
-    ) -> tuple[TraceState, Any]:
+    ) -> tuple[TraceState, Any, list[str]]:
         """One trace (eval mode, then train mode if layers with parameters did not run) of the
-        model on its own tensors, or with them swapped for ``meta`` ones; the eval outputs."""
+        model on its own tensors, or with them swapped for ``meta`` ones; the eval outputs and
+        a note if the train-mode forward failed (a failed trace leaves no note behind)."""
+        notes = []
         inputs = to_meta(example_inputs) if on_meta else example_inputs
         with swapped_to_meta(model) if on_meta else nullcontext():
             state = TraceState(model)
@@ -344,11 +347,9 @@ class DependencyGraph:
                     trained = run_traced(state, call, training=True)
                     self._freeze_outputs(state, trained, output_transform)
                 except Exception as error:
-                    self.notes.append(
-                        f"train-mode forward skipped: {type(error).__name__}: {error}"
-                    )
+                    notes.append(f"train-mode forward skipped: {type(error).__name__}: {error}")
             state.finish()
-        return state, outputs
+        return state, outputs, notes
 
     def summary(self) -> str:
         """What the trace found: calls recorded, groups and how many are prunable, ops without

@@ -186,8 +186,8 @@ class Analysis:
         return np.where(inside, self._coupling_of_class[np.where(inside, classes, 0)], -1)
 
     def members_of(self, module: Any) -> list[ParamDim]:
-        """The parameter dims of one module (indexed on first use: the modules are the
-        model's own once a ``meta`` trace is rebound)."""
+        """The parameter dims of one module (indexed on first use, by module object, so a deep
+        copy of the graph indexes its own modules)."""
         if self._by_module is None:
             self._by_module = {}
             for member in self.param_dims:
