@@ -8,6 +8,10 @@ Both run in float64 on the same inputs and the worst relative error of the outpu
 A weight computed by weight norm or spectral norm gets its computed slices zeroed. Groups whose channels pass through a channel-mixing op (LayerNorm, GroupNorm, RMSNorm, a mean
 over channels, the default attention scale) are legitimately not equivalent; they are reported
 as such, never hidden.
+
+Experts of a routed-experts layer are removed exactly in another sense: the reference is the
+model whose router never selects them (their router logits set to ``-inf`` where the router's
+``F.linear`` computes them, so a softmax over the experts or a ``topk`` sees only the others).
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from torchslim.capture.experts import eager_experts
 from torchslim.capture.modules import call_forward
 from torchslim.graph.dependency import DependencyGraph, Group
+from torchslim.ops.experts import is_routed_experts
 from torchslim.pruning.reparametrised import detach_cached, zero_positions
 from torchslim.spaces.trace import iter_tensors
 
@@ -159,22 +166,48 @@ def _check(graph, example_inputs, pairs, forward_fn, tolerance) -> GroupCheck:
     memo: dict[int, Any] = {id(graph.model): reference}
     for name, module in graph.model.named_modules():
         memo[id(module)] = reference.get_submodule(name) if name else reference
+    never_routed: dict[int, list[int]] = {}
     for group, idxs in pairs:
+        experts = group.routes_experts
         for member, positions in group.removed_positions(idxs):
             _, module, name, dim = graph.pruned_through(member)
-            if dim is not None:
+            if experts and _is_router(member):
+                weight = getattr(memo[id(module)], name)
+                never_routed.setdefault(id(weight), []).extend(positions.tolist())
+            elif dim is not None:
                 zero_positions(memo[id(module)], name, dim, positions)
     pruned_graph = copy.deepcopy(graph)
     with pruned_graph.deferred():
         for group, idxs in pairs:
             pruned_graph.group_like(group).prune(idxs)
     inputs = copy.deepcopy(example_inputs)
-    expected = run_float64(reference, inputs, forward_fn)
+    with _NeverRouted(never_routed):
+        expected = run_float64(reference, inputs, forward_fn)
     actual = run_float64(pruned_graph.model, inputs, forward_fn)
     error = relative_error(expected, actual)
     mixing = sorted(set().union(*(g.mixing for g, _ in pairs)))
     removed = sum(len(idxs) for _, idxs in pairs)
     return GroupCheck(_label(pairs), removed, error, not mixing, mixing, tolerance)
+
+
+def _is_router(member: Any) -> bool:
+    """A 2-D weight outside the experts layer whose rows are experts: the router's."""
+    return not is_routed_experts(member.ref.module) and member.ref.tensor.dim() == 2
+
+
+class _NeverRouted(TorchFunctionMode):
+    """Sets the router logits of removed experts to ``-inf`` (``F.linear`` by a router
+    weight, keyed by the weight's ``id``)."""
+
+    def __init__(self, rows: dict[int, list[int]]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and len(args) > 1 and id(args[1]) in self.rows:
+            out = out.index_fill(-1, torch.tensor(self.rows[id(args[1])]), float("-inf"))
+        return out
 
 
 def _to_double(obj: Any) -> Any:
@@ -203,7 +236,7 @@ def run_float64(model: nn.Module, inputs: Any, forward_fn=None) -> list[torch.Te
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        with torch.no_grad(), _Float64Mode():
+        with torch.no_grad(), _Float64Mode(), eager_experts(model):
             out = call_forward(model, inputs, forward_fn)
     finally:
         torch.set_default_dtype(default)

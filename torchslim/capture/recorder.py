@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
+from torchslim.capture.experts import experts_as_ops
 from torchslim.capture.modules import watched
 from torchslim.capture.shortcuts import shortcut
 from torchslim.ops.registry import OpContext, apply_rule, lookup
@@ -45,6 +46,13 @@ _PASSTHROUGH = {
     torch.numel,
     torch.Tensor.__reduce_ex__,
     torch.Tensor.__deepcopy__,
+}
+_VALUE_READS = {
+    torch.Tensor.item,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+    torch.Tensor.__float__,
+    torch.Tensor.__bool__,
 }
 _PROPERTY_PASSTHROUGH = {
     "dtype",
@@ -78,6 +86,8 @@ class Recorder(TorchFunctionMode):
         if owner is torch._C.TensorBase.shape or func in (torch.Tensor.size, torch.Tensor.__len__):
             return self._sizes(func, args)
         if func in _PASSTHROUGH or getattr(owner, "__name__", None) in _PROPERTY_PASSTHROUGH:
+            if self.state.selections and func in _VALUE_READS:
+                self.state.indices_read([args[0]], [])
             return func(*args, **kwargs)
         self.state.inside_op += 1
         try:
@@ -87,6 +97,8 @@ class Recorder(TorchFunctionMode):
             self.state.calls += 1
             context = OpContext(self.state, func, args, kwargs, out, retrace=self.retrace)
             apply_rule(context, lookup(func))
+            if self.state.selections:
+                self.state.indices_read(context.input_tensors(), context.claimed)
         finally:
             self.state.inside_op -= 1
         return out
@@ -118,6 +130,7 @@ def run_traced(state: TraceState, call: Callable[[], Any], training: bool = Fals
         watched(model, state.module_stack, state.ran, training),
         observed(listener, state.compare),
         tracked_attributes(model, state.attributes),
+        experts_as_ops(model),
         Recorder(state),
     ):
         return call()

@@ -25,6 +25,7 @@ from torchslim.graph.forward_check import ForwardCheck, ForwardFailure
 from torchslim.graph.hooks import run_prune_hooks
 from torchslim.graph.record import model_history, model_record
 from torchslim.graph.state import PruningState
+from torchslim.ops.experts import is_routed_experts
 from torchslim.pruning.functions import BasePruningFunc, ParameterHandler
 from torchslim.pruning.layers import get_pruner, is_linear_like, role_of
 from torchslim.pruning.reparametrised import resolve as resolve_reparametrised
@@ -129,8 +130,16 @@ class Group:
 
     @property
     def mixing(self) -> set[str]:
-        """Reasons why pruning this group is not exactly equivalent (normalisations...)."""
-        return set(self.coupling.mixing)
+        """Reasons why pruning this group is not exactly equivalent (normalisations...).
+        None for experts: removing one is exact against the model whose router never selects
+        it, whatever mixes the router's logits (a softmax over the experts)."""
+        return set() if self.routes_experts else set(self.coupling.mixing)
+
+    @property
+    def routes_experts(self) -> bool:
+        """Whether the channels are the experts of a routed-experts layer (the leading dim of
+        its fused weights, with the router rows that select them)."""
+        return any(m.dim == 0 and is_routed_experts(m.ref.module) for m in self.coupling.members)
 
     @property
     def prunable_idxs(self) -> list[int]:
@@ -800,8 +809,11 @@ def _operation(item: GroupItem) -> dict[str, Any]:
 
 
 def _is_root(module: nn.Module, types: tuple[type, ...]) -> bool:
-    """A layer of ``types``; layers pruned like ``nn.Linear`` (``Conv1D``) count as Linear."""
-    return isinstance(module, types) or (nn.Linear in types and is_linear_like(module))
+    """A layer of ``types``; layers pruned like ``nn.Linear`` (``Conv1D``) and routed experts
+    (fused linear layers) count as Linear."""
+    return isinstance(module, types) or (
+        nn.Linear in types and (is_linear_like(module) or is_routed_experts(module))
+    )
 
 
 def _check_devices(model: nn.Module, example_inputs: Any) -> None:

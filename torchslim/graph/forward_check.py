@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from torchslim.capture.experts import experts_as_ops
 from torchslim.capture.modules import call_forward, untouched
 from torchslim.capture.shortcuts import meta_shortcuts
 from torchslim.capture.twin import swapped_to_meta, to_meta
@@ -86,6 +87,7 @@ class ForwardCheck:
         try:
             with (
                 untouched(model),
+                experts_as_ops(model),
                 swapped_to_meta(model) if self.on_meta else nullcontext(),
                 meta_shortcuts() if self.on_meta else nullcontext(),
             ):

@@ -11,7 +11,10 @@ per-model names:
 - ``"head_dim"``: each channel is single rows spaced apart (the same offset in every head);
 - ``"width"``: channels of one row that pass through a normalisation layer or an embedding
   (the residual stream: hidden size, or a CNN stage's channels behind BatchNorm);
-- ``"neurons"``: any other channel of one row (MLP neurons, plain conv filters).
+- ``"experts"``: each channel is one expert of a routed-experts layer (its slice of the
+  fused expert weights and the router row that selects it);
+- ``"neurons"``: any other channel of one row (MLP neurons, plain conv filters, the neurons
+  inside experts).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torchslim.graph.dependency import Group
 from torchslim.pruning.layers import layer_kind
 from torchslim.pruning.roles import Role
 
-KINDS = ("width", "heads", "query_heads", "head_dim", "neurons")
+KINDS = ("width", "heads", "query_heads", "head_dim", "neurons", "experts")
 
 
 def _is_norm_or_embedding(module: nn.Module) -> bool:
@@ -53,9 +56,12 @@ def _fixed(group: Group, terms: np.ndarray) -> bool:
 
 
 def group_kind(group: Group) -> str:
-    """One of :data:`KINDS` for ``group``: a channel spanning several rows of a projection is
-    a head (consecutive rows) or a head offset (rows spaced apart); otherwise channels that
-    reach a normalisation or an embedding are the width, the rest are neurons."""
+    """One of :data:`KINDS` for ``group``: the leading dim of routed experts' weights is the
+    experts; a channel spanning several rows of a projection is a head (consecutive rows) or a
+    head offset (rows spaced apart); otherwise channels that reach a normalisation or an
+    embedding are the width, the rest are neurons."""
+    if group.routes_experts:
+        return "experts"
     for member, index in group.index_maps():
         if group.handler_role(member) != Role.OUT or member.ref.tensor.dim() < 2:
             continue

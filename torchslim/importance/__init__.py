@@ -27,6 +27,7 @@ from torchslim.importance.criteria import (
     TaylorImportance,
     WandaImportance,
 )
+from torchslim.importance.experts import RoutingImportance
 from torchslim.importance.fisher import FisherImportance
 from torchslim.importance.obdc import ComputeMatGrad, OBDCImportance
 from torchslim.importance.registry import importance_names, make_importance, register_importance
@@ -53,6 +54,7 @@ __all__ = [
     "OBDImportance",
     "OBSImportance",
     "RandomImportance",
+    "RoutingImportance",
     "TaylorImportance",
     "WandaImportance",
     "importance_names",

@@ -1,6 +1,14 @@
 """Op rules: how channel positions flow through each torch op (see :mod:`.registry`)."""
 
-from torchslim.ops import decompositions, elementwise, layers, recurrent, shape, tensor_math
+from torchslim.ops import (
+    decompositions,
+    elementwise,
+    experts,
+    layers,
+    recurrent,
+    shape,
+    tensor_math,
+)
 from torchslim.ops.registry import OpContext, callables, lookup, register_rule, rule_for
 
 __all__ = [
@@ -8,6 +16,7 @@ __all__ = [
     "callables",
     "decompositions",
     "elementwise",
+    "experts",
     "layers",
     "lookup",
     "recurrent",

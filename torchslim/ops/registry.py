@@ -104,6 +104,7 @@ class OpContext:
         self.name = op_name(func)
         self.module = state.module_path
         self.where = f"{self.name} in {self.module}"
+        self.claimed: list[torch.Tensor] = []
 
     def arg(self, index: int, name: str, default: Any = _MISSING) -> Any:
         if index < len(self.args):
@@ -144,6 +145,12 @@ class OpContext:
         """A condition between sizes that the op needs (``op`` from ``"lt"``, ``"le"``, ...):
         a selection that would make it false is refused."""
         self.state.comparisons.append(Comparison(op, expr_of(lhs), expr_of(rhs), True, self.where))
+
+    def claim_selection(self, indices: torch.Tensor, dim: DimLayout) -> bool:
+        """This op indexes its own ``dim`` by the values of ``indices`` (chosen by ``topk``):
+        couple them (see :meth:`TraceState.claim_selection`)."""
+        self.claimed.append(indices)
+        return self.state.claim_selection(indices, dim, self.where)
 
     def freeze(self, dim: DimLayout, why: str) -> None:
         self.table.freeze_many(dim.atoms, f"{why} ({self.where})")

@@ -207,6 +207,9 @@ def along_dim_rule(ctx: OpContext) -> None:
 
 @rule_for("topk", "sort", "argsort", "kthvalue")
 def selection_rule(ctx: OpContext) -> None:
+    """The chosen positions depend on the values: the dim is frozen unless only a
+    routed-experts layer reads the indices (it follows the positions, see ``ops.experts``);
+    ``topk`` also needs ``k`` positions to remain."""
     x = ctx.args[0]
     layout = list(ctx.layout(x))
     dim = ctx.kwargs.get("dim", -1)
@@ -215,8 +218,15 @@ def selection_rule(ctx: OpContext) -> None:
     elif not ctx.name.endswith("topk") and len(ctx.args) > 1 and isinstance(ctx.args[1], int):
         dim = ctx.args[1]
     dim = normalize_dim(dim, x.dim())
-    ctx.freeze(layout[dim], "positions chosen by value")
-    for tensor in ctx.output_tensors():
+    outputs = ctx.output_tensors()
+    indices = [t for t in outputs if t.dtype == torch.long]
+    if len(indices) != 1:
+        ctx.freeze(layout[dim], "positions chosen by value")
+    else:
+        ctx.state.select_by_value(indices[0], layout[dim], ctx.where)
+    if ctx.name.endswith("topk"):
+        ctx.keep_true("le", ctx.arg(1, "k"), ctx.state.tracked_sizes(x)[dim])
+    for tensor in outputs:
         out = list(layout)
         out[dim] = ctx.opaque(tensor.shape[dim], "positions chosen by value")
         ctx.set_out(tensor, out)

@@ -199,6 +199,9 @@ class MetaPruner:
         self.exact_only = exact_only
         #: Groups the safety net refused (the pruned forward failed), with the failure.
         self.refused: dict[int, str] = {}
+        #: Groups that lost fewer channels than asked because the graph refuses more (a
+        #: ``topk`` needing ``k`` experts, a size comparison), with what was removed and why.
+        self.cut_short: dict[int, str] = {}
         #: What the last step pruned and did not (``None`` before any, and after an
         #: interactive step whose groups the caller prunes).
         self.last_step: Optional[StepReport] = None
@@ -400,7 +403,8 @@ class MetaPruner:
         # Refused while groups of this step were still whole (a size comparison with them, as
         # an LSTM's hidden units before its projection): once more, now that they are pruned.
         for group, chosen in postponed:
-            if group.refusal(chosen) is None:
+            chosen = self._admissible(group, self._scores(group), chosen)
+            if chosen:
                 yield group.select(chosen)
 
     def _factor_followers(self, groups: list[Group]) -> set[int]:
@@ -488,16 +492,32 @@ class MetaPruner:
                 taken += 1
         for k, idxs in sorted(chosen.items()):
             group, scores = scored[k]
-            count = self._rounded(group, len(idxs))
-            idxs = self._admissible(group, _lowest(scores, idxs, count))
+            idxs = self._admissible(group, scores, idxs)
             if idxs:
                 yield group.select(idxs)
 
-    def _admissible(self, group: Group, idxs: list[int]) -> list[int]:
-        """Drop the selection if it would empty a layer (e.g. a grouped conv's constraints)."""
-        if not idxs:
-            return []
-        return idxs if group.refusal(idxs) is None else []
+    def _admissible(self, group: Group, scores: torch.Tensor, idxs: list[int]) -> list[int]:
+        """The lowest-scored of ``idxs`` (rounded) that the graph accepts: all of them, or,
+        where it refuses that many (a ``topk`` that needs ``k`` experts left, a grouped conv's
+        constraints), the most it accepts, found by bisection on the count."""
+        chosen = _lowest(scores, idxs, self._rounded(group, len(idxs)))
+        reason = group.refusal(chosen) if chosen else None
+        if reason is None:
+            return chosen
+        accepted: list[int] = []
+        low, high = 0, len(chosen)
+        while high - low > 1:
+            middle = (low + high) // 2
+            trial = _lowest(scores, idxs, self._rounded(group, middle))
+            if trial and group.refusal(trial) is None:
+                low, accepted = middle, trial
+            else:
+                high = middle
+        self.cut_short[group.coupling.id] = (
+            f"{group.root.label}: {len(accepted)} of the {len(chosen)} channels asked removed "
+            f"({reason})"
+        )
+        return accepted
 
     # ------------------------------------------------------------------------ target mode
 

@@ -61,7 +61,8 @@ def summarise(pruner: MetaPruner) -> list[KindSummary]:
 
 
 def unmet_requests(pruner: MetaPruner, summary: list[KindSummary]) -> list[str]:
-    """The requests that removed nothing: a kind's ratio, or the ratio of every group."""
+    """The requests that removed nothing (a kind's ratio, or the ratio of every group), and
+    groups that lost fewer channels than asked because the graph refuses more."""
     messages = []
     for row in summary:
         if row.kind in pruner.kind_ratios and pruner.kind_ratios[row.kind] > 0 and row.pruned == 0:
@@ -69,6 +70,7 @@ def unmet_requests(pruner: MetaPruner, summary: list[KindSummary]) -> list[str]:
                 f"asked for {pruner.kind_ratios[row.kind]:.0%} of the {row.kind}, none were "
                 f"removed ({row.groups} groups: {row.why_not})"
             )
+    messages += list(pruner.cut_short.values())
     if pruner.pruning_ratio > 0 and not any(row.pruned for row in summary):
         reasons = "; ".join(row.why_not for row in summary if row.whole)
         messages.append(

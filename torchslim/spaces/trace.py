@@ -83,6 +83,18 @@ class Comparison:
 
 
 @dataclass
+class ValueSelection:
+    """Indices whose values are positions of ``source`` (``topk``/``sort`` indices): the
+    positions stay prunable only if every reader of the indices knows what they select (a
+    routed-experts layer, whose experts follow the positions); otherwise they are frozen."""
+
+    source: DimLayout
+    where: str
+    claimed: bool = False
+    read_elsewhere: bool = False
+
+
+@dataclass
 class Unsupported:
     """An op with no rule: what it was, where it ran, and how many tensors it touched."""
 
@@ -105,6 +117,8 @@ class TraceState:
     attributes: dict[tuple[int, str], AttributeSlot] = field(default_factory=dict)
     attribute_values: list[tuple[AttributeSlot, str]] = field(default_factory=list)
     unsupported: list[Unsupported] = field(default_factory=list)
+    selections: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    all_selections: list[ValueSelection] = field(default_factory=list)
     ran: set[int] = field(default_factory=set)
     calls: int = 0
     inside_op: int = 0
@@ -237,12 +251,45 @@ class TraceState:
             unify(self.table, source, dim, f"{where} (a size taken from another tensor)")
 
     def finish(self) -> None:
-        """Mark the positions of attributes used as values (``self.head_dim ** -0.5``)."""
+        """Mark the positions of attributes used as values (``self.head_dim ** -0.5``), and
+        freeze positions selected by value whose indices were read by an op that does not know
+        what they select."""
         for slot, reason in self.attribute_values:
             if slot.layout is not None and not slot.layout.is_opaque:
                 atoms = slot.layout.atoms
                 self.table.mark_mixing(atoms[atoms >= 0], reason)
         self.attribute_values.clear()
+        for selection in self.all_selections:
+            if not selection.claimed or selection.read_elsewhere:
+                self.table.freeze_many(
+                    selection.source.atoms, f"positions chosen by value ({selection.where})"
+                )
+        self.all_selections.clear()
+
+    def select_by_value(self, indices: torch.Tensor, source: DimLayout, where: str) -> None:
+        """``indices`` hold positions of ``source`` (see :class:`ValueSelection`)."""
+        if not source.is_opaque:
+            selection = ValueSelection(source, where)
+            self.selections[indices] = selection
+            self.all_selections.append(selection)
+
+    def indices_read(self, tensors: list[torch.Tensor], claimed: list[torch.Tensor]) -> None:
+        """An op read these tensors; those it did not claim are read by an op that does not
+        know what their values select."""
+        for tensor in tensors:
+            selection = self.selections.get(tensor)
+            if selection is not None and not any(tensor is c for c in claimed):
+                selection.read_elsewhere = True
+
+    def claim_selection(self, indices: torch.Tensor, dim: DimLayout, where: str) -> bool:
+        """An op that routes by these indices has its own ``dim`` indexed by them: couple it
+        with the positions they were chosen from. False if ``indices`` are not a selection."""
+        selection = self.selections.get(indices)
+        if selection is None:
+            return False
+        unify(self.table, selection.source, dim, f"{where} (indices from {selection.where})")
+        selection.claimed = True
+        return True
 
 
 def iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
