@@ -157,3 +157,30 @@ def test_warnings_are_one_line_on_standard_error(folder):
     warned = [line for line in done.stderr.splitlines() if "MagnitudeImportance" in line]
     assert len(warned) == 1 and warned[0].startswith("torchslim: warning: MagnitudeImportance")
     assert "UserWarning" not in done.stderr and "pruner = " not in done.stderr
+
+
+def test_prune_removes_whole_decoder_layers_calibrated_on_a_text(folder, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text(WORDS)
+    out = torchslim(
+        "prune",
+        str(folder),
+        "--blocks",
+        "1",
+        "--calibration",
+        str(text),
+        "--calibration-size",
+        "64",
+        "--out",
+        str(tmp_path),
+    )
+    removed = re.search(r"removed 1 blocks \(least block influence\): model\.layers\.(\d)", out)
+    assert removed and "plain from_pretrained loads it" in out
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert pruned.config.num_hidden_layers == len(pruned.model.layers) == 1
+    kept = 1 - int(removed.group(1))
+    assert torch.equal(
+        pruned.model.layers[0].mlp.up_proj.weight, dense.model.layers[kept].mlp.up_proj.weight
+    )
+    assert main(["prune", str(folder), "--blocks", "3"]) == 2

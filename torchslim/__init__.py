@@ -37,6 +37,7 @@ from torchslim.pruner import (
     MagnitudePruner,
     MetaPruner,
     RandomPruner,
+    prune_blocks,
 )
 from torchslim.pruning import *  # noqa: F403
 from torchslim.pruning import BasePruningFunc, register_pruner
@@ -57,6 +58,7 @@ __all__ = [
     "save",
     "state_dict",
     "save_pruned",
+    "prune_blocks",
     "BasePruner",
     "BasePruningFunc",
     "BNScalePruner",

@@ -24,6 +24,7 @@ from torch import nn
 
 from torchslim.graph.hooks import run_prune_hooks
 from torchslim.graph.record import model_history, recorded
+from torchslim.pruning.blocks import remove_blocks
 from torchslim.pruning.functions import BasePruningFunc, ParameterHandler, add_bias
 from torchslim.pruning.layers import get_pruner
 from torchslim.pruning.roles import Role
@@ -163,6 +164,8 @@ def apply_plan(
                     "model does not have"
                 )
             _apply(module, op, custom, number)
+            if op["role"] == Role.BLOCKS:  # later steps name the blocks by their new places
+                modules = dict(model.named_modules())
         ties.retie()
     model_history(model).extend(plan.get("steps", []))
     state = model.state_dict()
@@ -188,6 +191,11 @@ def _apply(module: nn.Module, op: dict[str, Any], custom: dict[Any, Any], number
             return
         if role == Role.BIAS:
             add_bias(module)
+            return
+        if role == Role.BLOCKS:
+            if len(module) != op["of"]:
+                raise ValueError(f"it holds {len(module)} blocks, the plan expects {op['of']}")
+            remove_blocks(module, op["idxs"])
             return
         pruner = get_pruner(module, custom)
         if pruner is None:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
+from torchslim.capture.blocks import block_hooks
 from torchslim.capture.experts import experts_as_ops
 from torchslim.capture.modules import watched
 from torchslim.capture.shortcuts import shortcut
@@ -97,8 +98,10 @@ class Recorder(TorchFunctionMode):
             self.state.calls += 1
             context = OpContext(self.state, func, args, kwargs, out, retrace=self.retrace)
             apply_rule(context, lookup(func))
-            if self.state.selections:
-                self.state.indices_read(context.input_tensors(), context.claimed)
+            if self.state.selections or self.state.block_outputs or self.state.block_inputs:
+                inputs = context.input_tensors()
+                self.state.indices_read(inputs, context.claimed)
+                self.state.block_tensors_read(inputs, context.name, context.where)
         finally:
             self.state.inside_op -= 1
         return out
@@ -131,6 +134,7 @@ def run_traced(state: TraceState, call: Callable[[], Any], training: bool = Fals
         observed(listener, state.compare),
         tracked_attributes(model, state.attributes),
         experts_as_ops(model),
+        block_hooks(model, state, record=not training),
         Recorder(state),
     ):
         return call()

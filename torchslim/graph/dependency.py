@@ -20,6 +20,7 @@ from torch import nn
 from torchslim.capture.modules import call_forward, unwrap_model
 from torchslim.capture.recorder import run_traced
 from torchslim.capture.twin import swapped_to_meta, to_meta
+from torchslim.graph.blocks import Block, residual_blocks
 from torchslim.graph.checkpoint import Checkpoint
 from torchslim.graph.forward_check import ForwardCheck, ForwardFailure
 from torchslim.graph.hooks import run_prune_hooks
@@ -242,6 +243,9 @@ class DependencyGraph:
         self._calls = 0
         self.traced_on_meta = False
         self.notes: list[str] = []
+        #: Children of ``ModuleList`` / ``Sequential`` containers, and whether each can be
+        #: removed whole (see :mod:`torchslim.graph.blocks`).
+        self.blocks: list[Block] = []
         self._handlers: dict[tuple[int, str, int], tuple[nn.Module, Handled]] = {}
         #: Run after each ``Group.prune`` outside a pruner's step (see :meth:`forward_failure`);
         #: set to ``None`` to skip.
@@ -316,6 +320,7 @@ class DependencyGraph:
         self._unsupported = state.unsupported
         self._calls = state.calls
         self.analysis = Analysis(state)
+        self.blocks = residual_blocks(model, state.table, list(state.blocks.values()))
         known = model_record(model).setdefault("size_attributes", set())
         known.update(
             f"{slot.module_name}:{slot.name}"

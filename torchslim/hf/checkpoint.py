@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from torchslim.hf.sync import RECORD_KEY
+from torchslim.hf.sync import DENSE_DEPTH, RECORD_KEY, dense_config
 from torchslim.persistence import CheckpointError, apply_plan
 
 
@@ -38,6 +38,9 @@ def from_pretrained(
     if record is None:
         return model_class.from_pretrained(path, **kwargs)
     delattr(config, RECORD_KEY)
+    pruned_depth = {name: getattr(config, name) for name in record.get(DENSE_DEPTH, {})}
+    for name, value in record.get(DENSE_DEPTH, {}).items():
+        setattr(config, name, value)  # built at the dense depth, then the plan removes blocks
     pruned_class = _replaying(model_class, record)
     kwargs.setdefault("config", config)
     try:
@@ -52,6 +55,8 @@ def from_pretrained(
         for name, values in record.get("buffers", {}).items():
             buffer = model.get_buffer(name)
             buffer.copy_(torch.tensor(values, dtype=buffer.dtype))
+    for name, value in pruned_depth.items():
+        setattr(model.config, name, value)
     return model
 
 
@@ -64,6 +69,7 @@ def _replaying(model_class: type, plan: dict[str, Any]) -> type:
 
     def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
         model_class.__init__(self, config, *args, **kwargs)
+        dense_config(self)  # the dense depth and widths, before the plan prunes
         _tie_declared_weights(self)
         apply_plan(self, plan)
         for name in plan.get("buffers", {}):

@@ -18,9 +18,12 @@ from torch import nn
 
 from torchslim.graph.record import model_history, model_record, recorded
 from torchslim.hf.config import OPTIONAL_FIELDS, build, fitting_config, int_attributes
+from torchslim.hf.depth import shallower
 from torchslim.persistence import pruning_plan
 
 RECORD_KEY = "torchslim_plan"
+#: Config fields of the dense depth (before blocks were removed), kept in the plan record.
+DENSE_DEPTH = "dense_depth"
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -41,14 +44,20 @@ def dense_config(model: nn.Module) -> Any:
 
 
 def sync_config(model: nn.Module) -> bool:
-    """Update ``model.config`` to the pruned widths; ``True`` if a plain config fits."""
-    dense = dense_config(model)
+    """Update ``model.config`` to the pruned depth and widths; ``True`` if a plain config
+    fits. Without one, the depth still follows (the KV cache is laid out from it), and the
+    dense depth is recorded with the plan for :func:`torchslim.hf.from_pretrained`."""
+    original = dense_config(model)
+    dense = shallower(original, model_history(model))
     fitted = fitting_config(model, dense)
     config = model.config
     source = fitted if fitted is not None else dense
     for name, value in vars(source).items():
         if type(value) is int and getattr(config, name, None) != value:
             setattr(config, name, value)
+    depth = {k: v for k, v in vars(original).items() if getattr(dense, k, None) != v}
+    for name in depth:
+        setattr(config, name, copy.deepcopy(getattr(dense, name)))
     for name in OPTIONAL_FIELDS:
         if name in vars(config) and name not in vars(source):
             delattr(config, name)
@@ -57,7 +66,8 @@ def sync_config(model: nn.Module) -> bool:
             delattr(config, RECORD_KEY)
         _copy_attributes(model, build(type(model), fitted))
         return True
-    setattr(config, RECORD_KEY, {**pruning_plan(model), "buffers": computed_buffers(model)})
+    plan = {**pruning_plan(model), "buffers": computed_buffers(model), DENSE_DEPTH: depth}
+    setattr(config, RECORD_KEY, plan)
     return False
 
 

@@ -5,6 +5,7 @@ pruning functions are here too under torch-pruning's names (``tp.pruner.prune_co
 from torchslim import function
 from torchslim.function import *  # noqa: F403
 from torchslim.function import __all__ as _FUNCTIONS
+from torchslim.pruner.blocks import BlockPruning, prune_blocks
 from torchslim.pruner.meta import MetaPruner
 from torchslim.pruner.reconstruct import Reconstruction, ReconstructionError, ReconstructionReport
 from torchslim.pruner.schedule import decaying_l1, linear_scheduler
@@ -23,6 +24,7 @@ __all__ = [
     "function",
     "BNScalePruner",
     "BasePruner",
+    "BlockPruning",
     "GroupNormPruner",
     "GrowingRegPruner",
     "KindSummary",
@@ -34,5 +36,6 @@ __all__ = [
     "ReconstructionReport",
     "decaying_l1",
     "linear_scheduler",
+    "prune_blocks",
     "unmet_requests",
 ]

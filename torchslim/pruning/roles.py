@@ -18,6 +18,8 @@ class Role(str, Enum):
     ATTR = "attr"
     #: a zero bias given to a layer by reconstruction
     BIAS = "bias"
+    #: whole children of a ``ModuleList`` / ``Sequential`` (blocks removed)
+    BLOCKS = "blocks"
     #: a tensor a weight norm / spectral norm computes the pruned weight from: it is sliced
     #: by the weight's own pruning
     COVERED = "covered"

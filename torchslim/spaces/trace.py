@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -95,6 +95,25 @@ class ValueSelection:
 
 
 @dataclass
+class BlockTrace:
+    """One child of a ``ModuleList`` / ``Sequential`` while tracing: how often it ran, the
+    layouts of its first tensor input and output, whether that input was the previous
+    sibling's output, where its output was read outside the next sibling (if anywhere), and
+    whether an addition inside it read its input (a skip connection, ``x + f(x)``)."""
+
+    name: str
+    container: str
+    index: int
+    next: Optional[str]
+    calls: int = 0
+    inputs: Optional[TensorLayout] = None
+    output: Optional[TensorLayout] = None
+    chained: bool = True
+    read_by: Optional[str] = None
+    skip: bool = False
+
+
+@dataclass
 class Unsupported:
     """An op with no rule: what it was, where it ran, and how many tensors it touched."""
 
@@ -119,6 +138,9 @@ class TraceState:
     unsupported: list[Unsupported] = field(default_factory=list)
     selections: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
     all_selections: list[ValueSelection] = field(default_factory=list)
+    blocks: dict[str, BlockTrace] = field(default_factory=dict)
+    block_inputs: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    block_outputs: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
     ran: set[int] = field(default_factory=set)
     calls: int = 0
     inside_op: int = 0
@@ -281,6 +303,19 @@ class TraceState:
             if selection is not None and not any(tensor is c for c in claimed):
                 selection.read_elsewhere = True
 
+    def block_tensors_read(self, tensors: list[torch.Tensor], op: str, where: str) -> None:
+        """An op in the current module read these tensors: a block's output read outside the
+        next block is noted (removing the block would change what that op reads), and so is
+        an addition inside a block reading the block's input (its skip connection)."""
+        path = self.module_path
+        for tensor in tensors:
+            block = self.block_outputs.get(tensor)
+            if block is not None and block.next is not None and not _inside(path, block.next):
+                block.read_by = block.read_by or where
+            block = self.block_inputs.get(tensor)
+            if block is not None and op in _ADDITIONS and _inside(path, block.name):
+                block.skip = True
+
     def claim_selection(self, indices: torch.Tensor, dim: DimLayout, where: str) -> bool:
         """An op that routes by these indices has its own ``dim`` indexed by them: couple it
         with the positions they were chosen from. False if ``indices`` are not a selection."""
@@ -290,6 +325,14 @@ class TraceState:
         unify(self.table, selection.source, dim, f"{where} (indices from {selection.where})")
         selection.claimed = True
         return True
+
+
+_ADDITIONS = {"Tensor.__add__", "Tensor.__radd__", "Tensor.__iadd__", "Tensor.add", "Tensor.add_"}
+_ADDITIONS |= {"torch.add"}
+
+
+def _inside(path: str, module: str) -> bool:
+    return path == module or path.startswith(module + ".")
 
 
 def iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:

@@ -45,6 +45,13 @@ def register(commands: Any) -> None:
         help="ratios per kind of channel, as neurons=0.2,heads=0.25 (kinds: "
         f"{', '.join(KINDS)}); with or instead of --ratio",
     )
+    sub.add_argument(
+        "--blocks",
+        type=int,
+        default=0,
+        help="remove this many whole residual blocks first (decoder layers, ResNet/ViT "
+        "blocks), those with the least block influence on the calibration data",
+    )
     add_importance_argument(sub)
     sub.add_argument("--round-to", type=int, help="keep channel counts multiples of this")
     sub.add_argument("--global", dest="global_pruning", action="store_true", help="rank globally")
@@ -88,7 +95,7 @@ def calibration_batches(
     """Batches of inputs and their labels (a token block is its own label) for calibrated
     criteria and reconstruction (none needed: an empty list)."""
     wanted = args.reconstruct or hasattr(importance, "record")
-    if not wanted:
+    if not wanted and not (args.blocks and args.calibration):
         return []
     tokens = not example.is_floating_point()
     if args.calibration is None:
@@ -173,8 +180,11 @@ def kind_ratios(text: Optional[str]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     kinds = kind_ratios(args.kinds)
-    if args.ratio is None and args.target_macs is None and not kinds:
-        raise ValueError("give --ratio, --kinds or --target-macs")
+    widths = args.ratio is not None or args.target_macs is not None or bool(kinds)
+    if not widths and not args.blocks:
+        raise ValueError("give --ratio, --kinds, --target-macs or --blocks")
+    if args.blocks < 0:
+        raise ValueError(f"--blocks must be at least 0, got {args.blocks}")
     if kinds and args.target_macs is not None:
         raise ValueError("give --kinds with --ratio or alone, not with --target-macs")
     if args.ratio is not None and not 0 <= args.ratio < 1:
@@ -189,63 +199,19 @@ def run(args: argparse.Namespace) -> int:
     before_macs, before_params = tp.utils.count_ops_and_params(model, example)
     importance = importance_of(args)
     batches = calibration_batches(args, model, example, importance)
-    calibrate(model, importance, batches)
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=importance,
-        pruning_ratio=args.ratio if args.ratio is not None else 0.0,
-        pruning_ratio_dict=kinds or None,
-        target_macs=args.target_macs,
-        global_pruning=args.global_pruning or args.target_macs is not None,
-        iterative_steps=args.steps,
-        round_to=args.round_to,
-        ignored_layers=ignored,
-        exact_only=args.exact_only,
-    )
-    steps = progress(range(args.steps), "pruning", enabled=args.steps > 1, unit="step")
-    reconstruct = [images for images, _ in batches] if args.reconstruct else None
-    reports, pruned, mixing, refused = [], set(), set(), {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "of the .* groups this step pruned pass through")
-        warnings.filterwarnings("ignore", "asked for .* none were removed")
-        warnings.filterwarnings("ignore", "pruning_ratio=.* removed no channel")
-        for _ in steps:
-            if args.verify:
-                reports.append(pruner.step_and_verify(reconstruct=reconstruct))
-            else:
-                pruner.step(reconstruct=reconstruct)
-            pruned.update(label for label, _ in pruner.last_step.pruned)
-            mixing.update(label for label, _ in pruner.last_step.mixing)
-            refused.update(pruner.last_step.refused)
+    if args.blocks:
+        inputs = [x for x, _ in batches] or None
+        removed = tp.prune_blocks(model, example, n=args.blocks, calibration=inputs).removed
+        print(f"removed {len(removed)} blocks (least block influence): {', '.join(removed)}")
+    lines = prune_widths(args, model, example, importance, batches, ignored) if widths else []
     macs, params = tp.utils.count_ops_and_params(model, example)
     rows = [
         ("params", count(before_params), count(params), f"{before_params / params:.2f}x"),
         ("MACs", count(before_macs), count(macs), f"{before_macs / macs:.2f}x"),
     ]
     print(table(rows, ("", "before", "after", "reduction")))
-    summary = pruner.summary()
-    print("\n" + kinds_table(summary))
-    for message in tp.pruner.unmet_requests(pruner, summary):
-        print(f"warning: {message}")
-    if pruner.reconstruction is not None:
-        print(pruner.reconstruction)
-    if mixing:
-        print(
-            f"{len(mixing)} pruned groups pass through channel-mixing ops (LayerNorm, a head "
-            "size used as a scale): not exactly the original with their channels zeroed; "
-            "--exact-only leaves them alone"
-        )
-    for label, reason in refused.items():
-        print(f"refused {label}: {reason}")
-    if args.verify:
-        worst = max(report.worst for report in reports)
-        status = "ok" if all(report.ok for report in reports) else "FAIL"
-        print(
-            f"exactness check: {status}: {len(pruned - mixing)} pruned groups exact (relative "
-            f"error {worst:.1e}); {len(mixing)} through channel-mixing ops, not exact by design "
-            f"(not checked); {len(refused)} refused"
-        )
+    for line in lines:
+        print(line)
     if not args.out:
         print("nothing written: give --out DIR to save the pruned weights, plan and recipe")
         return 0
@@ -265,6 +231,69 @@ def run(args: argparse.Namespace) -> int:
     write_recipe(args, recipe)
     print(f"wrote {path}, {tp.persistence.plan_path(path)} and {recipe}")
     return 0
+
+
+def prune_widths(
+    args: argparse.Namespace,
+    model: nn.Module,
+    example: torch.Tensor,
+    importance: Any,
+    batches: list,
+    ignored: list,
+) -> list[str]:
+    """Prune channels, heads, neurons and widths as asked (calibrating the criterion first);
+    the report lines: per kind, unmet requests, reconstruction, mixing, refusals, exactness."""
+    calibrate(model, importance, batches)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=importance,
+        pruning_ratio=args.ratio if args.ratio is not None else 0.0,
+        pruning_ratio_dict=kind_ratios(args.kinds) or None,
+        target_macs=args.target_macs,
+        global_pruning=args.global_pruning or args.target_macs is not None,
+        iterative_steps=args.steps,
+        round_to=args.round_to,
+        ignored_layers=ignored,
+        exact_only=args.exact_only,
+    )
+    steps = progress(range(args.steps), "pruning", enabled=args.steps > 1, unit="step")
+    reconstruct = [images for images, _ in batches] if args.reconstruct else None
+    reports, pruned, mixing, refused = [], set(), set(), {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "of the .* groups this step pruned pass through")
+        warnings.filterwarnings("ignore", "asked for .* none were removed")
+        warnings.filterwarnings("ignore", "pruning_ratio=.* removed no channel")
+        warnings.filterwarnings("ignore", ".* of the .* channels asked removed")
+        for _ in steps:
+            if args.verify:
+                reports.append(pruner.step_and_verify(reconstruct=reconstruct))
+            else:
+                pruner.step(reconstruct=reconstruct)
+            pruned.update(label for label, _ in pruner.last_step.pruned)
+            mixing.update(label for label, _ in pruner.last_step.mixing)
+            refused.update(pruner.last_step.refused)
+    summary = pruner.summary()
+    lines = ["\n" + kinds_table(summary)]
+    lines += [f"warning: {message}" for message in tp.pruner.unmet_requests(pruner, summary)]
+    if pruner.reconstruction is not None:
+        lines.append(str(pruner.reconstruction))
+    if mixing:
+        lines.append(
+            f"{len(mixing)} pruned groups pass through channel-mixing ops (LayerNorm, a head "
+            "size used as a scale): not exactly the original with their channels zeroed; "
+            "--exact-only leaves them alone"
+        )
+    lines += [f"refused {label}: {reason}" for label, reason in refused.items()]
+    if args.verify:
+        worst = max(report.worst for report in reports)
+        status = "ok" if all(report.ok for report in reports) else "FAIL"
+        lines.append(
+            f"exactness check: {status}: {len(pruned - mixing)} pruned groups exact (relative "
+            f"error {worst:.1e}); {len(mixing)} through channel-mixing ops, not exact by design "
+            f"(not checked); {len(refused)} refused"
+        )
+    return lines
 
 
 def kinds_table(summary: list[tp.pruner.KindSummary]) -> str:
