@@ -203,3 +203,18 @@ def test_blocks_that_cannot_go_are_refused_with_the_reason_and_the_model_untouch
     reasons = {b.name: b.reason for b in tp.DependencyGraph().build_dependency(widening, x).blocks}
     assert reasons["0"] == "its output [3, 32] differs from its input [3, 16]"
     assert reasons["1"] == "no addition inside it reads its input (it is not a residual block)"
+
+
+def test_resnet_blocks_go_and_the_rest_computes_as_before():
+    from torchvision.models import resnet18
+
+    model = resnet18().eval()
+    dense = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    result = tp.prune_blocks(model, x, n=2)
+    gone = [dense.get_submodule(name) for name in result.removed]
+    assert len(gone) == 2 and sum(len(getattr(model, f"layer{i}")) for i in range(1, 5)) == 6
+    with torch.no_grad(), skipping(gone):
+        expected = dense(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

@@ -269,3 +269,18 @@ def test_routing_criteria_pass_other_groups_to_their_companion():
     with pytest.raises(ValueError, match="method must be one of"):
         tp.importance.RoutingImportance("popularity")
     assert {"reap", "routing_frequency"} <= set(tp.importance.importance_names())
+
+
+def test_a_different_expert_count_per_layer_reloads_through_the_plan(tmp_path):
+    model = _model("qwen3_moe")
+    graph = tp.DependencyGraph().build_dependency(model, TOKENS)
+    first, second = [g for g in graph.get_all_groups() if g.routes_experts]
+    first.prune([0, 1, 2])
+    second.prune([5])
+    with torch.no_grad():
+        got = model(TOKENS).logits
+    model.save_pretrained(tmp_path)
+    reloaded = tp.hf.from_pretrained(tmp_path).eval()
+    assert [e.num_experts for e in _experts(reloaded)] == [5, 7]
+    with torch.no_grad():
+        assert torch.equal(reloaded(TOKENS).logits, got)
