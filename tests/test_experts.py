@@ -251,19 +251,23 @@ def test_routing_criteria_rank_by_selections_or_by_what_the_experts_add():
         assert model.experts.num_experts == 2
 
 
-def test_routing_criteria_pass_other_groups_to_their_companion():
+def test_routing_criteria_pass_other_groups_to_their_companion_and_compose_with_refits():
     model = _model("qwen3_moe")
     importance = tp.importance.RoutingImportance("reap", others=tp.importance.WandaImportance())
     with importance.record(model), torch.no_grad():
         model(TOKENS)
-    tp.pruner.MetaPruner(
+    pruner = tp.pruner.MetaPruner(
         model,
         TOKENS,
         importance=importance,
         pruning_ratio=0.0,
         pruning_ratio_dict={"experts": 0.5, "heads": 0.5},
         ignored_layers=[model.lm_head],
-    ).step()
+    )
+    pruner.step(reconstruct=[TOKENS, TOKENS.flip(1)])  # o_proj refit for the removed heads
+    assert [r.name for r in pruner.reconstruction.layers] == [
+        f"model.layers.{i}.self_attn.o_proj" for i in range(2)
+    ]
     assert [e.num_experts for e in _experts(model)] == [4, 4]
     assert [layer.self_attn.o_proj.in_features for layer in model.model.layers] == [16, 16]
     with pytest.raises(ValueError, match="method must be one of"):
