@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_readme_examples_run_and_prune_exactly(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 8
+    assert len(blocks) == 9
     namespace: dict = {}
     exec(compile(blocks[0], "README quick start", "exec"), namespace)
     printed = capsys.readouterr().out
@@ -40,18 +40,21 @@ def test_readme_examples_run_and_prune_exactly(capsys, tmp_path, monkeypatch):
     assert sum(widths) == 2 * 256 - int(2 * 256 * 0.2) and min(widths) >= 128
     assert len(namespace["log"].losses) == 10 and (tmp_path / "healing.png").is_file()
 
-    exec(compile(blocks[5], "README experts", "exec"), namespace)
+    exec(compile(blocks[5], "README checkpoints larger than memory", "exec"), namespace)
+    assert "intermediate_size" in namespace["report"].changed
+    assert (tmp_path / "streamed-llama" / "config.json").is_file()
+    exec(compile(blocks[6], "README experts", "exec"), namespace)
     assert namespace["moe"].config.num_experts == 4
     assert [layer.mlp.experts.gate_up_proj.shape[0] for layer in namespace["moe"].model.layers] == [
         4,
         4,
     ]
     capsys.readouterr()
-    exec(compile(blocks[6], "README blocks", "exec"), namespace)
+    exec(compile(blocks[7], "README blocks", "exec"), namespace)
     assert "removed 1 of 2 removable blocks" in capsys.readouterr().out
     assert llama.config.num_hidden_layers == len(llama.model.layers) == 1
 
-    exec(compile(blocks[7], "README search", "exec"), namespace)
+    exec(compile(blocks[8], "README search", "exec"), namespace)
     result = namespace["result"]
     assert sorted(result.ratios) == ["layer1", "layer2", "layer3", "layer4"]
     assert (tmp_path / "curves" / "all.png").is_file()

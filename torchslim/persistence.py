@@ -163,7 +163,7 @@ def apply_plan(
                     f"plan step {number} ({step['group']}) prunes {op['module']!r}, which this "
                     "model does not have"
                 )
-            _apply(module, op, custom, number)
+            apply_operation(module, op, custom, number)
             if op["role"] == Role.BLOCKS:  # later steps name the blocks by their new places
                 modules = dict(model.named_modules())
         ties.retie()
@@ -180,7 +180,11 @@ def apply_plan(
     return model
 
 
-def _apply(module: nn.Module, op: dict[str, Any], custom: dict[Any, Any], number: int) -> None:
+def apply_operation(
+    module: nn.Module, op: dict[str, Any], custom: Optional[dict[Any, Any]] = None, number: int = 0
+) -> None:
+    """Replay one operation of a plan step (``op``: module, role, indices...) on ``module``."""
+    custom = custom or {}
     try:
         role = Role(op["role"])
         if role == Role.PARAM:

@@ -10,6 +10,7 @@ from torchslim.graph.hooks import register_prune_hook
 from torchslim.hf.checkpoint import from_pretrained
 from torchslim.hf.config import fitting_config
 from torchslim.hf.heal import HealingLog, distillation_loss, heal
+from torchslim.hf.stream import StreamReport, prune_checkpoint
 from torchslim.hf.sync import RECORD_KEY, after_pruning, is_hf_model, sync_config
 from torchslim.hf.text import perplexity, token_blocks
 
@@ -18,12 +19,14 @@ register_prune_hook(after_pruning)
 __all__ = [
     "RECORD_KEY",
     "HealingLog",
+    "StreamReport",
     "distillation_loss",
     "fitting_config",
     "from_pretrained",
     "heal",
     "is_hf_model",
     "perplexity",
+    "prune_checkpoint",
     "sync_config",
     "token_blocks",
 ]

@@ -53,7 +53,7 @@ class Journal:
         dim: Optional[int],
         keep: Optional[torch.Tensor],
     ) -> None:
-        if dim is None or keep is None:
+        if dim is None or keep is None or old.is_meta:  # a meta tensor costs nothing to keep
             self.entries.append(_Entry(holder, name, old))
             return
         mask = torch.ones(old.shape[dim], dtype=torch.bool, device=old.device)

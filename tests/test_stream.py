@@ -1,0 +1,158 @@
+"""Pruning a checkpoint folder shard by shard: the same tensors as pruning in memory, a folder
+transformers loads, and nothing written when the input is refused or the run fails."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import tiny_llama
+from torch import nn
+
+import torchslim as tp
+from torchslim.hf.shards import ShardWriter
+
+transformers = pytest.importorskip("transformers")
+IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _checkpoint(path: Path, **extra: Any) -> tuple[nn.Module, Path]:
+    model = tiny_llama(3, **extra)
+    model.save_pretrained(path, max_shard_size="20KB")
+    return model, path
+
+
+def _in_memory(model: nn.Module, recipe: dict) -> nn.Module:
+    model = copy.deepcopy(model)
+    arguments = recipe if "pruning_ratio_dict" in recipe else {"pruning_ratio_dict": recipe}
+    with pytest.warns(UserWarning, match="without calibration data"):
+        tp.pruner.MetaPruner(
+            model,
+            IDS[:1],
+            importance=tp.importance.MagnitudeImportance(p=2),
+            **{"pruning_ratio": 0.0, **arguments},
+        ).step()
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize(
+    "recipe",
+    [{"neurons": 0.25}, {"heads": 0.5, "neurons": 0.25, "width": 0.25}],
+    ids=["neurons", "heads-neurons-width"],
+)
+def test_streamed_pruning_writes_the_tensors_pruning_in_memory_gives(tied, recipe, tmp_path):
+    dense, src = _checkpoint(tmp_path / "src", tie_word_embeddings=tied)
+    assert len(list(src.glob("*.safetensors"))) > 3
+    report = tp.hf.prune_checkpoint(src, tmp_path / "out", recipe, max_shard_bytes=30_000)
+    expected = _in_memory(dense, recipe)
+    assert report.plain_config and report.params_after == sum(
+        p.numel() for p in expected.parameters()
+    )
+    assert report.bytes_read > 0 and report.bytes_written > 0
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    mine, theirs = loaded.state_dict(), expected.state_dict()
+    assert set(mine) == set(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    with torch.no_grad():
+        kwargs = dict(attention_mask=torch.ones_like(IDS), max_new_tokens=5, do_sample=False)
+        assert torch.equal(loaded.generate(IDS, **kwargs), expected.generate(IDS, **kwargs))
+    assert (tmp_path / "out" / "generation_config.json").is_file()
+
+
+def test_per_layer_widths_stream_into_a_plan_and_bfloat16_stays(tmp_path):
+    dense = tiny_llama(3).to(torch.bfloat16)
+    with torch.no_grad():
+        dense.model.layers[0].mlp.down_proj.weight.mul_(4)  # layer 0's neurons score higher
+    dense.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    recipe = {"pruning_ratio_dict": {"neurons": 0.3}, "global_pruning": True}
+    report = tp.hf.prune_checkpoint(tmp_path / "src", tmp_path / "out", recipe)
+    assert not report.plain_config
+    loaded = tp.hf.from_pretrained(tmp_path / "out").eval()
+    source = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    expected = _in_memory(source, recipe)  # as loaded: rotary frequencies in float32
+    widths = [layer.mlp.down_proj.in_features for layer in loaded.model.layers]
+    assert widths == [layer.mlp.down_proj.in_features for layer in expected.model.layers]
+    assert len(set(widths)) > 1
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    mine, theirs = loaded.state_dict(), expected.state_dict()
+    assert set(mine) == set(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, expected(IDS).logits)
+
+
+def test_refused_inputs_and_failed_runs_write_nothing(tmp_path, monkeypatch):
+    dense, src = _checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier result")
+
+    def refused(match: str) -> None:
+        with pytest.raises(tp.CheckpointError, match=match):
+            tp.hf.prune_checkpoint(src, out, {"neurons": 0.25})
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.rename(tmp_path / "aside")
+    refused(r"shards listed in model.safetensors.index.json are missing: \['model-00002")
+    (tmp_path / "aside").rename(shard)
+
+    index = src / "model.safetensors.index.json"
+    listed = json.loads(index.read_text())
+    from safetensors.torch import save_file
+
+    save_file({"extra.weight": torch.zeros(3)}, str(src / "extra.safetensors"))
+    index.write_text(
+        json.dumps(
+            {**listed, "weight_map": {**listed["weight_map"], "extra.weight": "extra.safetensors"}}
+        )
+    )
+    refused(r"tensors the config does not explain: \['extra.weight'\]")
+    index.write_text(json.dumps(listed))
+
+    calls = []
+    write = ShardWriter.add
+
+    def failing(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        write(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "add", failing)
+    with pytest.raises(OSError, match="disk full"):
+        tp.hf.prune_checkpoint(src, out, {"neurons": 0.25})
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    monkeypatch.undo()
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((src / "config.json").read_text())
+    torch.save(dense.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(tp.CheckpointError, match=r"pickle \(.bin\) weights"):
+        tp.hf.prune_checkpoint(pickled, tmp_path / "never", {"neurons": 0.25})
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_command_line_streams_a_folder_and_prints_what_changed(tmp_path, capsys):
+    from torchslim.cli.main import main
+
+    _, src = _checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["prune-hf", str(src), "--out", str(out), "--kinds", "neurons=0.25"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"intermediate_size\s+64\s+48", printed)
+    assert "plain from_pretrained loads it" in printed and "peak memory" in printed
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert [layer.mlp.down_proj.in_features for layer in loaded.model.layers] == [48] * 3
+    assert main(["prune-hf", str(src), "--out", str(out)]) == 2
+    assert "give --kinds, --ratio or both" in capsys.readouterr().err

@@ -1,0 +1,73 @@
+"""``torchslim prune-hf``: prune a Hugging Face checkpoint folder shard by shard, without
+loading it (see :func:`torchslim.hf.prune_checkpoint`)."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+from pathlib import Path
+from typing import Any
+
+import torchslim as tp
+from torchslim.cli.commands.prune import kind_ratios
+from torchslim.cli.common import add_command, table
+from torchslim.utils.ops_counter import count
+
+
+def register(commands: Any) -> None:
+    sub = add_command(
+        commands,
+        "prune-hf",
+        "Prune a Hugging Face checkpoint folder shard by shard (L2 magnitude), without loading it.",
+        run,
+        model=False,
+    )
+    sub.add_argument("src", type=Path, help="a save_pretrained folder (safetensors shards)")
+    sub.add_argument("--out", type=Path, required=True, help="the pruned folder to write")
+    sub.add_argument(
+        "--kinds", help="ratios per kind of channel, as neurons=0.2,heads=0.25,width=0.1"
+    )
+    sub.add_argument("--ratio", type=float, help="fraction of every group's channels")
+    sub.add_argument("--global", dest="global_pruning", action="store_true", help="rank globally")
+    sub.add_argument("--round-to", type=int, help="keep channel counts multiples of this")
+    sub.add_argument(
+        "--max-shard-size", type=float, default=5.0, help="gigabytes per written shard"
+    )
+    sub.add_argument(
+        "--trust-pickle", action="store_true", help="allow .bin (pickle) weights: runs their code"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    kinds = kind_ratios(args.kinds)
+    if args.ratio is None and not kinds:
+        raise ValueError("give --kinds, --ratio or both")
+    if args.ratio is not None and not 0 <= args.ratio < 1:
+        raise ValueError(f"--ratio must be in [0, 1), got {args.ratio}")
+    recipe = {
+        "pruning_ratio": args.ratio or 0.0,
+        "pruning_ratio_dict": kinds or None,
+        "global_pruning": args.global_pruning,
+        "round_to": args.round_to,
+    }
+    report = tp.hf.prune_checkpoint(
+        args.src,
+        args.out,
+        recipe,
+        max_shard_bytes=int(args.max_shard_size * 1e9),
+        trust_pickle=args.trust_pickle,
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rows = [
+        ("params", count(report.params_before), count(report.params_after)),
+        *((name, str(a), str(b)) for name, (a, b) in report.changed.items()),
+    ]
+    print(table(rows, ("", "before", "after")))
+    print(
+        f"read {report.bytes_read / 1e9:.2f} GB, wrote {report.bytes_written / 1e9:.2f} GB in "
+        f"{report.seconds:.1f} s ({report.bytes_read / 1e6 / max(report.seconds, 1e-9):.0f} "
+        f"MB/s read); peak memory {peak:.2f} GB"
+    )
+    loader = "plain from_pretrained" if report.plain_config else "tp.hf.from_pretrained"
+    print(f"wrote {args.out}/ ({loader} loads it)")
+    return 0

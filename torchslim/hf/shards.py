@@ -1,0 +1,154 @@
+"""Reading and writing safetensors checkpoints one tensor at a time (``save_pretrained``
+layout: ``model.safetensors``, or shards listed by ``model.safetensors.index.json``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchslim.persistence import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class ShardReader:
+    """The tensors of a checkpoint folder by name, each read from its shard when asked."""
+
+    def __init__(self, folder: Path, trust_pickle: bool = False) -> None:
+        self.folder = folder
+        index = folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (folder / SINGLE).is_file():
+            weight_map = {name: SINGLE for name in _keys(folder / SINGLE)}
+        elif any(folder.glob("*.bin")) and not trust_pickle:
+            raise CheckpointError(
+                f"{folder} holds pickle (.bin) weights: loading them runs code from the file; "
+                "convert them to safetensors or pass trust_pickle=True"
+            )
+        else:
+            raise CheckpointError(f"no safetensors weights in {folder}")
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{folder}: shards listed in {INDEX} are missing: {missing}")
+        self.weight_map: dict[str, str] = weight_map
+        self.bytes_read = 0
+
+    def names(self) -> list[str]:
+        """Tensor names, grouped by shard (each shard read front to back)."""
+        return sorted(self.weight_map, key=lambda n: (self.weight_map[n], n))
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of a tensor, from its shard's header."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as handle:
+            stored = handle.get_slice(name).get_dtype()
+        return next(dtype for dtype, label in DTYPES.items() if label == stored)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+#: safetensors dtype names
+DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class ShardWriter:
+    """Writes the tensors of a planned layout (names, shapes, dtypes, in writing order) into
+    safetensors shards of at most ``max_bytes`` each (a bigger tensor gets a shard of its own):
+    headers are written first, each tensor's bytes at its place as it comes, so only one tensor
+    is ever in memory. With more than one shard, the index ``from_pretrained`` reads too."""
+
+    def __init__(
+        self, folder: Path, max_bytes: int, layout: list[tuple[str, tuple[int, ...], torch.dtype]]
+    ) -> None:
+        self.folder = folder
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, shape, dtype))
+            size += nbytes
+        total = len(shards)
+        self.places: dict[str, tuple[Path, int, tuple[int, ...], torch.dtype]] = {}
+        self.weight_map: dict[str, str] = {}
+        self.bytes_written = 0
+        for number, tensors in enumerate(shards, 1):
+            file = SINGLE if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
+            self._start(folder / file, tensors)
+            self.weight_map.update(dict.fromkeys((n for n, _, _ in tensors), file))
+        self.total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in layout)
+
+    def _start(self, path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in tensors:
+            end = offset + math.prod(shape) * dtype.itemsize
+            header[name] = {
+                "dtype": DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        start = 8 + len(text)
+        with open(path, "wb") as handle:
+            handle.write(struct.pack("<Q", len(text)) + text)
+            handle.truncate(start + offset)
+        for name, shape, dtype in tensors:
+            self.places[name] = (path, start + header[name]["data_offsets"][0], shape, dtype)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        path, at, shape, dtype = self.places[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(
+                f"{name}: {list(tensor.shape)} {tensor.dtype} where the plan writes "
+                f"{list(shape)} {dtype}"
+            )
+        data = tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+        with open(path, "r+b") as handle:
+            handle.seek(at)
+            handle.write(data.data)
+        self.bytes_written += data.nbytes
+
+    def close(self) -> None:
+        """Check every planned tensor was written; write the index of a sharded checkpoint."""
+        if self.bytes_written != self.total:
+            raise CheckpointError(f"wrote {self.bytes_written} of {self.total} planned bytes")
+        if len(set(self.weight_map.values())) > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

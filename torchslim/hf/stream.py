@@ -1,0 +1,249 @@
+"""Pruning a Hugging Face checkpoint without holding it in memory, one tensor at a time.
+
+:func:`prune_checkpoint` builds the model from ``config.json`` on ``meta`` (no memory), traces
+it and computes the groups; then it reads the shards once to score positions (data-free
+criteria: the magnitude of every coupled slice), lets :class:`~torchslim.pruner.MetaPruner`
+choose and prune on ``meta`` (the same choice it makes in memory: the scores are the same
+numbers), and reads the shards a second time, slicing each layer's tensors as the recorded plan
+says and writing them into new shards. Peak memory is about one layer's tensors plus the
+shard being written. The output is a ``save_pretrained`` folder: the config follows the
+pruning (or records the plan when widths differ per layer: ``tp.hf.from_pretrained`` loads
+it); tokenizer and generation files are copied; it is written to a temporary folder and moved
+into place, so an interrupted run leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from torchslim.graph.kinds import KINDS
+from torchslim.graph.record import model_history
+from torchslim.hf.checkpoint import _architecture
+from torchslim.hf.shards import ShardReader, ShardWriter
+from torchslim.importance.criteria import MagnitudeImportance
+from torchslim.persistence import CheckpointError, apply_operation, atomic_folder
+from torchslim.pruner.meta import MetaPruner
+from torchslim.spaces.analysis import ParamDim
+from torchslim.utils.progress import progress
+
+COPIED = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt")
+COPIED += ("chat_template.*", "generation_config.json")
+PathLike = Union[str, Path]
+
+
+@dataclass
+class StreamReport:
+    """What :func:`prune_checkpoint` did: parameters before and after, bytes read and written,
+    seconds, and whether a plain config describes the result."""
+
+    params_before: int
+    params_after: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    plain_config: bool
+    #: config fields the pruning changed: ``{"intermediate_size": (14336, 11469)}``
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return (
+            f"params {self.params_before:,} -> {self.params_after:,}; read "
+            f"{self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in "
+            f"{self.seconds:.1f} s; "
+            + ("plain config" if self.plain_config else "per-layer plan (tp.hf.from_pretrained)")
+        )
+
+
+class _Layers:
+    """Real tensors of one layer at a time: read from the checkpoint, with the plan recorded
+    so far on the pruned model replayed on them (what the in-memory model holds by then)."""
+
+    def __init__(self, dense: nn.Module, pruned: nn.Module, reader: ShardReader) -> None:
+        self.dense = dense
+        self.pruned = pruned
+        self.reader = reader
+        self.keys = _checkpoint_keys(dense, reader)
+
+    def owner(self, name: str, attr: str) -> tuple[str, str]:
+        """The layer a shared (tied) tensor is pruned through: the one the plan names."""
+        key = self.keys[(name, attr)]
+        owners = [ref for ref, k in self.keys.items() if k == key]
+        if len(owners) == 1:
+            return name, attr
+        planned = {op["module"] for step in model_history(self.pruned) for op in step["ops"]}
+        return next((o for o in owners if (o[0] or "<model>") in planned), owners[0])
+
+    def tensor(self, name: str, attr: str) -> torch.Tensor:
+        """The real tensor ``name.attr`` as the pruned model holds it now."""
+        owner, owner_attr = self.owner(name, attr)
+        real = getattr(self.current(owner, [owner_attr]), owner_attr)
+        expected = getattr(self.pruned.get_submodule(name) if name else self.pruned, attr).shape
+        if real.shape != expected:
+            raise CheckpointError(
+                f"{self.keys[(name, attr)]}: {list(real.shape)} after replaying the plan, the "
+                f"pruned model holds {list(expected)}"
+            )
+        return real
+
+    def planned(self, name: str, attr: str) -> tuple[str, tuple[int, ...], torch.dtype]:
+        """Checkpoint name, pruned shape and stored dtype of ``name.attr``."""
+        key = self.keys[(name, attr)]
+        shape = getattr(self.pruned.get_submodule(name) if name else self.pruned, attr).shape
+        return key, tuple(shape), self.reader.dtype(key)
+
+    def current(self, name: str, attrs: list[str]) -> nn.Module:
+        """A copy of layer ``name`` whose ``attrs`` are real and pruned as planned so far."""
+        module = self.dense.get_submodule(name) if name else self.dense
+        layer = copy.copy(module)
+        layer._parameters, layer._buffers = dict(module._parameters), dict(module._buffers)
+        for attr in attrs:
+            real = self.reader.get(self.keys[(name, attr)])
+            if attr in layer._parameters:
+                layer._parameters[attr] = nn.Parameter(real, requires_grad=False)
+            else:
+                layer._buffers[attr] = real
+        label = name or "<model>"
+        for step in model_history(self.pruned):
+            for op in step["ops"]:
+                if op["module"] == label:
+                    apply_operation(layer, op)
+        return layer
+
+    def stored(self, name: str, module: nn.Module) -> list[str]:
+        """The module's own tensors that the checkpoint holds (a tied tensor under the name
+        of the layer it is pruned through)."""
+        return [
+            attr
+            for attr, tensor in [*module._parameters.items(), *module._buffers.items()]
+            if tensor is not None
+            and (name, attr) in self.keys
+            and self.owner(name, attr) == (name, attr)
+        ]
+
+
+class _StreamedMagnitude(MagnitudeImportance):
+    """``MagnitudeImportance`` on a model on ``meta``: each scored tensor is read from the
+    checkpoint as the model holds it at that moment (see :class:`_Layers`)."""
+
+    def __init__(self, layers: _Layers, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.layers = layers
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        name, attr = member.ref.module_name, member.ref.name
+        if (name, attr) not in self.layers.keys:
+            return None
+        return super().position_scores(member, self.layers.tensor(name, attr))
+
+
+def prune_checkpoint(
+    src: PathLike,
+    dst: PathLike,
+    recipe: Mapping[str, Any],
+    *,
+    p: int = 2,
+    max_shard_bytes: int = 5 * 10**9,
+    example_length: int = 16,
+    trust_pickle: bool = False,
+) -> StreamReport:
+    """Prune the checkpoint folder ``src`` into ``dst`` by ``recipe`` without loading it.
+
+    ``recipe``: keyword arguments of :class:`~torchslim.pruner.MetaPruner`
+    (``pruning_ratio_dict``, ``pruning_ratio``, ``global_pruning``, ``round_to``, ...), or
+    kinds and ratios alone (``{"neurons": 0.2}``). Channels are ranked by the L``p`` magnitude
+    of their coupled slices, as ``MagnitudeImportance(p)`` ranks them in memory."""
+    import transformers
+
+    start = time.time()
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{src} has no config.json")
+    reader = ShardReader(src, trust_pickle)
+    config = transformers.AutoConfig.from_pretrained(src)
+    model_class = _architecture(config)
+    with torch.device("meta"):
+        model = model_class(copy.deepcopy(config)).eval()
+        dense = model_class(copy.deepcopy(config)).eval()
+    layers = _Layers(dense, model, reader)
+    ids = torch.zeros(1, example_length, dtype=torch.long, device="meta")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".* ranks .* without calibration data")
+        pruner = MetaPruner(
+            model, ids, importance=_StreamedMagnitude(layers, p=p), **_pruner_arguments(recipe)
+        )
+        params_before = _count(model)
+        pruner.step()
+    plain = not hasattr(model.config, "torchslim_plan")
+
+    def write(folder: Path) -> None:
+        stored = [
+            (name, attr) for name, m in dense.named_modules() for attr in layers.stored(name, m)
+        ]
+        writer = ShardWriter(folder, max_shard_bytes, [layers.planned(*ref) for ref in stored])
+        for name, attr in progress(stored, "writing", unit="tensor"):
+            writer.add(layers.keys[(name, attr)], layers.tensor(name, attr))
+        writer.close()
+        model.config.save_pretrained(folder)
+        for pattern in COPIED:
+            for file in src.glob(pattern):
+                if file.is_file() and not (folder / file.name).exists():
+                    shutil.copy2(file, folder / file.name)
+        report.bytes_written = writer.bytes_written
+
+    before, after = vars(config), vars(model.config)
+    changed = {
+        k: (v, after.get(k)) for k, v in before.items() if type(v) is int and after.get(k) != v
+    }
+    report = StreamReport(params_before, _count(model), 0, 0, 0.0, plain, changed)
+    atomic_folder(dst, write)
+    report.bytes_read = reader.bytes_read
+    report.seconds = time.time() - start
+    return report
+
+
+def _pruner_arguments(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    recipe = dict(recipe)
+    if recipe and set(recipe) <= set(KINDS):
+        recipe = {"pruning_ratio_dict": recipe}
+    recipe.setdefault("pruning_ratio", 0.0)
+    return recipe
+
+
+def _checkpoint_keys(model: nn.Module, reader: ShardReader) -> dict[tuple[str, str], str]:
+    """The checkpoint name of each (module, attribute) tensor (tied ones are stored once,
+    under one of their names); refuses a checkpoint with tensors the config does not build,
+    or without ones it does."""
+    stored = set(reader.weight_map)
+    state = model.state_dict()
+    unexplained = sorted(stored - set(state))
+    if unexplained:
+        raise CheckpointError(
+            f"tensors the config does not explain: {unexplained[:5]} (a checkpoint of another "
+            "architecture, or weights transformers renames on loading)"
+        )
+    by_tensor: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in stored:
+            by_tensor.setdefault(id(tensor), name)
+    absent = sorted(n for n, t in model.named_parameters() if id(t) not in by_tensor)
+    if absent:
+        raise CheckpointError(f"the checkpoint lacks tensors the config builds: {absent[:5]}")
+    keys = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and id(tensor) in by_tensor:
+                keys[(name, attr)] = by_tensor[id(tensor)]
+    return keys
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
