@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.report import publish  # noqa: E402
+from benchmarks.report import publish, run_measured  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "8b": dict(
@@ -171,23 +170,13 @@ def run(library: str, size: str, ratio: float, timeout: float) -> dict[str, Any]
     """The worker in a child process: its result, peak RSS, or how it failed."""
     command = [sys.executable, __file__, "--worker", library, "--size", size]
     command += ["--ratio", str(ratio)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            process.kill()
-            _, status, usage = os.wait4(process.pid, 0)
-            return {"library": library, "error": f"timeout after {timeout:.0f} s"}
-        time.sleep(0.5)
-    stdout, stderr = process.stdout.read(), process.stderr.read()
-    peak_gb = usage.ru_maxrss / 2**20
+    status, stdout, stderr, peak_gb = run_measured(command, timeout)
+    if status is None:
+        return {"library": library, "error": f"timeout after {timeout:.0f} s"}
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    if os.WIFSIGNALED(status) or not lines:
+    if status < 0 or not lines:
         why = stderr.strip().splitlines()[-1] if stderr.strip() else "killed"
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9:
+        if status == -9:
             why = "killed (out of memory)"
         return {"library": library, "error": why[:200], "peak_gb": peak_gb}
     result = json.loads(lines[-1])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -13,3 +16,21 @@ def publish(lines: list[str], footer: str, path: Optional[Path]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
+
+
+def run_measured(command: list[str], timeout: float) -> tuple[Optional[int], str, str, float]:
+    """Run ``command`` in a child process: its exit status (``None`` on timeout, negative for a
+    signal), standard output and error, and its peak resident memory in GB (from ``wait4``)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            process.kill()
+            _, status, usage = os.wait4(process.pid, 0)
+            return None, "", "", usage.ru_maxrss / 2**20
+        time.sleep(0.5)
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return code, process.stdout.read(), process.stderr.read(), usage.ru_maxrss / 2**20

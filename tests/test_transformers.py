@@ -373,3 +373,20 @@ def test_load_pruned_leaves_a_hugging_face_config_true_to_the_weights(tmp_path):
     fresh.save_pretrained(tmp_path / "hf")
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(reloaded(x).logits, model(x).logits)
+
+
+def test_a_width_the_config_class_refuses_is_kept_as_a_plan_and_saves(tmp_path):
+    """transformers refuses to save a hidden size that is not a multiple of the heads, even
+    with ``head_dim`` set: such a width is recorded as a plan, never a config that cannot save."""
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 8))
+    with pytest.warns(UserWarning):
+        tp.pruner.MagnitudePruner(
+            model, ids, pruning_ratio=0.0, pruning_ratio_dict={"width": 0.1}
+        ).step()
+    assert model.model.embed_tokens.embedding_dim == 29
+    assert hasattr(model.config, tp.hf.RECORD_KEY) and model.config.hidden_size == 32
+    model.save_pretrained(tmp_path)
+    reloaded = tp.hf.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

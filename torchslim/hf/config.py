@@ -297,10 +297,24 @@ def _fit(
                     set_field(trial, *change)
         except (TypeError, ValueError):  # the config class validates its fields
             continue
+        if not _valid(trial):
+            continue
         shapes_fit = mismatches(build_shapes(model_class, trial), target) == 0
         if shapes_fit and same_computed_buffers(model, model_class, trial):
             return trial
     return None
+
+
+def _valid(config: Any) -> bool:
+    """Whether the config class accepts the config as a whole (``save_pretrained`` checks it:
+    a hidden size that is not a multiple of the heads is refused even with ``head_dim`` set)."""
+    validate = getattr(config, "validate", None)
+    try:
+        if validate is not None:
+            validate()
+    except Exception:  # validators raise their own error types
+        return False
+    return True
 
 
 def _probes(model: nn.Module, number: int, base: Any) -> list[FieldProbe]:

@@ -151,6 +151,7 @@ def prune_checkpoint(
     recipe: Mapping[str, Any],
     *,
     p: int = 2,
+    model_class: Optional[type] = None,
     max_shard_bytes: int = 5 * 10**9,
     example_length: int = 16,
     trust_pickle: bool = False,
@@ -160,7 +161,8 @@ def prune_checkpoint(
     ``recipe``: keyword arguments of :class:`~torchslim.pruner.MetaPruner`
     (``pruning_ratio_dict``, ``pruning_ratio``, ``global_pruning``, ``round_to``, ...), or
     kinds and ratios alone (``{"neurons": 0.2}``). Channels are ranked by the L``p`` magnitude
-    of their coupled slices, as ``MagnitudeImportance(p)`` ranks them in memory."""
+    of their coupled slices, as ``MagnitudeImportance(p)`` ranks them in memory.
+    ``model_class`` defaults to the class ``config.architectures`` names."""
     import transformers
 
     start = time.time()
@@ -169,7 +171,7 @@ def prune_checkpoint(
         raise CheckpointError(f"{src} has no config.json")
     reader = ShardReader(src, trust_pickle)
     config = transformers.AutoConfig.from_pretrained(src)
-    model_class = _architecture(config)
+    model_class = model_class or _architecture(config)
     with torch.device("meta"):
         model = model_class(copy.deepcopy(config)).eval()
         dense = model_class(copy.deepcopy(config)).eval()

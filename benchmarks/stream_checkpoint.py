@@ -1,0 +1,190 @@
+"""Pruning Hugging Face checkpoints shard by shard: time, peak memory, bytes read and written.
+
+Checkpoints are generated here (random bf16 weights, written one tensor at a time into 5 GB
+shards, kept under ``.cache/stream/`` for reruns): a Llama-3-8B-shaped model (32 layers, about
+16 GB) and Llama-3-70B-shaped models with a few of their 80 layers (hidden 8192, MLP 28672, 64
+heads / 8 KV), whose per-layer cost is extrapolated to 80 layers. Each is pruned by
+``tp.hf.prune_checkpoint`` in its own process (peak RSS from ``wait4``): 20% of the heads, MLP
+neurons and hidden size by L2 magnitude. ``cat`` of the shards to ``/dev/null`` is timed in the
+same run (the page cache serves both: read the ratio, not the seconds); the output is reloaded
+with ``from_pretrained`` in another process, which generates a few tokens.
+
+    .venv/bin/python benchmarks/stream_checkpoint.py --markdown benchmarks/results/stream_checkpoint.md
+    .venv/bin/python benchmarks/stream_checkpoint.py --sizes tiny       # seconds, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.llm_scale import SIZES  # noqa: E402
+from benchmarks.report import publish, run_measured  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "stream"
+SHARD = 5 * 10**9
+LLAMA_70B = dict(
+    vocab_size=128256,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {**SIZES["tiny"]},
+    "8b": {**SIZES["8b"]},
+    "70b-2": {**LLAMA_70B, "num_hidden_layers": 2},
+    "70b-4": {**LLAMA_70B, "num_hidden_layers": 4},
+}
+
+
+def generate(name: str) -> Path:
+    """The checkpoint folder of shape ``name``, written once (one tensor in memory at a time)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from torchslim.hf.shards import ShardWriter
+
+    folder = CACHE / name
+    if (folder / "config.json").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    config = LlamaConfig(**SHAPES[name], dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    state = model.state_dict()
+    layout = [
+        (k, tuple(t.shape), torch.bfloat16)
+        for k, t in state.items()
+        if k != "lm_head.weight" or not config.tie_word_embeddings
+    ]
+    writer = ShardWriter(folder, SHARD, layout)
+    generator = torch.Generator().manual_seed(0)
+    for key, shape, dtype in layout:
+        if key.endswith("norm.weight"):
+            tensor = torch.ones(shape, dtype=dtype)
+        else:
+            tensor = (torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02).to(dtype)
+        writer.add(key, tensor)
+        del tensor
+    writer.close()
+    config.save_pretrained(folder)
+    return folder
+
+
+def cat_seconds(folder: Path) -> float:
+    start = time.perf_counter()
+    shards = sorted(str(p) for p in folder.glob("*.safetensors"))
+    subprocess.run(["cat", *shards], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+def worker(src: str, dst: str, ratio: float) -> None:
+    import torchslim as tp
+
+    recipe = {"heads": ratio, "neurons": ratio, "width": ratio}
+    report = tp.hf.prune_checkpoint(src, dst, recipe)
+    print(json.dumps({**vars(report), "changed": {k: list(v) for k, v in report.changed.items()}}))
+
+
+def check_reload(dst: str) -> None:
+    """Load the output (``tp.hf.from_pretrained``: plain transformers loading, replaying a
+    recorded plan where widths need one) and generate a few tokens."""
+    import torchslim as tp
+
+    model = tp.hf.from_pretrained(dst, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=3, do_sample=False)
+    print(json.dumps({"generated": out.shape[1] - 4}))
+
+
+def measure(name: str, ratio: float, timeout: float) -> dict[str, Any]:
+    src = generate(name)
+    dst = CACHE / f"{name}-pruned"
+    read_s = cat_seconds(src)
+    command = [sys.executable, __file__, "--worker", str(src), str(dst), str(ratio)]
+    status, stdout, stderr, peak = run_measured(command, timeout)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if status != 0 or not lines:
+        return {"name": name, "error": (stderr.strip().splitlines() or ["killed"])[-1][:200]}
+    result = {"name": name, "read_s": read_s, "peak_gb": peak, **json.loads(lines[-1])}
+    status, stdout, _, reload_peak = run_measured(
+        [sys.executable, __file__, "--reload", str(dst)], timeout
+    )
+    result["reloads"] = status == 0 and '"generated": 3' in stdout
+    result["reload_peak_gb"] = reload_peak
+    shutil.rmtree(dst, ignore_errors=True)
+    return result
+
+
+def markdown(results: list[dict[str, Any]], ratio: float) -> tuple[list[str], str]:
+    lines = [
+        "| checkpoint | on disk | prune s | `cat` s | ratio | peak RSS GB | read GB | written GB | "
+        "params | reloads and generates |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | - | - | - | - | - | - | - | - | {r['error']} |")
+            continue
+        size = sum(p.stat().st_size for p in (CACHE / r["name"]).glob("*.safetensors")) / 1e9
+        lines.append(
+            f"| {r['name']} | {size:.1f} GB | {r['seconds']:.0f} | {r['read_s']:.0f} | "
+            f"{r['seconds'] / max(r['read_s'], 1e-9):.1f}x | {r['peak_gb']:.2f} | "
+            f"{r['bytes_read'] / 1e9:.1f} | {r['bytes_written'] / 1e9:.1f} | "
+            f"{r['params_before'] / 1e9:.2f} B -> {r['params_after'] / 1e9:.2f} B | "
+            f"{'yes' if r['reloads'] else '**no**'} |"
+        )
+    per_layer = {r["name"]: r for r in results if r["name"].startswith("70b") and "error" not in r}
+    footer = (
+        f"{ratio:.0%} of heads, MLP neurons and hidden size by L2 magnitude; bf16 random weights "
+        "in 5 GB shards; each prune in its own process on this machine (2 cores, 24 GB)."
+    )
+    if {"70b-2", "70b-4"} <= set(per_layer):
+        two, four = per_layer["70b-2"], per_layer["70b-4"]
+        layer_s = (four["seconds"] - two["seconds"]) / 2
+        total = two["seconds"] + 78 * layer_s
+        footer += (
+            f" 70B-shaped: {layer_s:.0f} s per layer, peak RSS {two['peak_gb']:.2f} GB with 2 "
+            f"layers and {four['peak_gb']:.2f} GB with 4 (independent of depth); extrapolated "
+            f"to 80 layers: about {total / 60:.0f} minutes."
+        )
+    return lines, footer
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="*", default=["8b", "70b-2", "70b-4"], choices=SHAPES)
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--reload", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker[0], args.worker[1], float(args.worker[2]))
+        return
+    if args.reload:
+        check_reload(args.reload)
+        return
+    results = []
+    for name in args.sizes:
+        results.append(measure(name, args.ratio, args.timeout))
+        print(results[-1], flush=True)
+    lines, footer = markdown(results, args.ratio)
+    publish(lines, footer, args.markdown)
+
+
+if __name__ == "__main__":
+    main()
