@@ -134,6 +134,10 @@ def test_refused_inputs_and_failed_runs_write_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     monkeypatch.undo()
 
+    with pytest.raises(tp.CheckpointError, match=r"changes computed buffers \(model.rotary_emb"):
+        tp.hf.prune_checkpoint(src, out, {"head_dim": 0.25})
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((src / "config.json").read_text())

@@ -33,7 +33,7 @@ def from_pretrained(
 
     path = Path(path)
     config = transformers.AutoConfig.from_pretrained(path)
-    model_class = model_class or _architecture(config)
+    model_class = model_class or model_class_of(config)
     record = getattr(config, RECORD_KEY, None)
     if record is None:
         return model_class.from_pretrained(path, **kwargs)
@@ -91,7 +91,8 @@ def _tie_declared_weights(model: nn.Module) -> None:
         setattr(model.get_submodule(owner), name, model.get_parameter(source))
 
 
-def _architecture(config: Any) -> type:
+def model_class_of(config: Any) -> type:
+    """The transformers class a config names in ``architectures``."""
     import transformers
 
     names = getattr(config, "architectures", None) or []

@@ -27,11 +27,12 @@ from torch import nn
 
 from torchslim.graph.kinds import KINDS
 from torchslim.graph.record import model_history
-from torchslim.hf.checkpoint import _architecture
+from torchslim.hf.checkpoint import model_class_of
 from torchslim.hf.shards import ShardReader, ShardWriter
 from torchslim.importance.criteria import MagnitudeImportance
 from torchslim.persistence import CheckpointError, apply_operation, atomic_folder
 from torchslim.pruner.meta import MetaPruner
+from torchslim.pruning.journal import unjournaled
 from torchslim.spaces.analysis import ParamDim
 from torchslim.utils.progress import progress
 
@@ -112,10 +113,11 @@ class _Layers:
             else:
                 layer._buffers[attr] = real
         label = name or "<model>"
-        for step in model_history(self.pruned):
-            for op in step["ops"]:
-                if op["module"] == label:
-                    apply_operation(layer, op)
+        with unjournaled():  # a copy: nothing to undo, and a trial must not keep its slices
+            for step in model_history(self.pruned):
+                for op in step["ops"]:
+                    if op["module"] == label:
+                        apply_operation(layer, op)
         return layer
 
     def stored(self, name: str, module: nn.Module) -> list[str]:
@@ -171,7 +173,7 @@ def prune_checkpoint(
         raise CheckpointError(f"{src} has no config.json")
     reader = ShardReader(src, trust_pickle)
     config = transformers.AutoConfig.from_pretrained(src)
-    model_class = model_class or _architecture(config)
+    model_class = model_class or model_class_of(config)
     with torch.device("meta"):
         model = model_class(copy.deepcopy(config)).eval()
         dense = model_class(copy.deepcopy(config)).eval()
@@ -184,6 +186,7 @@ def prune_checkpoint(
         )
         params_before = _count(model)
         pruner.step()
+    _refuse_computed_buffers(dense, model)
     plain = not hasattr(model.config, "torchslim_plan")
 
     def write(folder: Path) -> None:
@@ -245,6 +248,23 @@ def _checkpoint_keys(model: nn.Module, reader: ShardReader) -> dict[tuple[str, s
             if tensor is not None and id(tensor) in by_tensor:
                 keys[(name, attr)] = by_tensor[id(tensor)]
     return keys
+
+
+def _refuse_computed_buffers(dense: nn.Module, pruned: nn.Module) -> None:
+    """Buffers the model computes rather than loads (RoPE frequencies) have no values on
+    ``meta``: a pruning that changes one cannot be streamed."""
+    saved = set(dense.state_dict())
+    before = dict(dense.named_buffers())
+    changed = [
+        name
+        for name, buffer in pruned.named_buffers()
+        if name not in saved and name in before and buffer.shape != before[name].shape
+    ]
+    if changed:
+        raise CheckpointError(
+            f"the pruning changes computed buffers ({', '.join(changed[:3])}): their values "
+            "cannot be streamed; prune these channels (head_dim) in memory"
+        )
 
 
 def _count(model: nn.Module) -> int:

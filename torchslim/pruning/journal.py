@@ -70,13 +70,9 @@ class Journal:
     def undo(self, replace: Setter) -> None:
         """Put every recorded tensor back, newest first (``replace`` sets a tensor the way
         pruning does: a parameter stays a parameter)."""
-        token = _ACTIVE.set(None)
-        try:
-            with torch.no_grad():
-                for entry in reversed(self.entries):
-                    self._undo(entry, replace)
-        finally:
-            _ACTIVE.reset(token)
+        with unjournaled(), torch.no_grad():
+            for entry in reversed(self.entries):
+                self._undo(entry, replace)
         self.entries.clear()
 
     @staticmethod
@@ -128,5 +124,16 @@ def journaled() -> Iterator[Journal]:
     token = _ACTIVE.set(journal)
     try:
         yield journal
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextmanager
+def unjournaled() -> Iterator[None]:
+    """Replacements inside the block are not recorded (pruning a temporary copy of a layer
+    while a trial is open: the journal would keep the copy's removed slices)."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
     finally:
         _ACTIVE.reset(token)
