@@ -4,6 +4,7 @@ the fused expert weights, routing kept valid, configs that follow, calibrated ex
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -288,3 +289,24 @@ def test_a_different_expert_count_per_layer_reloads_through_the_plan(tmp_path):
     assert [e.num_experts for e in _experts(reloaded)] == [5, 7]
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, got)
+
+
+def test_the_command_line_removes_experts_by_reap_on_a_text(tmp_path, capsys):
+    from helpers import WORDS
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from torchslim.cli.main import main
+
+    folder = tmp_path / "moe"
+    _model("qwen3_moe").save_pretrained(folder)
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([WORDS], trainers.WordLevelTrainer(special_tokens=["<unk>"]))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    (tmp_path / "notes.txt").write_text(WORDS)
+    argv = ["prune", str(folder), "--kinds", "experts=0.5", "--importance", "reap"]
+    argv += ["--calibration", str(tmp_path / "notes.txt"), "--calibration-size", "64"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert re.search(r"experts\s+50%\s+2/2\s+16 -> 8", capsys.readouterr().out)
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "moe")
+    assert pruned.config.num_experts == 4 and [e.num_experts for e in _experts(pruned)] == [4, 4]
