@@ -218,3 +218,27 @@ def test_resnet_blocks_go_and_the_rest_computes_as_before():
         expected = dense(x)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+class _Body(nn.Module):
+    """An EDSR-style block: ``x + body(x)`` where the body is itself a Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def test_a_block_whose_body_is_a_container_is_still_a_residual_block():
+    model = nn.Sequential(nn.Linear(8, 16), _Body(), _Body(), nn.Linear(16, 2)).eval()
+    x = torch.randn(4, 8)
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    reasons = {b.name: b.reason for b in graph.blocks}
+    assert reasons["1"] is None and reasons["2"] is None
+    assert "not a residual block" in reasons["1.body.0"]
+    dense = copy.deepcopy(model)
+    result = tp.prune_blocks(model, x, n=1, importance="random")
+    with torch.no_grad(), skipping([dense.get_submodule(result.removed[0])]):
+        torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)

@@ -192,7 +192,11 @@ def _check(graph, example_inputs, pairs, forward_fn, tolerance) -> GroupCheck:
 
 def _is_router(member: Any) -> bool:
     """A 2-D weight outside the experts layer whose rows are experts: the router's."""
-    return not is_routed_experts(member.ref.module) and member.ref.tensor.dim() == 2
+    return (
+        member.dim == 0
+        and not is_routed_experts(member.ref.module)
+        and member.ref.tensor.dim() == 2
+    )
 
 
 class _NeverRouted(TorchFunctionMode):
@@ -206,7 +210,8 @@ class _NeverRouted(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is F.linear and len(args) > 1 and id(args[1]) in self.rows:
-            out = out.index_fill(-1, torch.tensor(self.rows[id(args[1])]), float("-inf"))
+            rows = torch.tensor(self.rows[id(args[1])], device=out.device)
+            out = out.index_fill(-1, rows, float("-inf"))
         return out
 
 

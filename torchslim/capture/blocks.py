@@ -23,7 +23,7 @@ def _entered(state: TraceState, block: BlockTrace, _module, args, kwargs) -> Non
     if x is None:
         return
     block.inputs = state.layout(x)
-    state.block_inputs[x] = block
+    state.block_inputs.setdefault(x, []).append(block)  # nested blocks share their input
     producer = state.block_outputs.get(x)
     block.chained = block.index == 0 or (producer is not None and producer.next == block.name)
 
@@ -44,8 +44,9 @@ def block_hooks(model: nn.Module, state: TraceState, record: bool = True) -> Ite
     for name, container in model.named_modules() if record else ():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
             continue
-        names = [f"{name}.{child}" if name else child for child, _ in container.named_children()]
-        for index, child in enumerate(container.children()):
+        children = list(container._modules.values())  # repeated instances keep their places
+        names = [f"{name}.{child}" if name else child for child in container._modules]
+        for index, child in enumerate(children):
             following = names[index + 1] if index + 1 < len(names) else None
             block = state.blocks.setdefault(
                 names[index], BlockTrace(names[index], name, index, following)

@@ -357,10 +357,12 @@ class DependencyGraph:
             outputs = run_traced(state, call)
             self._freeze_outputs(state, outputs, output_transform)
             if train_mode and _layers_not_run(model, state):
+                selections = len(state.all_selections)
                 try:
                     trained = run_traced(state, call, training=True)
                     self._freeze_outputs(state, trained, output_transform)
                 except Exception as error:
+                    del state.all_selections[selections:]  # a forward cut short claims nothing
                     notes.append(f"train-mode forward skipped: {type(error).__name__}: {error}")
             state.finish()
         return state, outputs, notes

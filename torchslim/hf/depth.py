@@ -1,9 +1,9 @@
 """A Hugging Face config after whole layers were removed (:func:`torchslim.prune_blocks`).
 
-Removing blocks ``idxs`` of a container that held ``of`` of them lowers every int field equal
-to ``of`` whose name counts layers (``num_hidden_layers``) and drops those entries from every
-list of ``of`` per-layer values (``layer_types``: the sliding-window pattern follows the layers
-that remain)."""
+Removing blocks ``idxs`` of a container that held ``of`` of them lowers ``num_hidden_layers``
+(``n_layer`` and other names through the config's attribute map) and drops those entries from
+the per-layer lists (``layer_types``: the sliding-window pattern follows the layers that
+remain)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,16 @@ def removed_blocks(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def depth_changes(config: Any, of: int, idxs: list[int]) -> dict[str, Any]:
-    """The fields of ``config`` that change when blocks ``idxs`` of ``of`` are removed."""
+    """The fields of ``config`` that change when blocks ``idxs`` of ``of`` are removed: its
+    layer count (``num_hidden_layers``, whatever the class calls it) and its lists with one
+    descriptor per layer (``layer_types``), when they count ``of`` layers."""
     gone = set(idxs)
     changes: dict[str, Any] = {}
+    if getattr(config, "num_hidden_layers", None) == of:
+        changes["num_hidden_layers"] = of - len(gone)
     for name, value in vars(config).items():
-        if type(value) is int and value == of and "layers" in name:
-            changes[name] = of - len(gone)
-        elif isinstance(value, (list, tuple)) and len(value) == of:
+        per_layer = isinstance(value, (list, tuple)) and len(value) == of and "layer" in name
+        if per_layer and not any(type(v) is int for v in value):  # not a list of layer indices
             changes[name] = type(value)(v for i, v in enumerate(value) if i not in gone)
     return changes
 

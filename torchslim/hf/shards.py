@@ -20,17 +20,17 @@ SINGLE = "model.safetensors"
 class ShardReader:
     """The tensors of a checkpoint folder by name, each read from its shard when asked."""
 
-    def __init__(self, folder: Path, trust_pickle: bool = False) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
         index = folder / INDEX
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (folder / SINGLE).is_file():
             weight_map = {name: SINGLE for name in _keys(folder / SINGLE)}
-        elif any(folder.glob("*.bin")) and not trust_pickle:
+        elif any(folder.glob("*.bin")):
             raise CheckpointError(
-                f"{folder} holds pickle (.bin) weights: loading them runs code from the file; "
-                "convert them to safetensors or pass trust_pickle=True"
+                f"{folder} holds pickle (.bin) weights, which cannot be read one tensor at a "
+                "time (and loading them runs code from the file): convert them to safetensors"
             )
         else:
             raise CheckpointError(f"no safetensors weights in {folder}")
@@ -40,17 +40,16 @@ class ShardReader:
         self.weight_map: dict[str, str] = weight_map
         self.bytes_read = 0
 
-    def names(self) -> list[str]:
-        """Tensor names, grouped by shard (each shard read front to back)."""
-        return sorted(self.weight_map, key=lambda n: (self.weight_map[n], n))
-
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of a tensor, from its shard's header."""
         from safetensors import safe_open
 
         with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as handle:
             stored = handle.get_slice(name).get_dtype()
-        return next(dtype for dtype, label in DTYPES.items() if label == stored)
+        for dtype, label in DTYPES.items():
+            if label == stored:
+                return dtype
+        raise CheckpointError(f"{name}: dtype {stored} is not supported here")
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -102,10 +101,13 @@ class ShardWriter:
                 size = 0
             shards[-1].append((name, shape, dtype))
             size += nbytes
+        for tensors in shards:  # wider dtypes first: every tensor aligned to its item size
+            tensors.sort(key=lambda t: -t[2].itemsize)
         total = len(shards)
         self.places: dict[str, tuple[Path, int, tuple[int, ...], torch.dtype]] = {}
         self.weight_map: dict[str, str] = {}
         self.bytes_written = 0
+        self.written: set[str] = set()
         for number, tensors in enumerate(shards, 1):
             file = SINGLE if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
             self._start(folder / file, tensors)
@@ -139,16 +141,18 @@ class ShardWriter:
                 f"{name}: {list(tensor.shape)} {tensor.dtype} where the plan writes "
                 f"{list(shape)} {dtype}"
             )
-        data = tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         with open(path, "r+b") as handle:
             handle.seek(at)
             handle.write(data.data)
         self.bytes_written += data.nbytes
+        self.written.add(name)
 
     def close(self) -> None:
         """Check every planned tensor was written; write the index of a sharded checkpoint."""
-        if self.bytes_written != self.total:
-            raise CheckpointError(f"wrote {self.bytes_written} of {self.total} planned bytes")
+        missing = sorted(set(self.places) - self.written)
+        if missing:
+            raise CheckpointError(f"planned tensors never written: {missing[:5]}")
         if len(set(self.weight_map.values())) > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
             (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -1,12 +1,12 @@
 """Pruning a Hugging Face checkpoint without holding it in memory, one tensor at a time.
 
 :func:`prune_checkpoint` builds the model from ``config.json`` on ``meta`` (no memory), traces
-it and computes the groups; then it reads the shards once to score positions (data-free
-criteria: the magnitude of every coupled slice), lets :class:`~torchslim.pruner.MetaPruner`
-choose and prune on ``meta`` (the same choice it makes in memory: the scores are the same
-numbers), and reads the shards a second time, slicing each layer's tensors as the recorded plan
-says and writing them into new shards. Peak memory is about one layer's tensors plus the
-shard being written. The output is a ``save_pretrained`` folder: the config follows the
+it and lets :class:`~torchslim.pruner.MetaPruner` choose and prune there. Each tensor a group
+scores (data-free criteria: the magnitude of every coupled slice) is read from its shard when
+it is scored, with the plan recorded so far replayed on it, so the choice is the one made in
+memory; then every tensor is read once more, sliced as the plan says and written into shards
+planned from the pruned shapes. Peak memory is about the largest tensor and its sliced copy.
+The output is a ``save_pretrained`` folder: the config follows the
 pruning (or records the plan when widths differ per layer: ``tp.hf.from_pretrained`` loads
 it); tokenizer and generation files are copied; it is written to a temporary folder and moved
 into place, so an interrupted run leaves no half-written output.
@@ -29,6 +29,7 @@ from torchslim.graph.kinds import KINDS
 from torchslim.graph.record import model_history
 from torchslim.hf.checkpoint import model_class_of
 from torchslim.hf.shards import ShardReader, ShardWriter
+from torchslim.hf.sync import RECORD_KEY
 from torchslim.importance.criteria import MagnitudeImportance
 from torchslim.persistence import CheckpointError, apply_operation, atomic_folder
 from torchslim.pruner.meta import MetaPruner
@@ -156,7 +157,6 @@ def prune_checkpoint(
     model_class: Optional[type] = None,
     max_shard_bytes: int = 5 * 10**9,
     example_length: int = 16,
-    trust_pickle: bool = False,
 ) -> StreamReport:
     """Prune the checkpoint folder ``src`` into ``dst`` by ``recipe`` without loading it.
 
@@ -171,7 +171,7 @@ def prune_checkpoint(
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json")
-    reader = ShardReader(src, trust_pickle)
+    reader = ShardReader(src)
     config = transformers.AutoConfig.from_pretrained(src)
     model_class = model_class or model_class_of(config)
     with torch.device("meta"):
@@ -187,7 +187,7 @@ def prune_checkpoint(
         params_before = _count(model)
         pruner.step()
     _refuse_computed_buffers(dense, model)
-    plain = not hasattr(model.config, "torchslim_plan")
+    plain = not hasattr(model.config, RECORD_KEY)
 
     def write(folder: Path) -> None:
         stored = [

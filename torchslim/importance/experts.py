@@ -65,7 +65,8 @@ class RoutingImportance(_Recorder):
         hidden, index, weights = values[:3]
         experts = int(module.num_experts)
         totals = torch.zeros(experts, dtype=torch.float64)
-        counts = torch.bincount(index[index < experts].reshape(-1), minlength=experts).double()
+        chosen = index[index < experts].reshape(-1)
+        counts = torch.bincount(chosen, minlength=experts).double().cpu()
         if self.method == "frequency":
             totals += counts
         else:
@@ -73,7 +74,7 @@ class RoutingImportance(_Recorder):
                 token, slot = torch.nonzero(index == expert, as_tuple=True)
                 out = expert_outputs(module, hidden[token], slice(expert, expert + 1))[0]
                 gated = weights[token, slot].double() * out.double().norm(dim=-1)
-                totals[expert] += gated.sum()
+                totals[expert] += float(gated.sum())
         key = id(module)
         if key in self._totals and self._totals[key].shape == totals.shape:
             self._totals[key] += totals

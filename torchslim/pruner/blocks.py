@@ -85,7 +85,8 @@ def prune_blocks(
     )
     ignored = {id(m) for m in ignored_blocks}
     candidates = [b for b in graph.blocks if b.removable and id(b.module) not in ignored]
-    kept_whole = {b.name: b.reason or "ignored" for b in graph.blocks if b not in candidates}
+    chosen_ids = {id(b) for b in candidates}
+    kept_whole = {b.name: b.reason or "ignored" for b in graph.blocks if id(b) not in chosen_ids}
     count = n if n is not None else math.floor(_ratio(ratio) * len(candidates))
     if count < 0:
         raise ValueError(f"n must be at least 0, got {n}")
@@ -170,19 +171,26 @@ def _influence(
 
 @contextmanager
 def _skipped(module: nn.Module) -> Iterator[None]:
-    """Inside the block, ``module`` returns its first tensor input unchanged."""
-    vars(module)["forward"] = lambda *args, **kwargs: next(iter_tensors((args, kwargs)))
+    """Inside the block, ``module`` returns its first tensor input unchanged (its own output
+    was a tensor: see :mod:`torchslim.graph.blocks`)."""
+    state = vars(module)
+    had, before = "forward" in state, state.get("forward")
+    state["forward"] = lambda *args, **kwargs: next(iter_tensors((args, kwargs)))
     try:
         yield
     finally:
-        del vars(module)["forward"]
+        if had:
+            state["forward"] = before
+        else:
+            del state["forward"]
 
 
 def _remove(model: nn.Module, blocks: Sequence[Block]) -> None:
     by_container: dict[str, list[int]] = {}
     for block in blocks:
         by_container.setdefault(block.container, []).append(block.index)
-    for name, idxs in by_container.items():
+    # inner containers first: removing an outer block renames what is inside later ones
+    for name, idxs in sorted(by_container.items(), key=lambda item: -item[0].count(".")):
         container = model.get_submodule(name) if name else model
         count = len(container)
         remove_blocks(container, sorted(idxs))

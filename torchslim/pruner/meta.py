@@ -324,6 +324,7 @@ class MetaPruner:
             )
         config = _reconstruction(reconstruct)
         self.current_step += 1
+        self.cut_short.clear()
         if self.target_macs is not None or self.target_params is not None:
             selections: Iterable[Group] = self._target_step()
         else:
@@ -390,9 +391,9 @@ class MetaPruner:
                 pooled.append(group)
         postponed = []
         for group, group_ratio in local:
-            chosen = self._select_local(group, group_ratio)
+            chosen, scores = self._select_local(group, group_ratio)
             if chosen and group.refusal(chosen) is not None:
-                postponed.append((group, chosen))
+                postponed.append((group, scores, chosen))
             elif chosen:
                 yield group.select(chosen)
         for kind, members in by_kind.items():
@@ -402,8 +403,8 @@ class MetaPruner:
             yield from self._select_global(pool, ratio)
         # Refused while groups of this step were still whole (a size comparison with them, as
         # an LSTM's hidden units before its projection): once more, now that they are pruned.
-        for group, chosen in postponed:
-            chosen = self._admissible(group, self._scores(group), chosen)
+        for group, scores, chosen in postponed:
+            chosen = self._admissible(group, scores, chosen)
             if chosen:
                 yield group.select(chosen)
 
@@ -454,12 +455,13 @@ class MetaPruner:
             )
         return scores
 
-    def _select_local(self, group: Group, ratio: float) -> list[int]:
+    def _select_local(self, group: Group, ratio: float) -> tuple[list[int], Any]:
+        """The lowest-scored channels of ``group`` for ``ratio``, and the scores."""
         count = self._rounded(group, self._budget(group, ratio))
         scores = self._scores(group) if count else None
         if scores is None:
-            return []
-        return _lowest(scores, group.prunable_idxs, count)
+            return [], None
+        return _lowest(scores, group.prunable_idxs, count), scores
 
     def _select_global(self, groups: list[Group], ratio: float) -> Iterator[Group]:
         scored = [(g, self._scores(g)) for g in groups]

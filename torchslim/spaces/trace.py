@@ -312,9 +312,9 @@ class TraceState:
             block = self.block_outputs.get(tensor)
             if block is not None and block.next is not None and not _inside(path, block.next):
                 block.read_by = block.read_by or where
-            block = self.block_inputs.get(tensor)
-            if block is not None and op in _ADDITIONS and _inside(path, block.name):
-                block.skip = True
+            if op in _ADDITIONS:
+                for block in self.block_inputs.get(tensor, ()):
+                    block.skip = block.skip or _inside(path, block.name)
 
     def claim_selection(self, indices: torch.Tensor, dim: DimLayout, where: str) -> bool:
         """An op that routes by these indices has its own ``dim`` indexed by them: couple it
@@ -327,8 +327,14 @@ class TraceState:
         return True
 
 
-_ADDITIONS = {"Tensor.__add__", "Tensor.__radd__", "Tensor.__iadd__", "Tensor.add", "Tensor.add_"}
-_ADDITIONS |= {"torch.add"}
+_ADDITIONS = {
+    "Tensor.__add__",
+    "Tensor.__radd__",
+    "Tensor.__iadd__",
+    "Tensor.add",
+    "Tensor.add_",
+    "torch.add",
+}
 
 
 def _inside(path: str, module: str) -> bool:

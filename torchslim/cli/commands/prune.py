@@ -93,7 +93,8 @@ def calibration_batches(
     args: argparse.Namespace, model: nn.Module, example: torch.Tensor, importance: object
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of inputs and their labels (a token block is its own label) for calibrated
-    criteria and reconstruction (none needed: an empty list)."""
+    criteria, reconstruction and the block influence of ``--blocks`` (none needed: an empty
+    list)."""
     wanted = args.reconstruct or hasattr(importance, "record")
     if not wanted and not (args.blocks and args.calibration):
         return []
@@ -201,9 +202,13 @@ def run(args: argparse.Namespace) -> int:
     batches = calibration_batches(args, model, example, importance)
     if args.blocks:
         inputs = [x for x, _ in batches] or None
-        removed = tp.prune_blocks(model, example, n=args.blocks, calibration=inputs).removed
+        removed = tp.prune_blocks(
+            model, example, n=args.blocks, calibration=inputs, ignored_blocks=ignored
+        ).removed
         print(f"removed {len(removed)} blocks (least block influence): {', '.join(removed)}")
-    lines = prune_widths(args, model, example, importance, batches, ignored) if widths else []
+    lines = (
+        prune_widths(args, model, example, importance, batches, ignored, kinds) if widths else []
+    )
     macs, params = tp.utils.count_ops_and_params(model, example)
     rows = [
         ("params", count(before_params), count(params), f"{before_params / params:.2f}x"),
@@ -240,6 +245,7 @@ def prune_widths(
     importance: Any,
     batches: list,
     ignored: list,
+    kinds: dict[str, float],
 ) -> list[str]:
     """Prune channels, heads, neurons and widths as asked (calibrating the criterion first);
     the report lines: per kind, unmet requests, reconstruction, mixing, refusals, exactness."""
@@ -249,7 +255,7 @@ def prune_widths(
         example,
         importance=importance,
         pruning_ratio=args.ratio if args.ratio is not None else 0.0,
-        pruning_ratio_dict=kind_ratios(args.kinds) or None,
+        pruning_ratio_dict=kinds or None,
         target_macs=args.target_macs,
         global_pruning=args.global_pruning or args.target_macs is not None,
         iterative_steps=args.steps,

@@ -33,9 +33,6 @@ def register(commands: Any) -> None:
     sub.add_argument(
         "--max-shard-size", type=float, default=5.0, help="gigabytes per written shard"
     )
-    sub.add_argument(
-        "--trust-pickle", action="store_true", help="allow .bin (pickle) weights: runs their code"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         recipe,
         max_shard_bytes=int(args.max_shard_size * 1e9),
-        trust_pickle=args.trust_pickle,
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rows = [
