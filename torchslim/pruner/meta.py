@@ -500,8 +500,9 @@ class MetaPruner:
 
     def _admissible(self, group: Group, scores: torch.Tensor, idxs: list[int]) -> list[int]:
         """The lowest-scored of ``idxs`` (rounded) that the graph accepts: all of them, or,
-        where it refuses that many (a ``topk`` that needs ``k`` experts left, a grouped conv's
-        constraints), the most it accepts, found by bisection on the count."""
+        where it refuses that many (a ``topk`` that needs ``k`` experts left, a size
+        comparison), an accepted count found by bisection: the most it accepts when refusals
+        grow with the count, as for those; a smaller one, or none, where they do not."""
         chosen = _lowest(scores, idxs, self._rounded(group, len(idxs)))
         reason = group.refusal(chosen) if chosen else None
         if reason is None:
