@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Iterator
 
-import torch
 from torch import nn
 
-from torchslim.spaces.trace import BlockTrace, TraceState, iter_tensors
-
-
-def _first_tensor(*values: Any) -> Optional[torch.Tensor]:
-    return next(iter_tensors(values), None)
+from torchslim.spaces.trace import BlockTrace, TraceState, first_tensor
 
 
 def _entered(state: TraceState, block: BlockTrace, _module, args, kwargs) -> None:
     block.calls += 1
-    x = _first_tensor(args, kwargs)
+    x = first_tensor((args, kwargs))
     if x is None:
         return
     block.inputs = state.layout(x)
@@ -29,7 +24,7 @@ def _entered(state: TraceState, block: BlockTrace, _module, args, kwargs) -> Non
 
 
 def _left(state: TraceState, block: BlockTrace, _module, _args, _kwargs, output) -> None:
-    y = _first_tensor(output)
+    y = first_tensor(output)
     if y is None:
         return
     block.output = state.layout(y)

@@ -93,6 +93,23 @@ def _restore_caches(snapshot: Snapshot) -> None:
 
 
 @contextmanager
+def forwards_replaced(replacements: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+    """Inside the block each module runs its replacement as its forward; a forward set on the
+    instance before (by wrappers such as accelerate's hooks) is put back afterwards."""
+    before = {module: vars(module).get("forward") for module in replacements}
+    for module, forward in replacements.items():
+        vars(module)["forward"] = forward
+    try:
+        yield
+    finally:
+        for module, forward in before.items():
+            if forward is None:
+                vars(module).pop("forward", None)
+            else:
+                vars(module)["forward"] = forward
+
+
+@contextmanager
 def untouched(model: nn.Module, training: bool = False) -> Iterator[None]:
     """Run a forward inside the block in the given mode, without autograd, and put back the
     model's train/eval flags, its buffers (BatchNorm statistics move in train mode), what the

@@ -71,7 +71,7 @@ def residual_blocks(model: nn.Module, table: AtomTable, traces: list[BlockTrace]
     """Every traced child of a container, with why it cannot be removed (``None``: it can)."""
     blocks = []
     for trace in traces:
-        container = model.get_submodule(trace.container) if trace.container else model
+        container = model.get_submodule(trace.container)
         dims = [d for d, dim in enumerate(trace.inputs or []) if not dim.is_opaque]
         module = container[trace.index]
         reason = _why_not(table, trace)

@@ -74,21 +74,33 @@ class _Layers:
         self.pruned = pruned
         self.reader = reader
         self.keys = _checkpoint_keys(dense, reader)
+        self.owners: dict[str, list[tuple[str, str]]] = {}
+        for ref, key in self.keys.items():
+            self.owners.setdefault(key, []).append(ref)
+        self.ops: dict[str, list[dict[str, Any]]] = {}  # the plan so far, by module
+        self.steps_indexed = 0
+
+    def _operations(self, label: str) -> list[dict[str, Any]]:
+        """The plan's operations on module ``label`` so far (steps indexed as they come)."""
+        history = model_history(self.pruned)
+        for step in history[self.steps_indexed :]:
+            for op in step["ops"]:
+                self.ops.setdefault(op["module"], []).append(op)
+        self.steps_indexed = len(history)
+        return self.ops.get(label, [])
 
     def owner(self, name: str, attr: str) -> tuple[str, str]:
         """The layer a shared (tied) tensor is pruned through: the one the plan names."""
-        key = self.keys[(name, attr)]
-        owners = [ref for ref, k in self.keys.items() if k == key]
+        owners = self.owners[self.keys[(name, attr)]]
         if len(owners) == 1:
             return name, attr
-        planned = {op["module"] for step in model_history(self.pruned) for op in step["ops"]}
-        return next((o for o in owners if (o[0] or "<model>") in planned), owners[0])
+        return next((o for o in owners if self._operations(o[0] or "<model>")), owners[0])
 
     def tensor(self, name: str, attr: str) -> torch.Tensor:
         """The real tensor ``name.attr`` as the pruned model holds it now."""
         owner, owner_attr = self.owner(name, attr)
         real = getattr(self.current(owner, [owner_attr]), owner_attr)
-        expected = getattr(self.pruned.get_submodule(name) if name else self.pruned, attr).shape
+        expected = getattr(self.pruned.get_submodule(name), attr).shape
         if real.shape != expected:
             raise CheckpointError(
                 f"{self.keys[(name, attr)]}: {list(real.shape)} after replaying the plan, the "
@@ -99,12 +111,12 @@ class _Layers:
     def planned(self, name: str, attr: str) -> tuple[str, tuple[int, ...], torch.dtype]:
         """Checkpoint name, pruned shape and stored dtype of ``name.attr``."""
         key = self.keys[(name, attr)]
-        shape = getattr(self.pruned.get_submodule(name) if name else self.pruned, attr).shape
+        shape = getattr(self.pruned.get_submodule(name), attr).shape
         return key, tuple(shape), self.reader.dtype(key)
 
     def current(self, name: str, attrs: list[str]) -> nn.Module:
         """A copy of layer ``name`` whose ``attrs`` are real and pruned as planned so far."""
-        module = self.dense.get_submodule(name) if name else self.dense
+        module = self.dense.get_submodule(name)
         layer = copy.copy(module)
         layer._parameters, layer._buffers = dict(module._parameters), dict(module._buffers)
         for attr in attrs:
@@ -113,12 +125,9 @@ class _Layers:
                 layer._parameters[attr] = nn.Parameter(real, requires_grad=False)
             else:
                 layer._buffers[attr] = real
-        label = name or "<model>"
         with unjournaled():  # a copy: nothing to undo, and a trial must not keep its slices
-            for step in model_history(self.pruned):
-                for op in step["ops"]:
-                    if op["module"] == label:
-                        apply_operation(layer, op)
+            for op in self._operations(name or "<model>"):
+                apply_operation(layer, op)
         return layer
 
     def stored(self, name: str, module: nn.Module) -> list[str]:

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from torchslim.graph.dependency import Group
-from torchslim.importance.base import Importance, normalize
+from torchslim.importance.base import Importance
 from torchslim.importance.criteria import _Recorder
 from torchslim.importance.registry import register_importance
 from torchslim.ops.experts import expert_outputs, is_routed_experts
+from torchslim.spaces.analysis import ParamDim
 
 METHODS = ("frequency", "reap")
 
@@ -91,21 +92,22 @@ class RoutingImportance(_Recorder):
             return self._totals[key]
         return self._totals[key] / self._counts[key].clamp(min=1)
 
-    @torch.no_grad()
+    def accepts(self, group: Group, member: ParamDim) -> bool:
+        """The expert dim of the experts layer's weights (the router's rows follow them)."""
+        return (
+            member.dim == 0
+            and is_routed_experts(member.ref.module)
+            and super().accepts(group, member)
+        )
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        scores = self.scores_of(member.ref.module)
+        return scores if scores is not None and scores.numel() == tensor.shape[0] else None
+
     def __call__(self, group: Group) -> Optional[torch.Tensor]:
         if not group.routes_experts:
             return self.others(group) if self.others is not None else None
-        for member, index in group.index_maps():
-            if member.dim != 0 or not is_routed_experts(member.ref.module):
-                continue
-            scores = self.scores_of(member.ref.module)
-            if scores is None or scores.numel() != index.size:
-                return None
-            out = torch.zeros(group.size, dtype=torch.float64)
-            keep = torch.as_tensor(index >= 0)
-            out.index_add_(0, torch.as_tensor(index)[keep], scores[keep])
-            return normalize(out, self.normalizer)
-        return None
+        return super().__call__(group)
 
 
 register_importance("reap", lambda: RoutingImportance("reap"))

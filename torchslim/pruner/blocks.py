@@ -20,21 +20,20 @@ lists such as ``layer_types``; each layer's ``layer_idx``, its KV-cache slot, is
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from torchslim.capture.modules import call_forward
+from torchslim.capture.modules import call_forward, forwards_replaced, untouched
 from torchslim.graph.blocks import Block
 from torchslim.graph.dependency import DependencyGraph
 from torchslim.graph.hooks import run_prune_hooks
 from torchslim.graph.record import model_history
 from torchslim.pruning.blocks import remove_blocks
 from torchslim.pruning.roles import Role
-from torchslim.spaces.trace import iter_tensors
+from torchslim.spaces.trace import first_tensor
 
 Loss = Callable[[nn.Module], float]
 CRITERIA = ("influence", "random")
@@ -145,8 +144,7 @@ def _influence(
 
     def hook(block: Block):
         def record(_module, args, kwargs, output):
-            x = next(iter_tensors((args, kwargs)))
-            y = next(iter_tensors(output))
+            x, y = first_tensor((args, kwargs)), first_tensor(output)
             dims = block.channel_dims or [x.dim() - 1]
             x, y = (t.double().movedim(dims, list(range(-len(dims), 0))) for t in (x, y))
             x, y = (t.reshape(-1, math.prod(t.shape[-len(dims) :])) for t in (x, y))
@@ -157,32 +155,20 @@ def _influence(
         return record
 
     handles = [b.module.register_forward_hook(hook(b), with_kwargs=True) for b in blocks]
-    was_training = model.training
-    model.eval()
     try:
-        for batch in batches:
-            call_forward(model, batch, forward_fn)
+        with untouched(model):
+            for batch in batches:
+                call_forward(model, batch, forward_fn)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return {name: total / max(count, 1) for name, (total, count) in totals.items()}
 
 
-@contextmanager
-def _skipped(module: nn.Module) -> Iterator[None]:
+def _skipped(module: nn.Module) -> Any:
     """Inside the block, ``module`` returns its first tensor input unchanged (its own output
     was a tensor: see :mod:`torchslim.graph.blocks`)."""
-    state = vars(module)
-    had, before = "forward" in state, state.get("forward")
-    state["forward"] = lambda *args, **kwargs: next(iter_tensors((args, kwargs)))
-    try:
-        yield
-    finally:
-        if had:
-            state["forward"] = before
-        else:
-            del state["forward"]
+    return forwards_replaced({module: lambda *args, **kwargs: first_tensor((args, kwargs))})
 
 
 def _remove(model: nn.Module, blocks: Sequence[Block]) -> None:
@@ -191,13 +177,10 @@ def _remove(model: nn.Module, blocks: Sequence[Block]) -> None:
         by_container.setdefault(block.container, []).append(block.index)
     # inner containers first: removing an outer block renames what is inside later ones
     for name, idxs in sorted(by_container.items(), key=lambda item: -item[0].count(".")):
-        container = model.get_submodule(name) if name else model
-        count = len(container)
-        remove_blocks(container, sorted(idxs))
-        op = {"module": name or "<model>", "role": Role.BLOCKS.value, "idxs": sorted(idxs)}
-        op["of"] = count
-        model_history(model).append(
-            {"group": f"blocks of {name}", "idxs": sorted(idxs), "ops": [op]}
-        )
+        container, idxs = model.get_submodule(name), sorted(idxs)
+        label = name or "<model>"
+        op = {"module": label, "role": Role.BLOCKS.value, "idxs": idxs, "of": len(container)}
+        remove_blocks(container, idxs)
+        model_history(model).append({"group": f"blocks of {name}", "idxs": idxs, "ops": [op]})
     if blocks:
         run_prune_hooks(model)

@@ -455,7 +455,7 @@ class MetaPruner:
             )
         return scores
 
-    def _select_local(self, group: Group, ratio: float) -> tuple[list[int], Any]:
+    def _select_local(self, group: Group, ratio: float) -> tuple[list[int], Optional[torch.Tensor]]:
         """The lowest-scored channels of ``group`` for ``ratio``, and the scores."""
         count = self._rounded(group, self._budget(group, ratio))
         scores = self._scores(group) if count else None

@@ -341,6 +341,11 @@ def _inside(path: str, module: str) -> bool:
     return path == module or path.startswith(module + ".")
 
 
+def first_tensor(obj: Any) -> Optional[torch.Tensor]:
+    """The first tensor inside ``obj`` (in :func:`iter_tensors` order), or ``None``."""
+    return next(iter_tensors(obj), None)
+
+
 def iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
     """Every tensor inside nested tuples, lists, dicts and dataclass-like outputs."""
     if _depth > 20:

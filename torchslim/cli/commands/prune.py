@@ -179,6 +179,12 @@ def kind_ratios(text: Optional[str]) -> dict[str, float]:
     return ratios
 
 
+def check_ratio(ratio: Optional[float]) -> None:
+    """``--ratio`` is a fraction of the channels: in [0, 1)."""
+    if ratio is not None and not 0 <= ratio < 1:
+        raise ValueError(f"--ratio must be in [0, 1), got {ratio}")
+
+
 def run(args: argparse.Namespace) -> int:
     kinds = kind_ratios(args.kinds)
     widths = args.ratio is not None or args.target_macs is not None or bool(kinds)
@@ -188,8 +194,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--blocks must be at least 0, got {args.blocks}")
     if kinds and args.target_macs is not None:
         raise ValueError("give --kinds with --ratio or alone, not with --target-macs")
-    if args.ratio is not None and not 0 <= args.ratio < 1:
-        raise ValueError(f"--ratio must be in [0, 1), got {args.ratio}")
+    check_ratio(args.ratio)
     if args.target_macs is not None and not 0 < args.target_macs <= 1:
         raise ValueError(f"--target-macs must be in (0, 1], got {args.target_macs}")
     if args.out:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torchslim as tp
-from torchslim.cli.commands.prune import kind_ratios
+from torchslim.cli.commands.prune import check_ratio, kind_ratios
 from torchslim.cli.common import add_command, table
 from torchslim.utils.ops_counter import count
 
@@ -39,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     kinds = kind_ratios(args.kinds)
     if args.ratio is None and not kinds:
         raise ValueError("give --kinds, --ratio or both")
-    if args.ratio is not None and not 0 <= args.ratio < 1:
-        raise ValueError(f"--ratio must be in [0, 1), got {args.ratio}")
+    check_ratio(args.ratio)
     recipe = {
         "pruning_ratio": args.ratio or 0.0,
         "pruning_ratio_dict": kinds or None,
