@@ -242,3 +242,29 @@ def test_a_block_whose_body_is_a_container_is_still_a_residual_block():
     result = tp.prune_blocks(model, x, n=1, importance="random")
     with torch.no_grad(), skipping([dense.get_submodule(result.removed[0])]):
         torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
+
+
+class _CountsItsBlocks(nn.Module):
+    """A forward that needs all its blocks (a count the trace cannot see)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Residual() for _ in range(3))
+
+    def forward(self, x):
+        assert len(self.blocks) == 3, "three blocks expected"
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_removal_that_breaks_the_forward_is_undone_and_named():
+    model = _CountsItsBlocks().eval()
+    x = torch.randn(2, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"removing blocks\.\d breaks the model \(.*three blocks"):
+        tp.prune_blocks(model, x, n=1)
+    assert len(model.blocks) == 3 and not tp.graph.record.model_history(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model(x)

@@ -101,7 +101,7 @@ def prune_blocks(
     scores = _scores(model, candidates, importance, batches, forward_fn, seed)
     order = sorted(candidates, key=lambda b: (scores[b.name], b.name))
     chosen = order[:count]
-    _remove(model, chosen)
+    _remove(model, graph, chosen)
     return BlockPruning([b.name for b in chosen], scores, kept_whole)
 
 
@@ -171,16 +171,31 @@ def _skipped(module: nn.Module) -> Any:
     return forwards_replaced({module: lambda *args, **kwargs: first_tensor((args, kwargs))})
 
 
-def _remove(model: nn.Module, blocks: Sequence[Block]) -> None:
+def _remove(model: nn.Module, graph: DependencyGraph, blocks: Sequence[Block]) -> None:
+    """Remove the blocks, record them in the pruning history and tell the prune hooks (a
+    Hugging Face config follows); if the model's forward then fails, put everything back and
+    raise naming the failure."""
     by_container: dict[str, list[int]] = {}
     for block in blocks:
         by_container.setdefault(block.container, []).append(block.index)
+    history = model_history(model)
+    recorded = len(history)
+    undo = []
     # inner containers first: removing an outer block renames what is inside later ones
     for name, idxs in sorted(by_container.items(), key=lambda item: -item[0].count(".")):
         container, idxs = model.get_submodule(name), sorted(idxs)
         label = name or "<model>"
         op = {"module": label, "role": Role.BLOCKS.value, "idxs": idxs, "of": len(container)}
-        remove_blocks(container, idxs)
-        model_history(model).append({"group": f"blocks of {name}", "idxs": idxs, "ops": [op]})
-    if blocks:
+        undo.append(remove_blocks(container, idxs))
+        history.append({"group": f"blocks of {name}", "idxs": idxs, "ops": [op]})
+    if not blocks:
+        return
+    run_prune_hooks(model)
+    failure = graph.forward_check.failure() if graph.forward_check is not None else None
+    if failure is not None:
+        for restore in reversed(undo):
+            restore()
+        del history[recorded:]
         run_prune_hooks(model)
+        removed = ", ".join(b.name for b in blocks)
+        raise ValueError(f"removing {removed} breaks the model ({failure}); it is left whole")

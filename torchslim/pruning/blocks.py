@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
@@ -11,10 +11,11 @@ from torch import nn
 LAYER_INDEX = "layer_idx"
 
 
-def remove_blocks(container: nn.Module, idxs: Sequence[int]) -> None:
+def remove_blocks(container: nn.Module, idxs: Sequence[int]) -> Callable[[], None]:
     """Delete ``container[i]`` for each ``i`` of ``idxs``. Children named by position are
     renumbered (``layers.5`` becomes ``layers.4`` once ``layers.3`` is gone), and a
-    ``layer_idx`` attribute equal to a child's old position inside it follows."""
+    ``layer_idx`` attribute equal to a child's old position inside it follows. Returns a
+    function that puts everything back."""
     if not isinstance(container, (nn.ModuleList, nn.Sequential)):
         raise ValueError(
             f"blocks are removed from a ModuleList or Sequential, not {type(container).__name__}"
@@ -25,6 +26,7 @@ def remove_blocks(container: nn.Module, idxs: Sequence[int]) -> None:
         raise ValueError(f"block indices {sorted(gone)} out of range for {len(items)} blocks")
     positional = all(name == str(i) for i, (name, _) in enumerate(items))
     kept = [(i, name, module) for i, (name, module) in enumerate(items) if i not in gone]
+    renumbered = []
     for position, (old, _, module) in enumerate(kept):
         for layer in module.modules():
             if (
@@ -32,7 +34,16 @@ def remove_blocks(container: nn.Module, idxs: Sequence[int]) -> None:
                 and getattr(layer, LAYER_INDEX) == old
             ):
                 setattr(layer, LAYER_INDEX, position)
+                renumbered.append((layer, old))
+    before = container._modules
     container._modules = OrderedDict(
         (str(position) if positional else name, module)
         for position, (_, name, module) in enumerate(kept)
     )
+
+    def restore() -> None:
+        container._modules = before
+        for layer, old in renumbered:
+            setattr(layer, LAYER_INDEX, old)
+
+    return restore
