@@ -269,3 +269,20 @@ def test_gradients_are_sliced_with_their_parameters():
     tp.prune_linear_out_channels(layer, [1, 2])
     assert torch.equal(layer.weight.grad, grad[[0, 3]])
     assert layer.bias.grad.shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.bool],
+)
+def test_take_gathers_the_same_bits_as_index_select_along_every_dim(dtype):
+    from torchslim.pruning.take import take
+
+    tensor = (torch.randn(6, 7, 5, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    for source in (tensor, tensor.transpose(0, 2)):
+        for dim in range(3):
+            index = torch.tensor([4, 0, 2])
+            taken = take(source, dim, index)
+            expected = source.index_select(dim, index)
+            assert taken.dtype == dtype and taken.is_contiguous()
+            assert torch.equal(taken.view(-1), expected.contiguous().view(-1))

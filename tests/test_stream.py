@@ -15,6 +15,7 @@ from helpers import tiny_llama
 from torch import nn
 
 import torchslim as tp
+from torchslim.hf import stream
 from torchslim.hf.shards import ShardWriter
 
 transformers = pytest.importorskip("transformers")
@@ -46,10 +47,17 @@ def _in_memory(model: nn.Module, recipe: dict) -> nn.Module:
     [{"neurons": 0.25}, {"heads": 0.5, "neurons": 0.25, "width": 0.25}],
     ids=["neurons", "heads-neurons-width"],
 )
-def test_streamed_pruning_writes_the_tensors_pruning_in_memory_gives(tied, recipe, tmp_path):
+def test_streamed_pruning_writes_the_tensors_pruning_in_memory_gives(
+    tied, recipe, tmp_path, monkeypatch
+):
     dense, src = _checkpoint(tmp_path / "src", tie_word_embeddings=tied)
     assert len(list(src.glob("*.safetensors"))) > 3
+    monkeypatch.setattr(stream, "PIECE_BYTES", 4000)  # the embeddings: 31 rows at a time
+    blocks = []
+    add = ShardWriter.add
+    monkeypatch.setattr(ShardWriter, "add", lambda self, *a: blocks.append(a[2:]) or add(self, *a))
     report = tp.hf.prune_checkpoint(src, tmp_path / "out", recipe, max_shard_bytes=30_000)
+    assert {31, 62, 93} <= {start for (start,) in blocks}
     expected = _in_memory(dense, recipe)
     assert report.plain_config and report.params_after == sum(
         p.numel() for p in expected.parameters()
@@ -122,11 +130,11 @@ def test_refused_inputs_and_failed_runs_write_nothing(tmp_path, monkeypatch):
     calls = []
     write = ShardWriter.add
 
-    def failing(self, name, tensor):
+    def failing(self, name, tensor, start=0):
         calls.append(name)
         if len(calls) == 3:
             raise OSError("disk full")
-        write(self, name, tensor)
+        write(self, name, tensor, start)
 
     monkeypatch.setattr(ShardWriter, "add", failing)
     with pytest.raises(OSError, match="disk full"):

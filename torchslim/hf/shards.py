@@ -51,11 +51,15 @@ class ShardReader:
                 return dtype
         raise CheckpointError(f"{name}: dtype {stored} is not supported here")
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: slice = slice(None)) -> torch.Tensor:
+        """Tensor ``name`` (its ``rows`` only: the rest is never read)."""
         from safetensors import safe_open
 
         with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as handle:
-            tensor = handle.get_tensor(name)
+            if rows == slice(None):
+                tensor = handle.get_tensor(name)
+            else:
+                tensor = handle.get_slice(name)[rows]
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -108,6 +112,7 @@ class ShardWriter:
         self.weight_map: dict[str, str] = {}
         self.bytes_written = 0
         self.written: set[str] = set()
+        self.rows_written: dict[str, int] = {}
         for number, tensors in enumerate(shards, 1):
             file = SINGLE if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
             self._start(folder / file, tensors)
@@ -134,19 +139,25 @@ class ShardWriter:
         for name, shape, dtype in tensors:
             self.places[name] = (path, start + header[name]["data_offsets"][0], shape, dtype)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write tensor ``name``, or the next block of its rows (from row ``start``)."""
         path, at, shape, dtype = self.places[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        count = len(tensor) if shape else 1
+        total = shape[0] if shape else 1
+        fits = tuple(tensor.shape) == ((count, *shape[1:]) if shape else ())
+        if not fits or tensor.dtype != dtype or start != self.rows_written.get(name, 0):
             raise CheckpointError(
-                f"{name}: {list(tensor.shape)} {tensor.dtype} where the plan writes "
-                f"{list(shape)} {dtype}"
+                f"{name}: {list(tensor.shape)} {tensor.dtype} from row {start} where the plan "
+                f"writes {list(shape)} {dtype} from row {self.rows_written.get(name, 0)}"
             )
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         with open(path, "r+b") as handle:
-            handle.seek(at)
+            handle.seek(at + start * math.prod(shape[1:]) * dtype.itemsize)
             handle.write(data.data)
         self.bytes_written += data.nbytes
-        self.written.add(name)
+        self.rows_written[name] = start + count
+        if start + count == total:
+            self.written.add(name)
 
     def close(self) -> None:
         """Check every planned tensor was written; write the index of a sharded checkpoint."""

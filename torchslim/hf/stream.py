@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -40,6 +40,8 @@ from torchslim.utils.progress import progress
 COPIED = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt")
 COPIED += ("chat_template.*", "generation_config.json")
 PathLike = Union[str, Path]
+#: tensors bigger than this whose rows the plan keeps are sliced and written a block at a time
+PIECE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -96,11 +98,13 @@ class _Layers:
             return name, attr
         return next((o for o in owners if self._operations(o[0] or "<model>")), owners[0])
 
-    def tensor(self, name: str, attr: str) -> torch.Tensor:
-        """The real tensor ``name.attr`` as the pruned model holds it now."""
+    def tensor(self, name: str, attr: str, rows: slice = slice(None)) -> torch.Tensor:
+        """The real tensor ``name.attr`` (its ``rows`` only) as the pruned model holds it now."""
         owner, owner_attr = self.owner(name, attr)
-        real = getattr(self.current(owner, [owner_attr]), owner_attr)
+        real = getattr(self.current(owner, [owner_attr], rows), owner_attr)
         expected = getattr(self.pruned.get_submodule(name), attr).shape
+        if rows != slice(None):
+            expected = (len(range(expected[0])[rows]), *expected[1:])
         if real.shape != expected:
             raise CheckpointError(
                 f"{self.keys[(name, attr)]}: {list(real.shape)} after replaying the plan, the "
@@ -108,19 +112,34 @@ class _Layers:
             )
         return real
 
+    def pieces(self, name: str, attr: str, max_bytes: int) -> Iterator[torch.Tensor]:
+        """``name.attr`` as planned, in blocks of whole rows of about ``max_bytes`` when the
+        plan keeps every row (an embedding pruned in width: reading and slicing it whole would
+        hold both copies), else whole."""
+        dense = getattr(self.dense.get_submodule(name), attr)
+        pruned = getattr(self.pruned.get_submodule(name), attr)
+        whole = dense.numel() * dense.element_size() <= max_bytes or dense.dim() < 2
+        if whole or pruned.shape[0] != dense.shape[0]:
+            yield self.tensor(name, attr)
+            return
+        step = max(1, max_bytes * dense.shape[0] // (dense.numel() * dense.element_size()))
+        for start in range(0, dense.shape[0], step):
+            yield self.tensor(name, attr, slice(start, start + step))
+
     def planned(self, name: str, attr: str) -> tuple[str, tuple[int, ...], torch.dtype]:
         """Checkpoint name, pruned shape and stored dtype of ``name.attr``."""
         key = self.keys[(name, attr)]
         shape = getattr(self.pruned.get_submodule(name), attr).shape
         return key, tuple(shape), self.reader.dtype(key)
 
-    def current(self, name: str, attrs: list[str]) -> nn.Module:
-        """A copy of layer ``name`` whose ``attrs`` are real and pruned as planned so far."""
+    def current(self, name: str, attrs: list[str], rows: slice = slice(None)) -> nn.Module:
+        """A copy of layer ``name`` whose ``attrs`` (their ``rows``) are real and pruned as
+        planned so far."""
         module = self.dense.get_submodule(name)
         layer = copy.copy(module)
         layer._parameters, layer._buffers = dict(module._parameters), dict(module._buffers)
         for attr in attrs:
-            real = self.reader.get(self.keys[(name, attr)])
+            real = self.reader.get(self.keys[(name, attr)], rows)
             if attr in layer._parameters:
                 layer._parameters[attr] = nn.Parameter(real, requires_grad=False)
             else:
@@ -204,7 +223,10 @@ def prune_checkpoint(
         ]
         writer = ShardWriter(folder, max_shard_bytes, [layers.planned(*ref) for ref in stored])
         for name, attr in progress(stored, "writing", unit="tensor"):
-            writer.add(layers.keys[(name, attr)], layers.tensor(name, attr))
+            start = 0
+            for piece in layers.pieces(name, attr, PIECE_BYTES):
+                writer.add(layers.keys[(name, attr)], piece, start)
+                start += len(piece)
         writer.close()
         model.config.save_pretrained(folder)
         for pattern in COPIED:

@@ -18,6 +18,7 @@ from torch import nn
 from torchslim.pruning.reparametrised import find as find_reparametrised
 from torchslim.pruning.reparametrised import replace_tensor, slice_weight
 from torchslim.pruning.roles import Role
+from torchslim.pruning.take import take
 
 Indices = Union[Sequence[int], np.ndarray, torch.Tensor, range]
 
@@ -36,9 +37,9 @@ def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> No
         return
     tensor = getattr(module, name)
     index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
-    replace_tensor(module, name, tensor.detach().index_select(dim, index), dim, index)
+    replace_tensor(module, name, take(tensor, dim, index), dim, index)
     if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
-        getattr(module, name).grad = tensor.grad.index_select(dim, index).contiguous()
+        getattr(module, name).grad = take(tensor.grad, dim, index).contiguous()
 
 
 def add_bias(layer: nn.Module) -> None:
@@ -513,7 +514,7 @@ class ParameterPruner(BasePruningFunc):
     ) -> nn.Parameter:
         dim = self.pruning_dim if dim is None else dim
         keep = keep_indices(tensor.shape[dim], normalise_indices(tensor, idxs, tensor.shape[dim]))
-        data = tensor.detach().index_select(dim, torch.as_tensor(keep, device=tensor.device))
+        data = take(tensor, dim, torch.as_tensor(keep, device=tensor.device))
         return nn.Parameter(data.contiguous(), requires_grad=tensor.requires_grad)
 
     def prune_in_channels(self, tensor: nn.Parameter, idxs: Indices) -> nn.Parameter:

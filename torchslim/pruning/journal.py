@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from torchslim.pruning.take import take
+
 Setter = Callable[[nn.Module, str, torch.Tensor], None]
 _ACTIVE: ContextVar[Optional[Journal]] = ContextVar("torchslim_journal", default=None)
 
@@ -60,9 +62,9 @@ class Journal:
         mask[keep] = False
         gone = mask.nonzero().flatten()
         with torch.no_grad():
-            removed = old.detach().index_select(dim, gone)
+            removed = take(old, dim, gone)
             grad = old.grad if isinstance(old, nn.Parameter) else None
-            removed_grad = None if grad is None else grad.index_select(dim, gone)
+            removed_grad = None if grad is None else take(grad, dim, gone)
         self.entries.append(
             _Entry(holder, name, None, dim, tuple(old.shape), keep, gone, removed, removed_grad)
         )

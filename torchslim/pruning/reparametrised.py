@@ -24,6 +24,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from torchslim.pruning.journal import active as active_journal
+from torchslim.pruning.take import take
 
 PARAMETRIZATIONS = ".parametrizations."
 
@@ -169,7 +170,7 @@ def slice_weight(rep: Reparametrised, dim: int, keep: Sequence[int]) -> None:
 def _slice_weight_norm(rep: Reparametrised, dim: int, keep: Sequence[int]) -> None:
     g, v = rep.get("g").detach(), rep.get("v").detach()
     index = torch.as_tensor(list(keep), dtype=torch.long, device=v.device)
-    kept = v.index_select(dim, index)
+    kept = take(v, dim, index)
     if dim == rep.dim:
         g = g.index_select(dim, index)
     else:
@@ -196,7 +197,7 @@ def _slice_spectral_norm(rep: Reparametrised, dim: int, keep: Sequence[int]) -> 
     weight, u, v = (rep.get(k).detach() for k in ("W", "u", "v"))
     index = torch.as_tensor(list(keep), dtype=torch.long, device=weight.device)
     sigma = _sigma(weight, u, v, rep.dim)
-    kept = weight.index_select(dim, index)
+    kept = take(weight, dim, index)
     if dim == rep.dim:
         u = u.index_select(0, index)
     else:
