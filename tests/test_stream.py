@@ -3,6 +3,7 @@ transformers loads, and nothing written when the input is refused or the run fai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import WORDS, tiny_llama, tiny_llama_folder
 from torch import nn
 
 import torchslim as tp
@@ -28,17 +29,32 @@ def _checkpoint(path: Path, **extra: Any) -> tuple[nn.Module, Path]:
     return model, path
 
 
-def _in_memory(model: nn.Module, recipe: dict) -> nn.Module:
+def _in_memory(model: nn.Module, recipe: dict, calibration: Any = None) -> nn.Module:
     model = copy.deepcopy(model)
     arguments = recipe if "pruning_ratio_dict" in recipe else {"pruning_ratio_dict": recipe}
-    with pytest.warns(UserWarning, match="without calibration data"):
+    if calibration is None:
+        importance = tp.importance.MagnitudeImportance(p=2)
+        expected_warning = pytest.warns(UserWarning, match="without calibration data")
+    else:
+        importance = tp.importance.WandaImportance()
+        with importance.record(model), torch.no_grad():
+            model(calibration)
+        expected_warning = contextlib.nullcontext()
+    with expected_warning:
         tp.pruner.MetaPruner(
-            model,
-            IDS[:1],
-            importance=tp.importance.MagnitudeImportance(p=2),
-            **{"pruning_ratio": 0.0, **arguments},
+            model, IDS[:1], importance=importance, **{"pruning_ratio": 0.0, **arguments}
         ).step()
     return model
+
+
+def _same_model(loaded: nn.Module, expected: nn.Module) -> None:
+    """The same tensors, and ``generate`` gives the same tokens."""
+    mine, theirs = loaded.state_dict(), expected.state_dict()
+    assert set(mine) == set(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    with torch.no_grad():
+        kwargs = dict(attention_mask=torch.ones_like(IDS), max_new_tokens=5, do_sample=False)
+        assert torch.equal(loaded.generate(IDS, **kwargs), expected.generate(IDS, **kwargs))
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -65,14 +81,52 @@ def test_streamed_pruning_writes_the_tensors_pruning_in_memory_gives(
     assert report.bytes_read > 0 and report.bytes_written > 0
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    mine, theirs = loaded.state_dict(), expected.state_dict()
-    assert set(mine) == set(theirs)
-    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
-    with torch.no_grad():
-        kwargs = dict(attention_mask=torch.ones_like(IDS), max_new_tokens=5, do_sample=False)
-        assert torch.equal(loaded.generate(IDS, **kwargs), expected.generate(IDS, **kwargs))
+    _same_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
+    )
     assert (tmp_path / "out" / "generation_config.json").is_file()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_wanda_records_one_module_at_a_time_and_chooses_what_wanda_in_memory_chooses(
+    tied, tmp_path, monkeypatch
+):
+    dense, src = _checkpoint(tmp_path / "src", tie_word_embeddings=tied)
+    calibration = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
+    recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
+    reads = []
+    get = stream.ShardReader.get
+    monkeypatch.setattr(
+        stream.ShardReader, "get", lambda self, name, *a: reads.append(name) or get(self, name, *a)
+    )
+    tp.hf.prune_checkpoint(
+        src, tmp_path / "out", recipe, importance="wanda", calibration=calibration
+    )
+    recorded = reads[: next(k for k, name in enumerate(reads) if name in reads[:k])]
+    assert "model.norm.weight" in recorded and "model.layers.2.mlp.down_proj.weight" in recorded
+    assert "lm_head.weight" not in recorded  # read once all modules ran: no logits computed
+    expected = _in_memory(dense, recipe, calibration)
+    magnitude = _in_memory(dense, recipe)
+    widths = [layer.mlp.down_proj.in_features for layer in expected.model.layers]
+    assert (
+        not torch.equal(  # the statistics change the choice
+            expected.model.layers[0].mlp.down_proj.weight,
+            magnitude.model.layers[0].mlp.down_proj.weight,
+        )
+        and widths == [48] * 3
+    )
+    _same_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
+    )
+    for bad, match in [
+        ({"importance": "wanda"}, "needs calibration token ids"),
+        ({"importance": "taylor"}, "cannot be streamed: choose one of magnitude, wanda"),
+        ({"calibration": calibration}, "magnitude needs no calibration"),
+        ({"importance": "wanda", "calibration": calibration.float()}, r"token ids \[sequences"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            tp.hf.prune_checkpoint(src, tmp_path / "never", recipe, **bad)
+    assert not (tmp_path / "never").exists()
 
 
 def test_per_layer_widths_stream_into_a_plan_and_bfloat16_stays(tmp_path):
@@ -168,3 +222,26 @@ def test_the_command_line_streams_a_folder_and_prints_what_changed(tmp_path, cap
     assert [layer.mlp.down_proj.in_features for layer in loaded.model.layers] == [48] * 3
     assert main(["prune-hf", str(src), "--out", str(out)]) == 2
     assert "give --kinds, --ratio or both" in capsys.readouterr().err
+
+
+def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, capsys):
+    from torchslim.cli.main import main
+
+    src = tiny_llama_folder(tmp_path / "src")
+    text = tmp_path / "calibration.txt"
+    text.write_text(WORDS)
+    out = tmp_path / "out"
+    wanda = ["--importance", "wanda", "--calibration", str(text)]
+    sizes = ["--calibration-size", "64", "--calibration-length", "16"]
+    command = ["prune-hf", str(src), "--out", str(out), "--kinds", "neurons=0.25"]
+    assert main([*command, *wanda, *sizes]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    blocks = tp.hf.token_blocks(tokenizer, WORDS, 16, 4)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    expected = _in_memory(dense, {"neurons": 0.25}, blocks)
+    _same_model(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), expected)
+    capsys.readouterr()
+    assert main([*command, "--importance", "wanda"]) == 2
+    assert "--importance wanda needs --calibration TEXT_FILE" in capsys.readouterr().err
+    assert main([*command, "--calibration", str(text)]) == 2
+    assert "magnitude needs no data" in capsys.readouterr().err

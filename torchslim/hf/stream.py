@@ -18,6 +18,7 @@ import copy
 import shutil
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -28,9 +29,10 @@ from torch import nn
 from torchslim.graph.kinds import KINDS
 from torchslim.graph.record import model_history
 from torchslim.hf.checkpoint import model_class_of
+from torchslim.hf.onload import computed_buffers, onloaded
 from torchslim.hf.shards import ShardReader, ShardWriter
 from torchslim.hf.sync import RECORD_KEY
-from torchslim.importance.criteria import MagnitudeImportance
+from torchslim.importance.criteria import MagnitudeImportance, WandaImportance
 from torchslim.persistence import CheckpointError, apply_operation, atomic_folder
 from torchslim.pruner.meta import MetaPruner
 from torchslim.pruning.journal import unjournaled
@@ -161,19 +163,49 @@ class _Layers:
         ]
 
 
-class _StreamedMagnitude(MagnitudeImportance):
-    """``MagnitudeImportance`` on a model on ``meta``: each scored tensor is read from the
-    checkpoint as the model holds it at that moment (see :class:`_Layers`)."""
+class _Streamed:
+    """A criterion on a model on ``meta`` whose scored tensors are read from the checkpoint as
+    the model holds them at that moment (see :class:`_Layers`)."""
 
-    def __init__(self, layers: _Layers, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.layers = layers
+    layers: _Layers
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         name, attr = member.ref.module_name, member.ref.name
         if (name, attr) not in self.layers.keys:
             return None
-        return super().position_scores(member, self.layers.tensor(name, attr))
+        return super().position_scores(member, self.layers.tensor(name, attr))  # type: ignore[misc]
+
+
+class _StreamedMagnitude(_Streamed, MagnitudeImportance):
+    pass
+
+
+class _StreamedWanda(_Streamed, WandaImportance):
+    pass
+
+
+#: the criteria ``prune_checkpoint`` streams, by name (calibrated ones record first)
+STREAMED: dict[str, type] = {"magnitude": _StreamedMagnitude, "wanda": _StreamedWanda}
+
+
+def _record(model: nn.Module, layers: _Layers, criterion: Any, batches: list[torch.Tensor]) -> None:
+    """Record a calibrated criterion on the dense model, one module's weights in memory at a
+    time: what recording in memory records, for a checkpoint that does not fit."""
+
+    def read(name: str, attr: str) -> Optional[torch.Tensor]:
+        return layers.reader.get(layers.keys[(name, attr)]) if (name, attr) in layers.keys else None
+
+    head = model.get_output_embeddings()
+    with ExitStack() as stack:
+        for context in (
+            computed_buffers(model),
+            onloaded(model, read, skipped=head),
+            criterion.record(model),
+            torch.no_grad(),
+        ):
+            stack.enter_context(context)
+        for ids in progress(batches, "calibrating", unit="batch"):
+            model(ids, use_cache=False)
 
 
 def prune_checkpoint(
@@ -181,6 +213,8 @@ def prune_checkpoint(
     dst: PathLike,
     recipe: Mapping[str, Any],
     *,
+    importance: str = "magnitude",
+    calibration: Optional[torch.Tensor] = None,
     p: int = 2,
     model_class: Optional[type] = None,
     max_shard_bytes: int = 5 * 10**9,
@@ -190,13 +224,17 @@ def prune_checkpoint(
 
     ``recipe``: keyword arguments of :class:`~torchslim.pruner.MetaPruner`
     (``pruning_ratio_dict``, ``pruning_ratio``, ``global_pruning``, ``round_to``, ...), or
-    kinds and ratios alone (``{"neurons": 0.2}``). Channels are ranked by the L``p`` magnitude
-    of their coupled slices, as ``MagnitudeImportance(p)`` ranks them in memory.
-    ``model_class`` defaults to the class ``config.architectures`` names."""
+    kinds and ratios alone (``{"neurons": 0.2}``). ``importance``: ``"magnitude"`` ranks
+    channels by the L``p`` norm of their coupled slices, as ``MagnitudeImportance(p)`` does in
+    memory; ``"wanda"`` as ``WandaImportance`` recorded on ``calibration`` (token ids
+    ``[sequences, length]``, or a list of such batches), which runs through the model one
+    module's weights at a time first. ``model_class`` defaults to the class
+    ``config.architectures`` names."""
     import transformers
 
     start = time.time()
     src, dst = Path(src), Path(dst)
+    batches = _calibration_batches(importance, calibration)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json")
     reader = ShardReader(src)
@@ -206,12 +244,14 @@ def prune_checkpoint(
         model = model_class(copy.deepcopy(config)).eval()
         dense = model_class(copy.deepcopy(config)).eval()
     layers = _Layers(dense, model, reader)
+    criterion = STREAMED[importance](**({"p": p} if importance == "magnitude" else {}))
+    criterion.layers = layers
+    if batches:
+        _record(model, layers, criterion, batches)
     ids = torch.zeros(1, example_length, dtype=torch.long, device="meta")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".* ranks .* without calibration data")
-        pruner = MetaPruner(
-            model, ids, importance=_StreamedMagnitude(layers, p=p), **_pruner_arguments(recipe)
-        )
+        pruner = MetaPruner(model, ids, importance=criterion, **_pruner_arguments(recipe))
         params_before = _count(model)
         pruner.step()
     _refuse_computed_buffers(dense, model)
@@ -244,6 +284,30 @@ def prune_checkpoint(
     report.bytes_read = reader.bytes_read
     report.seconds = time.time() - start
     return report
+
+
+def _calibration_batches(
+    importance: str, calibration: Optional[Union[torch.Tensor, list[torch.Tensor]]]
+) -> list[torch.Tensor]:
+    """The calibration batches a criterion needs (none for magnitude), checked."""
+    if importance not in STREAMED:
+        raise ValueError(
+            f"importance {importance!r} cannot be streamed: choose one of {', '.join(STREAMED)}"
+        )
+    if importance == "magnitude":
+        if calibration is not None:
+            raise ValueError("magnitude needs no calibration: give importance='wanda' to use it")
+        return []
+    if calibration is None:
+        raise ValueError(f"importance {importance!r} needs calibration token ids")
+    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    for ids in batches:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError(
+                "calibration: token ids [sequences, length] (or a list of them), got "
+                f"{getattr(ids, 'shape', type(ids).__name__)}"
+            )
+    return batches
 
 
 def _pruner_arguments(recipe: Mapping[str, Any]) -> dict[str, Any]:

@@ -110,7 +110,8 @@ def calibration_batches(
     if args.calibration_size < 1:
         raise ValueError(f"--calibration-size must be positive, got {args.calibration_size}")
     if tokens:
-        blocks = text_blocks(args, example.shape[-1])
+        folder = hf_folder_of(args.model or "")
+        blocks = text_blocks(folder, args.calibration, args.calibration_size, example.shape[-1])
         return [(ids, ids) for ids in blocks.split(example.shape[0])]
     if args.calibration not in DATASETS:
         raise ValueError(
@@ -122,9 +123,10 @@ def calibration_batches(
     return list(zip(images[:size].split(CALIBRATION_BATCH), labels[:size].split(CALIBRATION_BATCH)))
 
 
-def text_blocks(args: argparse.Namespace, length: int) -> torch.Tensor:
-    """The calibration text as blocks of ``length`` tokens, by the model folder's tokenizer."""
-    folder, text = hf_folder_of(args.model or ""), Path(args.calibration)
+def text_blocks(folder: Optional[Path], calibration: str, tokens: int, length: int) -> torch.Tensor:
+    """The calibration text file as blocks of ``length`` tokens (about ``tokens`` in all), by
+    the tokenizer of the Hugging Face ``folder``."""
+    text = Path(calibration)
     if folder is None:
         raise ValueError(
             "--calibration with a text file needs MODEL to be a Hugging Face folder with its "
@@ -138,8 +140,7 @@ def text_blocks(args: argparse.Namespace, length: int) -> torch.Tensor:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ValueError(f"{folder} has no tokenizer to read --calibration with: {error}") from None
-    blocks = max(1, args.calibration_size // length)
-    return tp.hf.token_blocks(tokenizer, text, length, blocks)
+    return tp.hf.token_blocks(tokenizer, text, length, max(1, tokens // length))
 
 
 def calibrate(model: nn.Module, importance: Any, batches: list) -> None:

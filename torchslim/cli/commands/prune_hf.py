@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torchslim as tp
-from torchslim.cli.commands.prune import check_ratio, kind_ratios
+from torchslim.cli.commands.prune import check_ratio, kind_ratios, text_blocks
 from torchslim.cli.common import add_command, table
+from torchslim.hf.stream import STREAMED
 from torchslim.utils.ops_counter import count
 
 
@@ -18,7 +19,8 @@ def register(commands: Any) -> None:
     sub = add_command(
         commands,
         "prune-hf",
-        "Prune a Hugging Face checkpoint folder shard by shard (L2 magnitude), without loading it.",
+        "Prune a Hugging Face checkpoint folder shard by shard (L2 magnitude or Wanda), without "
+        "loading it.",
         run,
         model=False,
     )
@@ -33,6 +35,20 @@ def register(commands: Any) -> None:
     sub.add_argument(
         "--max-shard-size", type=float, default=5.0, help="gigabytes per written shard"
     )
+    sub.add_argument(
+        "--importance",
+        choices=sorted(STREAMED),
+        default="magnitude",
+        help="L2 magnitude (one pass, no data), or Wanda recorded on --calibration one module's "
+        "weights at a time",
+    )
+    sub.add_argument("--calibration", help="a UTF-8 text file, read with SRC's tokenizer (wanda)")
+    sub.add_argument(
+        "--calibration-size", type=int, default=4096, help="calibration tokens (wanda)"
+    )
+    sub.add_argument(
+        "--calibration-length", type=int, default=128, help="tokens per calibration sequence"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +56,17 @@ def run(args: argparse.Namespace) -> int:
     if args.ratio is None and not kinds:
         raise ValueError("give --kinds, --ratio or both")
     check_ratio(args.ratio)
+    calibration = None
+    if args.importance == "magnitude" and args.calibration is not None:
+        raise ValueError("--calibration calibrates --importance wanda; magnitude needs no data")
+    if args.importance != "magnitude":
+        if args.calibration is None:
+            raise ValueError(f"--importance {args.importance} needs --calibration TEXT_FILE")
+        if min(args.calibration_size, args.calibration_length) < 2:
+            raise ValueError("--calibration-size and --calibration-length must be at least 2")
+        calibration = text_blocks(
+            args.src, args.calibration, args.calibration_size, args.calibration_length
+        )
     recipe = {
         "pruning_ratio": args.ratio or 0.0,
         "pruning_ratio_dict": kinds or None,
@@ -50,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         args.src,
         args.out,
         recipe,
+        importance=args.importance,
+        calibration=calibration,
         max_shard_bytes=int(args.max_shard_size * 1e9),
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
