@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -224,9 +225,10 @@ def test_the_command_line_streams_a_folder_and_prints_what_changed(tmp_path, cap
     assert "give --kinds, --ratio or both" in capsys.readouterr().err
 
 
-def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, capsys):
+def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, capsys, monkeypatch):
     from torchslim.cli.main import main
 
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # progress bars, as on a terminal
     src = tiny_llama_folder(tmp_path / "src")
     text = tmp_path / "calibration.txt"
     text.write_text(WORDS)
@@ -240,7 +242,9 @@ def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, caps
     dense = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
     expected = _in_memory(dense, {"neurons": 0.25}, blocks)
     _same_model(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), expected)
-    capsys.readouterr()
+    bars = capsys.readouterr().err
+    for bar in ("calibrating (read)", "scoring (read)", "writing"):
+        assert re.search(rf"{re.escape(bar)}: .*B/s", bars), bar
     assert main([*command, "--importance", "wanda"]) == 2
     assert "--importance wanda needs --calibration TEXT_FILE" in capsys.readouterr().err
     assert main([*command, "--calibration", str(text)]) == 2

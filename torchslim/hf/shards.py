@@ -7,7 +7,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -39,6 +39,8 @@ class ShardReader:
             raise CheckpointError(f"{folder}: shards listed in {INDEX} are missing: {missing}")
         self.weight_map: dict[str, str] = weight_map
         self.bytes_read = 0
+        #: told the bytes of each read (a progress bar)
+        self.observer: Callable[[int], Any] = lambda _: None
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of a tensor, from its shard's header."""
@@ -61,6 +63,7 @@ class ShardReader:
             else:
                 tensor = handle.get_slice(name)[rows]
         self.bytes_read += tensor.numel() * tensor.element_size()
+        self.observer(tensor.numel() * tensor.element_size())
         return tensor
 
 

@@ -15,6 +15,7 @@ into place, so an interrupted run leaves no half-written output.
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 import time
 import warnings
@@ -37,7 +38,7 @@ from torchslim.persistence import CheckpointError, apply_operation, atomic_folde
 from torchslim.pruner.meta import MetaPruner
 from torchslim.pruning.journal import unjournaled
 from torchslim.spaces.analysis import ParamDim
-from torchslim.utils.progress import progress
+from torchslim.utils.progress import meter, progress
 
 COPIED = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt")
 COPIED += ("chat_template.*", "generation_config.json")
@@ -204,7 +205,7 @@ def _record(model: nn.Module, layers: _Layers, criterion: Any, batches: list[tor
             torch.no_grad(),
         ):
             stack.enter_context(context)
-        for ids in progress(batches, "calibrating", unit="batch"):
+        for ids in batches:
             model(ids, use_cache=False)
 
 
@@ -247,9 +248,10 @@ def prune_checkpoint(
     criterion = STREAMED[importance](**({"p": p} if importance == "magnitude" else {}))
     criterion.layers = layers
     if batches:
-        _record(model, layers, criterion, batches)
+        with meter("calibrating (read)") as reader.observer:
+            _record(model, layers, criterion, batches)
     ids = torch.zeros(1, example_length, dtype=torch.long, device="meta")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), meter("scoring (read)") as reader.observer:
         warnings.filterwarnings("ignore", ".* ranks .* without calibration data")
         pruner = MetaPruner(model, ids, importance=criterion, **_pruner_arguments(recipe))
         params_before = _count(model)
@@ -261,8 +263,10 @@ def prune_checkpoint(
         stored = [
             (name, attr) for name, m in dense.named_modules() for attr in layers.stored(name, m)
         ]
-        writer = ShardWriter(folder, max_shard_bytes, [layers.planned(*ref) for ref in stored])
-        for name, attr in progress(stored, "writing", unit="tensor"):
+        reader.observer = lambda _: None  # the writing bar counts from here
+        planned = {ref: layers.planned(*ref) for ref in stored}
+        writer = ShardWriter(folder, max_shard_bytes, list(planned.values()))
+        for name, attr in progress(stored, "writing", unit="B", size=lambda r: _bytes(planned[r])):
             start = 0
             for piece in layers.pieces(name, attr, PIECE_BYTES):
                 writer.add(layers.keys[(name, attr)], piece, start)
@@ -360,6 +364,10 @@ def _refuse_computed_buffers(dense: nn.Module, pruned: nn.Module) -> None:
             f"the pruning changes computed buffers ({', '.join(changed[:3])}): their values "
             "cannot be streamed; prune these channels (head_dim) in memory"
         )
+
+
+def _bytes(planned: tuple[str, tuple[int, ...], torch.dtype]) -> int:
+    return math.prod(planned[1]) * planned[2].itemsize
 
 
 def _count(model: nn.Module) -> int:
