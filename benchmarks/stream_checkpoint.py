@@ -5,12 +5,13 @@ shards, kept under ``.cache/stream/`` for reruns): a Llama-3-8B-shaped model (32
 16 GB) and Llama-3-70B-shaped models with a few of their 80 layers (hidden 8192, MLP 28672, 64
 heads / 8 KV), whose per-layer cost is extrapolated to 80 layers. Each is pruned by
 ``tp.hf.prune_checkpoint`` in its own process (peak RSS from ``wait4``): 20% of the heads, MLP
-neurons and hidden size by L2 magnitude. ``cat`` of the shards to ``/dev/null`` is timed in the
+neurons and hidden size by L2 magnitude, and the 8B by Wanda too (recorded on 32 x 128 random
+tokens, one module's weights in memory at a time). ``cat`` of the shards to ``/dev/null`` is timed in the
 same run (the page cache serves both: read the ratio, not the seconds); the output is reloaded
 with ``from_pretrained`` in another process, which generates a few tokens.
 
     .venv/bin/python benchmarks/stream_checkpoint.py --markdown benchmarks/results/stream_checkpoint.md
-    .venv/bin/python benchmarks/stream_checkpoint.py --sizes tiny       # seconds, a smoke run
+    .venv/bin/python benchmarks/stream_checkpoint.py --sizes tiny --wanda tiny   # a smoke run
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from benchmarks.report import publish, run_measured  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "stream"
 SHARD = 5 * 10**9
+CALIBRATION = (32, 128)  # sequences x tokens that calibrate Wanda
 LLAMA_70B = dict(
     vocab_size=128256,
     hidden_size=8192,
@@ -90,11 +92,19 @@ def cat_seconds(folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def worker(src: str, dst: str, ratio: float) -> None:
+def worker(src: str, dst: str, ratio: float, importance: str) -> None:
     import torchslim as tp
 
     recipe = {"heads": ratio, "neurons": ratio, "width": ratio}
-    report = tp.hf.prune_checkpoint(src, dst, recipe)
+    calibration = None
+    if importance == "wanda":  # random weights: random tokens calibrate them as well as text
+        vocab = json.loads((Path(src) / "config.json").read_text())["vocab_size"]
+        calibration = torch.randint(
+            0, vocab, CALIBRATION, generator=torch.Generator().manual_seed(0)
+        )
+    report = tp.hf.prune_checkpoint(
+        src, dst, recipe, importance=importance, calibration=calibration
+    )
     print(json.dumps({**vars(report), "changed": {k: list(v) for k, v in report.changed.items()}}))
 
 
@@ -109,16 +119,17 @@ def check_reload(dst: str) -> None:
     print(json.dumps({"generated": out.shape[1] - 4}))
 
 
-def measure(name: str, ratio: float, timeout: float) -> dict[str, Any]:
+def measure(name: str, ratio: float, timeout: float, importance: str) -> dict[str, Any]:
     src = generate(name)
     dst = CACHE / f"{name}-pruned"
     read_s = cat_seconds(src)
-    command = [sys.executable, __file__, "--worker", str(src), str(dst), str(ratio)]
+    command = [sys.executable, __file__, "--worker", str(src), str(dst), str(ratio), importance]
     status, stdout, stderr, peak = run_measured(command, timeout)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    head = {"name": name, "importance": importance}
     if status != 0 or not lines:
-        return {"name": name, "error": (stderr.strip().splitlines() or ["killed"])[-1][:200]}
-    result = {"name": name, "read_s": read_s, "peak_gb": peak, **json.loads(lines[-1])}
+        return {**head, "error": (stderr.strip().splitlines() or ["killed"])[-1][:200]}
+    result = {**head, "read_s": read_s, "peak_gb": peak, **json.loads(lines[-1])}
     status, stdout, _, reload_peak = run_measured(
         [sys.executable, __file__, "--reload", str(dst)], timeout
     )
@@ -130,26 +141,33 @@ def measure(name: str, ratio: float, timeout: float) -> dict[str, Any]:
 
 def markdown(results: list[dict[str, Any]], ratio: float) -> tuple[list[str], str]:
     lines = [
-        "| checkpoint | on disk | prune s | `cat` s | ratio | peak RSS GB | read GB | written GB | "
-        "params | reloads and generates |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| checkpoint | criterion | on disk | prune s | `cat` s | ratio | peak RSS GB | read GB | "
+        "written GB | params | reloads and generates |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | - | - | - | - | - | - | - | - | {r['error']} |")
+            lines.append(f"| {r['name']} | {r['importance']} |" + " - |" * 8 + f" {r['error']} |")
             continue
         size = sum(p.stat().st_size for p in (CACHE / r["name"]).glob("*.safetensors")) / 1e9
         lines.append(
-            f"| {r['name']} | {size:.1f} GB | {r['seconds']:.0f} | {r['read_s']:.0f} | "
+            f"| {r['name']} | {r['importance']} | {size:.1f} GB | {r['seconds']:.0f} | "
+            f"{r['read_s']:.0f} | "
             f"{r['seconds'] / max(r['read_s'], 1e-9):.1f}x | {r['peak_gb']:.2f} | "
             f"{r['bytes_read'] / 1e9:.1f} | {r['bytes_written'] / 1e9:.1f} | "
             f"{r['params_before'] / 1e9:.2f} B -> {r['params_after'] / 1e9:.2f} B | "
             f"{'yes' if r['reloads'] else '**no**'} |"
         )
-    per_layer = {r["name"]: r for r in results if r["name"].startswith("70b") and "error" not in r}
+    per_layer = {
+        r["name"]: r
+        for r in results
+        if r["name"].startswith("70b") and r["importance"] == "magnitude" and "error" not in r
+    }
     footer = (
-        f"{ratio:.0%} of heads, MLP neurons and hidden size by L2 magnitude; bf16 random weights "
-        "in 5 GB shards; each prune in its own process on this machine (2 cores, 24 GB)."
+        f"{ratio:.0%} of heads, MLP neurons and hidden size, by L2 magnitude or by Wanda recorded "
+        f"on {CALIBRATION[0]} x {CALIBRATION[1]} random tokens (one module's weights in memory at "
+        "a time); bf16 random weights in 5 GB shards; each prune in its own process on this "
+        "machine (2 cores, 24 GB)."
     )
     if {"70b-2", "70b-4"} <= set(per_layer):
         two, four = per_layer["70b-2"], per_layer["70b-4"]
@@ -166,21 +184,25 @@ def markdown(results: list[dict[str, Any]], ratio: float) -> tuple[list[str], st
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="*", default=["8b", "70b-2", "70b-4"], choices=SHAPES)
+    parser.add_argument(
+        "--wanda", nargs="*", default=["8b"], choices=SHAPES, help="sizes pruned by Wanda too"
+    )
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--markdown", type=Path)
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--reload", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker[0], args.worker[1], float(args.worker[2]))
+        worker(args.worker[0], args.worker[1], float(args.worker[2]), args.worker[3])
         return
     if args.reload:
         check_reload(args.reload)
         return
     results = []
-    for name in args.sizes:
-        results.append(measure(name, args.ratio, args.timeout))
+    runs = [(name, "magnitude") for name in args.sizes] + [(name, "wanda") for name in args.wanda]
+    for name, importance in runs:
+        results.append(measure(name, args.ratio, args.timeout, importance))
         print(results[-1], flush=True)
     lines, footer = markdown(results, args.ratio)
     publish(lines, footer, args.markdown)
