@@ -120,7 +120,9 @@ def check_reload(dst: str) -> None:
 
 
 def measure(name: str, ratio: float, timeout: float, importance: str) -> dict[str, Any]:
-    src = generate(name)
+    # generated in a child: a child forked from a big parent starts its peak RSS at the parent's
+    subprocess.run([sys.executable, __file__, "--generate", name], check=True)
+    src = CACHE / name
     dst = CACHE / f"{name}-pruned"
     read_s = cat_seconds(src)
     command = [sys.executable, __file__, "--worker", str(src), str(dst), str(ratio), importance]
@@ -192,12 +194,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--reload", help=argparse.SUPPRESS)
+    parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker[0], args.worker[1], float(args.worker[2]), args.worker[3])
         return
     if args.reload:
         check_reload(args.reload)
+        return
+    if args.generate:
+        generate(args.generate)
         return
     results = []
     runs = [(name, "magnitude") for name in args.sizes] + [(name, "wanda") for name in args.wanda]

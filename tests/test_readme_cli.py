@@ -43,7 +43,7 @@ def test_the_readme_cli_block_runs_top_to_bottom(tmp_path):
     bin_dir = str(Path(sys.executable).parent) + "/"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     lines = cli_block()
-    assert len(lines) == 14
+    assert len(lines) == 15
     for line in lines:
         command = line.replace(".venv/bin/", bin_dir)
         done = subprocess.run(
@@ -63,5 +63,6 @@ def test_the_readme_cli_block_runs_top_to_bottom(tmp_path):
         "shallow/my-llama/config.json",
         "streamed/model.safetensors",
         "streamed/tokenizer.json",
+        "streamed-wanda/model.safetensors",
     ):
         assert (tmp_path / written).is_file(), written

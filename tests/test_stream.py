@@ -249,3 +249,27 @@ def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, caps
     assert "--importance wanda needs --calibration TEXT_FILE" in capsys.readouterr().err
     assert main([*command, "--calibration", str(text)]) == 2
     assert "magnitude needs no data" in capsys.readouterr().err
+
+
+def test_fused_projections_stream_as_they_prune_in_memory(tmp_path):
+    """Phi-3: query, key and value in one ``qkv_proj``, gate and up in one ``gate_up_proj``."""
+    config = transformers.Phi3Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    dense = transformers.Phi3ForCausalLM(config).eval()
+    dense.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
+    report = tp.hf.prune_checkpoint(tmp_path / "src", tmp_path / "out", recipe)
+    assert report.changed["intermediate_size"] == (64, 48)
+    expected = _in_memory(dense, recipe)
+    assert expected.model.layers[0].mlp.gate_up_proj.out_features == 96
+    _same_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
+    )
