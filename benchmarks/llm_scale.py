@@ -137,12 +137,20 @@ def _prune_torch_pruning(model: nn.Module, inputs: torch.Tensor, ratio: float) -
     return {"graph_s": built - start, "prune_s": time.perf_counter() - built}
 
 
-def _config_fits(model: nn.Module) -> bool:
+def _config_describes(model: nn.Module) -> str:
+    """``"plain"`` when ``model.config`` alone builds the pruned shapes, ``"plan"`` when it
+    records the plan ``tp.hf.from_pretrained`` replays (transformers refuses a plain one, as a
+    hidden size that is not a multiple of the heads), ``""`` when neither describes it."""
     from torchslim.hf.config import build_shapes, model_shapes
+    from torchslim.hf.sync import RECORD_KEY
 
     built = build_shapes(type(model), model.config)
     shapes = {k: v for k, v in model_shapes(model).items() if ":" not in k}
-    return built is not None and all(built.get(k) == v for k, v in shapes.items())
+    if built is not None and all(built.get(k) == v for k, v in shapes.items()):
+        return "plain"
+    record = getattr(model.config, RECORD_KEY, None)
+    recorded = (record or {}).get("shapes", {})
+    return "plan" if recorded and all(recorded.get(k) == list(v) for k, v in shapes.items()) else ""
 
 
 def worker(library: str, size: str, ratio: float) -> dict[str, Any]:
@@ -162,7 +170,7 @@ def worker(library: str, size: str, ratio: float) -> dict[str, Any]:
         logits = model(inputs).logits
     result["forward_ok"] = bool(torch.isfinite(logits.float()).all())
     result["forward_s"] = time.perf_counter() - forward
-    result["config_fits"] = _config_fits(model)
+    result["config"] = _config_describes(model)
     return result
 
 
@@ -182,6 +190,9 @@ def run(library: str, size: str, ratio: float, timeout: float) -> dict[str, Any]
     result = json.loads(lines[-1])
     result["peak_gb"] = peak_gb
     return result
+
+
+DESCRIBED = {"plain": "yes", "plan": "plan recorded", "": "**no**"}
 
 
 def _count(n: int) -> str:
@@ -205,7 +216,7 @@ def markdown(size: str, ratio: float, results: list[dict[str, Any]]) -> tuple[li
         lines.append(
             f"| {r['library']} | {r['graph_s']:.1f} | {r['prune_s']:.1f} | {r['total_s']:.1f} | "
             f"{r['peak_gb']:.1f} | {params} | {'yes' if r['forward_ok'] else '**no**'} | "
-            f"{'yes' if r['config_fits'] else '**no**'} |  |"
+            f"{DESCRIBED[r['config']]} |  |"
         )
     footer = (
         f"Llama shape {shape['hidden_size']} hidden, {shape['intermediate_size']} MLP, "

@@ -273,3 +273,37 @@ def test_fused_projections_stream_as_they_prune_in_memory(tmp_path):
     _same_model(
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
     )
+
+
+def test_experts_saved_one_by_one_stream_through_transformers_conversions(tmp_path):
+    """Qwen3-MoE: transformers saves the fused experts one expert at a time and merges them
+    when it loads; streaming reads them merged and writes the remaining experts back apart."""
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    dense = transformers.Qwen3MoeForCausalLM(config).eval()
+    dense.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    saved = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())
+    assert "model.layers.0.mlp.experts.7.gate_proj.weight" in saved["weight_map"]
+    recipe = {"experts": 0.25, "neurons": 0.25, "width": 0.25}
+    report = tp.hf.prune_checkpoint(
+        tmp_path / "src", tmp_path / "out", recipe, max_shard_bytes=30_000
+    )
+    assert report.changed["num_local_experts"] == (8, 6)
+    written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    experts = {k for k in written["weight_map"] if ".mlp.experts." in k}
+    assert "model.layers.1.mlp.experts.5.down_proj.weight" in experts and len(experts) == 36
+    expected = _in_memory(dense, recipe)
+    assert expected.model.layers[0].mlp.experts.gate_up_proj.shape == (6, 24, 24)
+    _same_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
+    )

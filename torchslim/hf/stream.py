@@ -1,15 +1,18 @@
 """Pruning a Hugging Face checkpoint without holding it in memory, one tensor at a time.
 
 :func:`prune_checkpoint` builds the model from ``config.json`` on ``meta`` (no memory), traces
-it and lets :class:`~torchslim.pruner.MetaPruner` choose and prune there. Each tensor a group
-scores (data-free criteria: the magnitude of every coupled slice) is read from its shard when
-it is scored, with the plan recorded so far replayed on it, so the choice is the one made in
-memory; then every tensor is read once more, sliced as the plan says and written into shards
-planned from the pruned shapes. Peak memory is about the largest tensor and its sliced copy.
-The output is a ``save_pretrained`` folder: the config follows the
-pruning (or records the plan when widths differ per layer: ``tp.hf.from_pretrained`` loads
-it); tokenizer and generation files are copied; it is written to a temporary folder and moved
-into place, so an interrupted run leaves no half-written output.
+it and lets :class:`~torchslim.pruner.MetaPruner` choose and prune there. Calibrated criteria
+(Wanda) first record their statistics in a forward that holds one module's weights at a time
+(:mod:`torchslim.hf.onload`). Each tensor a group scores is read from its shard when it is
+scored, with the plan recorded so far replayed on it, so the choice is the one made in memory;
+then every tensor is read once more, sliced as the plan says and written into shards planned
+from the pruned shapes (tensors transformers converts, such as experts saved one by one, go
+through its converters: :mod:`torchslim.hf.conversion`). Peak memory is about one tensor and
+its sliced copy, or a block of rows of an embedding. The output is a ``save_pretrained``
+folder: the config follows the pruning (or records the plan when widths differ per layer:
+``tp.hf.from_pretrained`` loads it); tokenizer and generation files are copied; it is written
+to a temporary folder and moved into place, so an interrupted run leaves no half-written
+output.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 from torchslim.graph.kinds import KINDS
 from torchslim.graph.record import model_history
 from torchslim.hf.checkpoint import model_class_of
+from torchslim.hf.conversion import ConvertedReader
 from torchslim.hf.onload import computed_buffers, onloaded
 from torchslim.hf.shards import ShardReader, ShardWriter
 from torchslim.hf.sync import RECORD_KEY
@@ -74,7 +78,7 @@ class _Layers:
     """Real tensors of one layer at a time: read from the checkpoint, with the plan recorded
     so far on the pruned model replayed on them (what the in-memory model holds by then)."""
 
-    def __init__(self, dense: nn.Module, pruned: nn.Module, reader: ShardReader) -> None:
+    def __init__(self, dense: nn.Module, pruned: nn.Module, reader: ConvertedReader) -> None:
         self.dense = dense
         self.pruned = pruned
         self.reader = reader
@@ -115,25 +119,36 @@ class _Layers:
             )
         return real
 
-    def pieces(self, name: str, attr: str, max_bytes: int) -> Iterator[torch.Tensor]:
-        """``name.attr`` as planned, in blocks of whole rows of about ``max_bytes`` when the
-        plan keeps every row (an embedding pruned in width: reading and slicing it whole would
-        hold both copies), else whole."""
+    def pieces(
+        self, name: str, attr: str, max_bytes: int
+    ) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """``name.attr`` as planned, as ``(saved name, block, first row)``: in blocks of whole
+        rows of about ``max_bytes`` when the plan keeps every row (an embedding pruned in
+        width: reading and slicing it whole would hold both copies), in the pieces
+        ``save_pretrained`` splits it into (fused experts), else whole."""
+        key = self.keys[(name, attr)]
         dense = getattr(self.dense.get_submodule(name), attr)
         pruned = getattr(self.pruned.get_submodule(name), attr)
         whole = dense.numel() * dense.element_size() <= max_bytes or dense.dim() < 2
-        if whole or pruned.shape[0] != dense.shape[0]:
-            yield self.tensor(name, attr)
-            return
-        step = max(1, max_bytes * dense.shape[0] // (dense.numel() * dense.element_size()))
-        for start in range(0, dense.shape[0], step):
-            yield self.tensor(name, attr, slice(start, start + step))
+        if self.reader.converted(key):
+            for saved, piece in self.reader.saved(
+                self.pruned, key, self.tensor(name, attr)
+            ).items():
+                yield saved, piece, 0
+        elif whole or pruned.shape[0] != dense.shape[0]:
+            yield key, self.tensor(name, attr), 0
+        else:
+            step = max(1, max_bytes * dense.shape[0] // (dense.numel() * dense.element_size()))
+            for start in range(0, dense.shape[0], step):
+                yield key, self.tensor(name, attr, slice(start, start + step)), start
 
-    def planned(self, name: str, attr: str) -> tuple[str, tuple[int, ...], torch.dtype]:
-        """Checkpoint name, pruned shape and stored dtype of ``name.attr``."""
+    def planned(self, name: str, attr: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """The saved names, pruned shapes and stored dtype of ``name.attr``'s pieces."""
         key = self.keys[(name, attr)]
-        shape = getattr(self.pruned.get_submodule(name), attr).shape
-        return key, tuple(shape), self.reader.dtype(key)
+        meta = getattr(self.pruned.get_submodule(name), attr)
+        dtype = self.reader.dtype(key)
+        pieces = self.reader.saved(self.pruned, key, meta)
+        return [(saved, tuple(piece.shape), dtype) for saved, piece in pieces.items()]
 
     def current(self, name: str, attrs: list[str], rows: slice = slice(None)) -> nn.Module:
         """A copy of layer ``name`` whose ``attrs`` (their ``rows``) are real and pruned as
@@ -244,7 +259,7 @@ def prune_checkpoint(
     with torch.device("meta"):
         model = model_class(copy.deepcopy(config)).eval()
         dense = model_class(copy.deepcopy(config)).eval()
-    layers = _Layers(dense, model, reader)
+    layers = _Layers(dense, model, ConvertedReader(reader, dense))
     criterion = STREAMED[importance](**({"p": p} if importance == "magnitude" else {}))
     criterion.layers = layers
     if batches:
@@ -265,12 +280,11 @@ def prune_checkpoint(
         ]
         reader.observer = lambda _: None  # the writing bar counts from here
         planned = {ref: layers.planned(*ref) for ref in stored}
-        writer = ShardWriter(folder, max_shard_bytes, list(planned.values()))
+        layout = [piece for pieces in planned.values() for piece in pieces]
+        writer = ShardWriter(folder, max_shard_bytes, layout)
         for name, attr in progress(stored, "writing", unit="B", size=lambda r: _bytes(planned[r])):
-            start = 0
-            for piece in layers.pieces(name, attr, PIECE_BYTES):
-                writer.add(layers.keys[(name, attr)], piece, start)
-                start += len(piece)
+            for saved, piece, start in layers.pieces(name, attr, PIECE_BYTES):
+                writer.add(saved, piece, start)
         writer.close()
         model.config.save_pretrained(folder)
         for pattern in COPIED:
@@ -322,17 +336,17 @@ def _pruner_arguments(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return recipe
 
 
-def _checkpoint_keys(model: nn.Module, reader: ShardReader) -> dict[tuple[str, str], str]:
-    """The checkpoint name of each (module, attribute) tensor (tied ones are stored once,
-    under one of their names); refuses a checkpoint with tensors the config does not build,
-    or without ones it does."""
+def _checkpoint_keys(model: nn.Module, reader: ConvertedReader) -> dict[tuple[str, str], str]:
+    """The name each (module, attribute) tensor is read under (the model's, once
+    transformers' conversions apply; tied ones are stored once, under one of their names);
+    refuses a checkpoint with tensors the config does not build, or without ones it does."""
     stored = set(reader.weight_map)
     state = model.state_dict()
     unexplained = sorted(stored - set(state))
     if unexplained:
         raise CheckpointError(
             f"tensors the config does not explain: {unexplained[:5]} (a checkpoint of another "
-            "architecture, or weights transformers renames on loading)"
+            "architecture, or names no transformers conversion maps)"
         )
     by_tensor: dict[int, str] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -366,8 +380,8 @@ def _refuse_computed_buffers(dense: nn.Module, pruned: nn.Module) -> None:
         )
 
 
-def _bytes(planned: tuple[str, tuple[int, ...], torch.dtype]) -> int:
-    return math.prod(planned[1]) * planned[2].itemsize
+def _bytes(pieces: list[tuple[str, tuple[int, ...], torch.dtype]]) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in pieces)
 
 
 def _count(model: nn.Module) -> int:
