@@ -275,14 +275,20 @@ def test_gradients_are_sliced_with_their_parameters():
     "dtype",
     [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.bool],
 )
-def test_take_gathers_the_same_bits_as_index_select_along_every_dim(dtype):
-    from torchslim.pruning.take import take
+@pytest.mark.parametrize("split", [False, True], ids=["one-thread", "rows-split"])
+def test_take_gathers_the_same_bits_as_index_select_along_every_dim(dtype, split, monkeypatch):
+    from torchslim.pruning import take as module
 
+    if split:  # every gather split by rows over the intra-op threads
+        monkeypatch.setattr(module, "_SPLIT_ELEMENTS", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     tensor = (torch.randn(6, 7, 5, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
     for source in (tensor, tensor.transpose(0, 2)):
         for dim in range(3):
             index = torch.tensor([4, 0, 2])
-            taken = take(source, dim, index)
+            taken = module.take(source, dim, index)
             expected = source.index_select(dim, index)
             assert taken.dtype == dtype and taken.is_contiguous()
             assert torch.equal(taken.view(-1), expected.contiguous().view(-1))
+    with pytest.raises(IndexError, match="index out of range for dim 1 of size 7"):
+        module.take(tensor, 1, torch.tensor([7]))
