@@ -290,5 +290,15 @@ def test_take_gathers_the_same_bits_as_index_select_along_every_dim(dtype, split
             expected = source.index_select(dim, index)
             assert taken.dtype == dtype and taken.is_contiguous()
             assert torch.equal(taken.view(-1), expected.contiguous().view(-1))
+        taken = module.take(source, -1, torch.tensor([1]))
+        assert torch.equal(taken, source.index_select(-1, torch.tensor([1])))
     with pytest.raises(IndexError, match="index out of range for dim 1 of size 7"):
         module.take(tensor, 1, torch.tensor([7]))
+    for dim, index in [(3, torch.tensor([0])), (1, torch.tensor([0.0])), (1, torch.tensor(2))]:
+        try:  # where index_select answers or refuses, take does the same
+            expected = tensor.index_select(dim, index)
+        except (IndexError, RuntimeError) as error:
+            with pytest.raises(type(error)):
+                module.take(tensor, dim, index)
+        else:
+            assert torch.equal(module.take(tensor, dim, index), expected)

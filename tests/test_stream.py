@@ -105,7 +105,8 @@ def test_wanda_records_one_module_at_a_time_and_chooses_what_wanda_in_memory_cho
     )
     recorded = reads[: next(k for k, name in enumerate(reads) if name in reads[:k])]
     assert "model.norm.weight" in recorded and "model.layers.2.mlp.down_proj.weight" in recorded
-    assert "lm_head.weight" not in recorded  # read once all modules ran: no logits computed
+    if not tied:  # read only once all modules ran: no logits were computed
+        assert "lm_head.weight" in reads and "lm_head.weight" not in recorded
     expected = _in_memory(dense, recipe, calibration)
     magnitude = _in_memory(dense, recipe)
     widths = [layer.mlp.down_proj.in_features for layer in expected.model.layers]
@@ -124,6 +125,8 @@ def test_wanda_records_one_module_at_a_time_and_chooses_what_wanda_in_memory_cho
         ({"importance": "taylor"}, "cannot be streamed: choose one of magnitude, wanda"),
         ({"calibration": calibration}, "magnitude needs no calibration"),
         ({"importance": "wanda", "calibration": calibration.float()}, r"token ids \[sequences"),
+        ({"importance": "wanda", "calibration": []}, "needs calibration token ids, got none"),
+        ({"importance": "wanda", "calibration": calibration[:0]}, "an empty batch"),
     ]:
         with pytest.raises(ValueError, match=match):
             tp.hf.prune_checkpoint(src, tmp_path / "never", recipe, **bad)
@@ -307,3 +310,49 @@ def test_experts_saved_one_by_one_stream_through_transformers_conversions(tmp_pa
     _same_model(
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
     )
+
+
+def test_onloading_keeps_a_module_s_weights_while_its_children_run():
+    """A module that uses its own parameter after calling a child (GPT-OSS attention's sinks
+    after its projections) still holds it then; everything is back on meta afterwards, also
+    after a failing forward."""
+    from torchslim.hf.onload import onloaded
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * self.scale
+
+    real = Scaled()
+    with torch.no_grad():
+        real.scale.mul_(3)
+    with torch.device("meta"):
+        shell = Scaled()
+    state = real.state_dict()
+
+    def read(name: str, attr: str) -> torch.Tensor:
+        return state[f"{name}.{attr}" if name else attr]
+
+    x = torch.randn(2, 4)
+    with onloaded(shell, read), torch.no_grad():
+        assert torch.equal(shell(x), real(x))
+    assert all(p.is_meta for p in shell.parameters())
+    with pytest.raises(RuntimeError, match="shape"), onloaded(shell, read):
+        shell(torch.randn(2, 5))
+    assert all(p.is_meta for p in shell.parameters())
+    assert not shell._forward_pre_hooks and not shell.inner._forward_hooks
+
+
+def test_a_computed_buffer_initialisation_leaves_unset_is_refused(tmp_path, monkeypatch):
+    _, src = _checkpoint(tmp_path / "src")
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_init_weights", lambda self, m: None)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(tp.CheckpointError, match=r"leaves the computed buffers \['Llama"):
+        tp.hf.prune_checkpoint(
+            src, tmp_path / "out", {"neurons": 0.25}, importance="wanda", calibration=ids
+        )
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from torchslim.hf.shards import ShardReader
+from torchslim.persistence import CheckpointError
 
 
 def _conversions(model: nn.Module, legacy: bool) -> tuple[list[Any], list[Any]]:
@@ -41,13 +42,14 @@ class ConvertedReader:
         for key in sorted(reader.weight_map, key=dot_natural_key):
             name, pattern = rename_source_key(key, renamings, converters)
             sources.setdefault(name, []).append((key, pattern))
+        doubled = [n for n, saved in sources.items() if len(saved) > 1 and saved[0][1] is None]
+        if doubled:
+            raise CheckpointError(
+                f"several saved tensors are read as {doubled[:3]}: "
+                f"{[k for k, _ in sources[doubled[0]]]}"
+            )
         #: model name -> the saved (name, converter pattern) it is assembled from
         self.sources = sources
-        self.weight_map = dict.fromkeys(sources)
-
-    @property
-    def bytes_read(self) -> int:
-        return self.reader.bytes_read
 
     def converted(self, name: str) -> bool:
         return self.sources[name][0][1] is not None
@@ -67,8 +69,8 @@ class ConvertedReader:
         return tensors[name][rows]
 
     def saved(self, model: nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The pieces ``save_pretrained`` writes for ``model``'s tensor ``name`` (on ``meta``:
-        their names and shapes), or the tensor under its own name."""
+        """The pieces ``save_pretrained`` writes for ``model``'s converted tensor ``name`` (on
+        ``meta``: their names and shapes); any other tensor under the model's name."""
         from transformers.core_model_loading import revert_weight_conversion
 
         if not self.converted(name):

@@ -13,58 +13,90 @@ import torch
 from torch import nn
 
 from torchslim.capture.modules import forwards_replaced
+from torchslim.persistence import CheckpointError
 
 #: the real tensor of ``(module name, attribute)``, or ``None`` where the checkpoint has none
 Reader = Callable[[str, str], Optional[torch.Tensor]]
+
+
+def own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's own parameters and buffers (not its children's), by attribute."""
+    tensors = [*module._parameters.items(), *module._buffers.items()]
+    return [(attr, tensor) for attr, tensor in tensors if tensor is not None]
 
 
 @contextmanager
 def computed_buffers(model: nn.Module) -> Iterator[None]:
     """Inside the block the buffers a model computes rather than loads (RoPE frequencies) hold
     real values, computed as transformers computes them when it loads a model built on
-    ``meta`` (``_init_weights`` of their module); back on ``meta`` afterwards."""
+    ``meta`` (``_init_weights`` of their module); back on ``meta`` afterwards. A buffer that
+    initialisation leaves unset is refused rather than used uninitialised."""
     swapped = []
     for module in model.modules():
         for attr in module._non_persistent_buffers_set:
             buffer = module._buffers.get(attr)
             if buffer is not None and buffer.is_meta:
                 swapped.append((module, attr, buffer))
-                module._buffers[attr] = torch.empty_like(buffer, device="cpu")
+                module._buffers[attr] = _unset(buffer)
     try:
         for module in {id(m): m for m, _, _ in swapped}.values():
             model._init_weights(module)
+        unset = [
+            f"{type(module).__name__}.{attr}"
+            for module, attr, _ in swapped
+            if _still_unset(module._buffers[attr])
+        ]
+        if unset:
+            raise CheckpointError(
+                f"transformers' initialisation leaves the computed buffers {unset[:3]} unset: "
+                "calibrate this model in memory"
+            )
         yield
     finally:
         for module, attr, buffer in swapped:
             module._buffers[attr] = buffer
 
 
+def _unset(buffer: torch.Tensor) -> torch.Tensor:
+    """A CPU buffer of ``buffer``'s shape holding a value no initialisation writes (NaN, or
+    the lowest integer)."""
+    if buffer.is_floating_point() or buffer.is_complex():
+        fill: Any = float("nan")
+    elif buffer.dtype == torch.bool:
+        fill = False
+    else:
+        fill = torch.iinfo(buffer.dtype).min
+    return torch.full(buffer.shape, fill, dtype=buffer.dtype)
+
+
+def _still_unset(buffer: torch.Tensor) -> bool:
+    if buffer.is_floating_point() or buffer.is_complex():
+        return bool(buffer.isnan().any())
+    if buffer.dtype == torch.bool:
+        return False
+    return bool(buffer.numel()) and bool((buffer == torch.iinfo(buffer.dtype).min).all())
+
+
 @contextmanager
 def onloaded(model: nn.Module, read: Reader, skipped: Optional[nn.Module] = None) -> Iterator[None]:
     """Inside the block each module of ``model`` holds its real tensors (from ``read``) while
-    its forward runs, and its ``meta`` ones again afterwards. ``skipped`` (the output
-    embeddings: the logits of every calibration token would be the largest tensor of the
-    pass) runs its forward hooks but computes nothing: it returns zeros of its output's
-    shape, without memory."""
-    handles, loaded = [], []
-    for name, module in model.named_modules():
-        attrs = [
-            attr
-            for attr, tensor in [*module._parameters.items(), *module._buffers.items()]
-            if tensor is not None and tensor.is_meta
-        ]
-        if attrs and module is not skipped:
-            handles.append(module.register_forward_pre_hook(_loader(name, attrs, read, loaded)))
-            handles.append(module.register_forward_hook(lambda *_: _unload(loaded)))
+    its forward runs (its children's forwards included), and its ``meta`` ones again
+    afterwards. ``skipped`` (the output embeddings: the logits of every calibration token
+    would be the largest tensor of the pass) runs its forward hooks but computes nothing: it
+    returns zeros of its output's shape, expanded from one element."""
+    loaded: dict[nn.Module, list[tuple[dict, str, torch.Tensor]]] = {}
     with ExitStack() as stack:
+        stack.callback(lambda: [_unload(entries) for entries in loaded.values()])
+        for name, module in model.named_modules():
+            attrs = [attr for attr, tensor in own_tensors(module) if tensor.is_meta]
+            if attrs and module is not skipped:
+                load = _loader(name, attrs, read, loaded.setdefault(module, []))
+                stack.callback(module.register_forward_pre_hook(load).remove)
+                unload = module.register_forward_hook(lambda m, *_: _unload(loaded[m]))
+                stack.callback(unload.remove)
         if skipped is not None:
             stack.enter_context(forwards_replaced({skipped: _nothing(skipped)}))
-        try:
-            yield
-        finally:
-            _unload(loaded)
-            for handle in handles:
-                handle.remove()
+        yield
 
 
 def _loader(name: str, attrs: list[str], read: Reader, loaded: list) -> Callable[..., None]:

@@ -148,7 +148,8 @@ class ShardWriter:
         count = len(tensor) if shape else 1
         total = shape[0] if shape else 1
         fits = tuple(tensor.shape) == ((count, *shape[1:]) if shape else ())
-        if not fits or tensor.dtype != dtype or start != self.rows_written.get(name, 0):
+        fits = fits and start == self.rows_written.get(name, 0) and start + count <= total
+        if not fits or tensor.dtype != dtype:
             raise CheckpointError(
                 f"{name}: {list(tensor.shape)} {tensor.dtype} from row {start} where the plan "
                 f"writes {list(shape)} {dtype} from row {self.rows_written.get(name, 0)}"

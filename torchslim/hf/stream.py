@@ -8,7 +8,8 @@ scored, with the plan recorded so far replayed on it, so the choice is the one m
 then every tensor is read once more, sliced as the plan says and written into shards planned
 from the pruned shapes (tensors transformers converts, such as experts saved one by one, go
 through its converters: :mod:`torchslim.hf.conversion`). Peak memory is about one tensor and
-its sliced copy, or a block of rows of an embedding. The output is a ``save_pretrained``
+its sliced copy (a fused experts tensor: its saved pieces too), or a block of rows of an
+embedding. The output is a ``save_pretrained``
 folder: the config follows the pruning (or records the plan when widths differ per layer:
 ``tp.hf.from_pretrained`` loads it); tokenizer and generation files are copied; it is written
 to a temporary folder and moved into place, so an interrupted run leaves no half-written
@@ -25,7 +26,7 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from torchslim.graph.kinds import KINDS
 from torchslim.graph.record import model_history
 from torchslim.hf.checkpoint import model_class_of
 from torchslim.hf.conversion import ConvertedReader
-from torchslim.hf.onload import computed_buffers, onloaded
+from torchslim.hf.onload import computed_buffers, onloaded, own_tensors
 from torchslim.hf.shards import ShardReader, ShardWriter
 from torchslim.hf.sync import RECORD_KEY
 from torchslim.importance.criteria import MagnitudeImportance, WandaImportance
@@ -129,7 +130,8 @@ class _Layers:
         key = self.keys[(name, attr)]
         dense = getattr(self.dense.get_submodule(name), attr)
         pruned = getattr(self.pruned.get_submodule(name), attr)
-        whole = dense.numel() * dense.element_size() <= max_bytes or dense.dim() < 2
+        size = dense.numel() * self.reader.dtype(key).itemsize
+        whole = size <= max_bytes or dense.dim() < 2
         if self.reader.converted(key):
             for saved, piece in self.reader.saved(
                 self.pruned, key, self.tensor(name, attr)
@@ -138,7 +140,7 @@ class _Layers:
         elif whole or pruned.shape[0] != dense.shape[0]:
             yield key, self.tensor(name, attr), 0
         else:
-            step = max(1, max_bytes * dense.shape[0] // (dense.numel() * dense.element_size()))
+            step = max(1, max_bytes * dense.shape[0] // size)
             for start in range(0, dense.shape[0], step):
                 yield key, self.tensor(name, attr, slice(start, start + step)), start
 
@@ -172,10 +174,8 @@ class _Layers:
         of the layer it is pruned through)."""
         return [
             attr
-            for attr, tensor in [*module._parameters.items(), *module._buffers.items()]
-            if tensor is not None
-            and (name, attr) in self.keys
-            and self.owner(name, attr) == (name, attr)
+            for attr, _ in own_tensors(module)
+            if (name, attr) in self.keys and self.owner(name, attr) == (name, attr)
         ]
 
 
@@ -230,7 +230,7 @@ def prune_checkpoint(
     recipe: Mapping[str, Any],
     *,
     importance: str = "magnitude",
-    calibration: Optional[torch.Tensor] = None,
+    calibration: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
     p: int = 2,
     model_class: Optional[type] = None,
     max_shard_bytes: int = 5 * 10**9,
@@ -305,7 +305,7 @@ def prune_checkpoint(
 
 
 def _calibration_batches(
-    importance: str, calibration: Optional[Union[torch.Tensor, list[torch.Tensor]]]
+    importance: str, calibration: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
 ) -> list[torch.Tensor]:
     """The calibration batches a criterion needs (none for magnitude), checked."""
     if importance not in STREAMED:
@@ -319,12 +319,16 @@ def _calibration_batches(
     if calibration is None:
         raise ValueError(f"importance {importance!r} needs calibration token ids")
     batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    if not batches:
+        raise ValueError(f"importance {importance!r} needs calibration token ids, got none")
     for ids in batches:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise ValueError(
                 "calibration: token ids [sequences, length] (or a list of them), got "
                 f"{getattr(ids, 'shape', type(ids).__name__)}"
             )
+        if not ids.numel():
+            raise ValueError(f"calibration: an empty batch of token ids {list(ids.shape)}")
     return batches
 
 
@@ -340,7 +344,7 @@ def _checkpoint_keys(model: nn.Module, reader: ConvertedReader) -> dict[tuple[st
     """The name each (module, attribute) tensor is read under (the model's, once
     transformers' conversions apply; tied ones are stored once, under one of their names);
     refuses a checkpoint with tensors the config does not build, or without ones it does."""
-    stored = set(reader.weight_map)
+    stored = set(reader.sources)
     state = model.state_dict()
     unexplained = sorted(stored - set(state))
     if unexplained:
@@ -357,8 +361,8 @@ def _checkpoint_keys(model: nn.Module, reader: ConvertedReader) -> dict[tuple[st
         raise CheckpointError(f"the checkpoint lacks tensors the config builds: {absent[:5]}")
     keys = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is not None and id(tensor) in by_tensor:
+        for attr, tensor in own_tensors(module):
+            if id(tensor) in by_tensor:
                 keys[(name, attr)] = by_tensor[id(tensor)]
     return keys
 

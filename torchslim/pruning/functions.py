@@ -39,7 +39,7 @@ def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> No
     index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
     replace_tensor(module, name, take(tensor, dim, index), dim, index)
     if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
-        getattr(module, name).grad = take(tensor.grad, dim, index).contiguous()
+        getattr(module, name).grad = take(tensor.grad, dim, index)
 
 
 def add_bias(layer: nn.Module) -> None:
@@ -514,8 +514,8 @@ class ParameterPruner(BasePruningFunc):
     ) -> nn.Parameter:
         dim = self.pruning_dim if dim is None else dim
         keep = keep_indices(tensor.shape[dim], normalise_indices(tensor, idxs, tensor.shape[dim]))
-        data = take(tensor, dim, torch.as_tensor(keep, device=tensor.device))
-        return nn.Parameter(data.contiguous(), requires_grad=tensor.requires_grad)
+        data = take(tensor, dim, torch.as_tensor(keep, dtype=torch.long, device=tensor.device))
+        return nn.Parameter(data, requires_grad=tensor.requires_grad)
 
     def prune_in_channels(self, tensor: nn.Parameter, idxs: Indices) -> nn.Parameter:
         return self.prune_out_channels(tensor, idxs, dim=1)

@@ -7,6 +7,7 @@ output rows over the intra-op threads (NumPy releases the GIL): about 7x along a
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -22,21 +23,20 @@ _SPLIT_ELEMENTS = 1 << 22
 def take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """``tensor.detach().index_select(dim, index)``, contiguous, without autograd history."""
     tensor = tensor.detach()
-    width = _SAME_WIDTH.get(tensor.element_size())
-    if tensor.dim() == 0 or tensor.device.type != "cpu" or width is None:
-        return tensor.index_select(dim, index)
-    if tensor.is_complex() or tensor.is_conj() or tensor.is_neg():
+    if not _plain(tensor, dim, index):  # index_select's own answer, or its own error
         return tensor.index_select(dim, index)
     dim %= tensor.dim()
+    width = _SAME_WIDTH[tensor.element_size()]
     source = tensor.view(width).numpy()
     positions = index.cpu().numpy().astype(np.intp, copy=False)
     if positions.size and (positions.min() < 0 or positions.max() >= source.shape[dim]):
         raise IndexError(f"index out of range for dim {dim} of size {source.shape[dim]}")
     shape = list(source.shape)
     shape[dim] = positions.size
-    out = np.empty(shape, source.dtype)
+    result = torch.empty(shape, dtype=width)  # torch-owned memory, as index_select's
+    out = result.numpy()
     threads = min(torch.get_num_threads(), len(out)) if out.size > _SPLIT_ELEMENTS else 1
-    bounds = np.linspace(0, len(out), max(threads, 1) + 1).astype(int)
+    bounds = np.linspace(0, len(out), threads + 1).astype(int)
     rows = list(zip(bounds, bounds[1:]))
     if dim == 0:  # output rows come from the index
         parts = [(source, positions[a:b], out[a:b]) for a, b in rows]
@@ -47,9 +47,27 @@ def take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     np.take(*parts[0][:2], dim, parts[0][2], "clip")
     for job in jobs:
         job.result()
-    return torch.from_numpy(out).view(tensor.dtype)
+    return result.view(tensor.dtype)
+
+
+def _plain(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> bool:
+    """A dense CPU tensor of a plain item width, an in-range dim and a 1-D integer index."""
+    return (
+        tensor.dim() > 0
+        and -tensor.dim() <= dim < tensor.dim()
+        and tensor.device.type == "cpu"
+        and tensor.layout == torch.strided
+        and not tensor.is_quantized
+        and not (tensor.is_complex() or tensor.is_conj() or tensor.is_neg())
+        and tensor.element_size() in _SAME_WIDTH
+        and index.dim() == 1
+        and index.dtype in (torch.int32, torch.int64)
+    )
 
 
 @lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(thread_name_prefix="torchslim-take")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of its threads
