@@ -24,6 +24,24 @@ transformers = pytest.importorskip("transformers")
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def _saved(path: Path, model_class: type, config: Any) -> tuple[nn.Module, Path]:
+    """A ``model_class(config)`` with seeded weights, saved in shards of 20 KB into ``path``."""
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.save_pretrained(path, max_shard_size="20KB")
+    return model, path
+
+
 def _checkpoint(path: Path, **extra: Any) -> tuple[nn.Module, Path]:
     model = tiny_llama(3, **extra)
     model.save_pretrained(path, max_shard_size="20KB")
@@ -256,18 +274,8 @@ def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, caps
 
 def test_fused_projections_stream_as_they_prune_in_memory(tmp_path):
     """Phi-3: query, key and value in one ``qkv_proj``, gate and up in one ``gate_up_proj``."""
-    config = transformers.Phi3Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    dense = transformers.Phi3ForCausalLM(config).eval()
-    dense.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    config = transformers.Phi3Config(**TINY, pad_token_id=0)
+    dense, _ = _saved(tmp_path / "src", transformers.Phi3ForCausalLM, config)
     recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
     report = tp.hf.prune_checkpoint(tmp_path / "src", tmp_path / "out", recipe)
     assert report.changed["intermediate_size"] == (64, 48)
@@ -282,19 +290,9 @@ def test_experts_saved_one_by_one_stream_through_transformers_conversions(tmp_pa
     """Qwen3-MoE: transformers saves the fused experts one expert at a time and merges them
     when it loads; streaming reads them merged and writes the remaining experts back apart."""
     config = transformers.Qwen3MoeConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=8,
-        num_experts_per_tok=2,
+        **TINY, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2
     )
-    torch.manual_seed(0)
-    dense = transformers.Qwen3MoeForCausalLM(config).eval()
-    dense.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    dense, _ = _saved(tmp_path / "src", transformers.Qwen3MoeForCausalLM, config)
     saved = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())
     assert "model.layers.0.mlp.experts.7.gate_proj.weight" in saved["weight_map"]
     recipe = {"experts": 0.25, "neurons": 0.25, "width": 0.25}
