@@ -354,3 +354,33 @@ def test_a_computed_buffer_initialisation_leaves_unset_is_refused(tmp_path, monk
             src, tmp_path / "out", {"neurons": 0.25}, importance="wanda", calibration=ids
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_pickle_shards_stream_only_when_trusted(tmp_path):
+    dense, src = _checkpoint(tmp_path / "src")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((src / "config.json").read_text())
+    state = dense.state_dict()
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2]}
+    halves["pytorch_model-00002-of-00002.bin"] = names[1::2]
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, pickled / file)
+    index = {"weight_map": {k: file for file, keys in halves.items() for k in keys}}
+    (pickled / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
+    with pytest.raises(tp.CheckpointError, match="or pass trust_pickle=True"):
+        tp.hf.prune_checkpoint(pickled, tmp_path / "out", recipe)
+    from torchslim.cli.main import main
+
+    kinds = "heads=0.5,neurons=0.25,width=0.25"
+    command = ["prune-hf", str(pickled), "--out", str(tmp_path / "out"), "--kinds", kinds]
+    assert main([*command, "--trust-pickle"]) == 0
+    assert not list((tmp_path / "out").glob("*.bin"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    _same_model(loaded, _in_memory(dense, recipe))
+    (pickled / "pytorch_model-00002-of-00002.bin").write_bytes(b"not a zip file")
+    with pytest.raises(tp.CheckpointError, match="not a state dict torch.load can map"):
+        tp.hf.prune_checkpoint(pickled, tmp_path / "never", recipe, trust_pickle=True)
+    assert not (tmp_path / "never").exists()

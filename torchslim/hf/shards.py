@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -15,35 +16,62 @@ from torchslim.persistence import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
 
 
 class ShardReader:
-    """The tensors of a checkpoint folder by name, each read from its shard when asked."""
+    """The tensors of a checkpoint folder by name, each read from its shard when asked.
 
-    def __init__(self, folder: Path) -> None:
+    safetensors shards are read a tensor (or a block of rows) at a time. Pickle (``.bin``)
+    shards only with ``trust_pickle``: ``torch.load(weights_only=True, mmap=True)`` maps a
+    shard without reading it and restricts unpickling to tensors and plain containers, but it
+    still unpickles the file."""
+
+    def __init__(self, folder: Path, trust_pickle: bool = False) -> None:
         self.folder = folder
-        index = folder / INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        self.pickled = False
+        if (folder / INDEX).is_file():
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
         elif (folder / SINGLE).is_file():
             weight_map = {name: SINGLE for name in _keys(folder / SINGLE)}
         elif any(folder.glob("*.bin")):
-            raise CheckpointError(
-                f"{folder} holds pickle (.bin) weights, which cannot be read one tensor at a "
-                "time (and loading them runs code from the file): convert them to safetensors"
-            )
+            if not trust_pickle:
+                raise CheckpointError(
+                    f"{folder} holds pickle (.bin) weights, and unpickling a file can run code "
+                    "from it: convert them to safetensors, or pass trust_pickle=True "
+                    "(--trust-pickle) to map them with torch.load(weights_only=True)"
+                )
+            self.pickled = True
+            if (folder / PICKLE_INDEX).is_file():
+                weight_map = json.loads((folder / PICKLE_INDEX).read_text())["weight_map"]
+            else:
+                weight_map = dict.fromkeys(self._pickled(PICKLE_SINGLE), PICKLE_SINGLE)
         else:
             raise CheckpointError(f"no safetensors weights in {folder}")
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
-            raise CheckpointError(f"{folder}: shards listed in {INDEX} are missing: {missing}")
+            listed = PICKLE_INDEX if self.pickled else INDEX
+            raise CheckpointError(f"{folder}: shards listed in {listed} are missing: {missing}")
         self.weight_map: dict[str, str] = weight_map
         self.bytes_read = 0
         #: told the bytes of each read (a progress bar)
         self.observer: Callable[[int], Any] = lambda _: None
 
+    def _pickled(self, file: str) -> dict[str, torch.Tensor]:
+        """A pickle shard's tensors, mapped from the file, not read."""
+        try:
+            state = torch.load(self.folder / file, map_location="cpu", mmap=True, weights_only=True)
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as error:
+            raise CheckpointError(
+                f"{self.folder / file}: not a state dict torch.load can map ({error})"
+            ) from error
+        return state
+
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of a tensor, from its shard's header."""
+        if self.pickled:
+            return self._pickled(self.weight_map[name])[name].dtype
         from safetensors import safe_open
 
         with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as handle:
@@ -55,13 +83,16 @@ class ShardReader:
 
     def get(self, name: str, rows: slice = slice(None)) -> torch.Tensor:
         """Tensor ``name`` (its ``rows`` only: the rest is never read)."""
-        from safetensors import safe_open
+        if self.pickled:
+            tensor = self._pickled(self.weight_map[name])[name][rows]
+        else:
+            from safetensors import safe_open
 
-        with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as handle:
-            if rows == slice(None):
-                tensor = handle.get_tensor(name)
-            else:
-                tensor = handle.get_slice(name)[rows]
+            with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as handle:
+                if rows == slice(None):
+                    tensor = handle.get_tensor(name)
+                else:
+                    tensor = handle.get_slice(name)[rows]
         self.bytes_read += tensor.numel() * tensor.element_size()
         self.observer(tensor.numel() * tensor.element_size())
         return tensor

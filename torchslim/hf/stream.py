@@ -235,6 +235,7 @@ def prune_checkpoint(
     model_class: Optional[type] = None,
     max_shard_bytes: int = 5 * 10**9,
     example_length: int = 16,
+    trust_pickle: bool = False,
 ) -> StreamReport:
     """Prune the checkpoint folder ``src`` into ``dst`` by ``recipe`` without loading it.
 
@@ -245,7 +246,8 @@ def prune_checkpoint(
     memory; ``"wanda"`` as ``WandaImportance`` recorded on ``calibration`` (token ids
     ``[sequences, length]``, or a list of such batches), which runs through the model one
     module's weights at a time first. ``model_class`` defaults to the class
-    ``config.architectures`` names."""
+    ``config.architectures`` names. ``trust_pickle`` lets pickle (``.bin``) shards be read
+    (mapped by ``torch.load(weights_only=True, mmap=True)``); the output is safetensors."""
     import transformers
 
     start = time.time()
@@ -253,7 +255,7 @@ def prune_checkpoint(
     batches = _calibration_batches(importance, calibration)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json")
-    reader = ShardReader(src)
+    reader = ShardReader(src, trust_pickle=trust_pickle)
     config = transformers.AutoConfig.from_pretrained(src)
     model_class = model_class or model_class_of(config)
     with torch.device("meta"):

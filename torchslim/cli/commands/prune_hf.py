@@ -36,6 +36,11 @@ def register(commands: Any) -> None:
         "--max-shard-size", type=float, default=5.0, help="gigabytes per written shard"
     )
     sub.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read pickle (.bin) shards (torch.load with weights_only=True); writes safetensors",
+    )
+    sub.add_argument(
         "--importance",
         choices=sorted(STREAMED),
         default="magnitude",
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         importance=args.importance,
         calibration=calibration,
         max_shard_bytes=int(args.max_shard_size * 1e9),
+        trust_pickle=args.trust_pickle,
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rows = [
