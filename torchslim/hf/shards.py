@@ -69,7 +69,7 @@ class ShardReader:
         return state
 
     def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype of a tensor, from its shard's header."""
+        """The stored dtype of a tensor, from its shard's header (a pickle shard: mapped)."""
         if self.pickled:
             return self._pickled(self.weight_map[name])[name].dtype
         from safetensors import safe_open
