@@ -55,20 +55,22 @@ def group_sizes(graph: tp.DependencyGraph) -> list[int]:
     return sorted(g.size for g in graph.get_all_groups(root_module_types=(nn.Module,)))
 
 
+#: the shape of the tiny decoder LLMs of the tests (vocabulary 97, hidden 32, 64 MLP neurons
+#: per layer, 4 query and 2 KV heads), any transformers config class
+TINY_LM = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
 def tiny_llama(layers: int = 2, **extra: Any) -> nn.Module:
-    """A random ``LlamaForCausalLM`` (vocabulary 97, hidden 32, 64 MLP neurons per layer, 4
-    query and 2 KV heads), seeded, in eval mode."""
+    """A random ``LlamaForCausalLM`` of :data:`TINY_LM`'s shape, seeded, in eval mode."""
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **extra,
-    )
+    config = transformers.LlamaConfig(**TINY_LM, num_hidden_layers=layers, **extra)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 

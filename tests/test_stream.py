@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import WORDS, tiny_llama, tiny_llama_folder
+from helpers import TINY_LM, WORDS, tiny_llama, tiny_llama_folder
 from torch import nn
 
 import torchslim as tp
@@ -22,16 +22,6 @@ from torchslim.hf.shards import ShardWriter
 
 transformers = pytest.importorskip("transformers")
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-TINY = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
 
 
 def _saved(path: Path, model_class: type, config: Any) -> tuple[nn.Module, Path]:
@@ -274,7 +264,7 @@ def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, caps
 
 def test_fused_projections_stream_as_they_prune_in_memory(tmp_path):
     """Phi-3: query, key and value in one ``qkv_proj``, gate and up in one ``gate_up_proj``."""
-    config = transformers.Phi3Config(**TINY, pad_token_id=0)
+    config = transformers.Phi3Config(**TINY_LM, num_hidden_layers=2, pad_token_id=0)
     dense, _ = _saved(tmp_path / "src", transformers.Phi3ForCausalLM, config)
     recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
     report = tp.hf.prune_checkpoint(tmp_path / "src", tmp_path / "out", recipe)
@@ -290,7 +280,11 @@ def test_experts_saved_one_by_one_stream_through_transformers_conversions(tmp_pa
     """Qwen3-MoE: transformers saves the fused experts one expert at a time and merges them
     when it loads; streaming reads them merged and writes the remaining experts back apart."""
     config = transformers.Qwen3MoeConfig(
-        **TINY, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2
+        **TINY_LM,
+        num_hidden_layers=2,
+        moe_intermediate_size=16,
+        num_experts=8,
+        num_experts_per_tok=2,
     )
     dense, _ = _saved(tmp_path / "src", transformers.Qwen3MoeForCausalLM, config)
     saved = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())
