@@ -8,7 +8,7 @@ import math
 import pickle
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -55,6 +55,7 @@ class ShardReader:
             raise CheckpointError(f"{folder}: shards listed in {listed} are missing: {missing}")
         self.weight_map: dict[str, str] = weight_map
         self.bytes_read = 0
+        self._dtypes: dict[str, tuple[Optional[torch.dtype], str]] = {}  # a shard at a time
         #: told the bytes of each read (a progress bar)
         self.observer: Callable[[int], Any] = lambda _: None
 
@@ -69,17 +70,26 @@ class ShardReader:
         return state
 
     def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype of a tensor, from its shard's header (a pickle shard: mapped)."""
+        """The stored dtype of a tensor: its shard's header (a pickle shard: mapped) is read
+        once, for all its tensors."""
+        if name not in self._dtypes:
+            self._dtypes.update(self._shard_dtypes(self.weight_map[name]))
+        dtype, stored = self._dtypes[name]
+        if dtype is None:
+            raise CheckpointError(f"{name}: dtype {stored} is not supported here")
+        return dtype
+
+    def _shard_dtypes(self, file: str) -> dict[str, tuple[Optional[torch.dtype], str]]:
+        """Each tensor's dtype in shard ``file`` (``None`` where unsupported), and its label."""
         if self.pickled:
-            return self._pickled(self.weight_map[name])[name].dtype
+            return {n: (t.dtype, str(t.dtype)) for n, t in self._pickled(file).items()}
         from safetensors import safe_open
 
-        with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as handle:
-            stored = handle.get_slice(name).get_dtype()
-        for dtype, label in DTYPES.items():
-            if label == stored:
-                return dtype
-        raise CheckpointError(f"{name}: dtype {stored} is not supported here")
+        by_label = {label: dtype for dtype, label in DTYPES.items()}
+        with safe_open(str(self.folder / file), framework="pt") as handle:
+            names = handle.keys()
+            labels = {name: handle.get_slice(name).get_dtype() for name in names}
+        return {name: (by_label.get(label), label) for name, label in labels.items()}
 
     def get(self, name: str, rows: slice = slice(None)) -> torch.Tensor:
         """Tensor ``name`` (its ``rows`` only: the rest is never read)."""
@@ -145,7 +155,6 @@ class ShardWriter:
         self.places: dict[str, tuple[Path, int, tuple[int, ...], torch.dtype]] = {}
         self.weight_map: dict[str, str] = {}
         self.bytes_written = 0
-        self.written: set[str] = set()
         self.rows_written: dict[str, int] = {}
         for number, tensors in enumerate(shards, 1):
             file = SINGLE if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
@@ -177,9 +186,8 @@ class ShardWriter:
         """Write tensor ``name``, or the next block of its rows (from row ``start``)."""
         path, at, shape, dtype = self.places[name]
         count = len(tensor) if shape else 1
-        total = shape[0] if shape else 1
         fits = tuple(tensor.shape) == ((count, *shape[1:]) if shape else ())
-        fits = fits and start == self.rows_written.get(name, 0) and start + count <= total
+        fits = fits and start == self.rows_written.get(name, 0) and start + count <= _rows(shape)
         if not fits or tensor.dtype != dtype:
             raise CheckpointError(
                 f"{name}: {list(tensor.shape)} {tensor.dtype} from row {start} where the plan "
@@ -191,14 +199,21 @@ class ShardWriter:
             handle.write(data.data)
         self.bytes_written += data.nbytes
         self.rows_written[name] = start + count
-        if start + count == total:
-            self.written.add(name)
 
     def close(self) -> None:
         """Check every planned tensor was written; write the index of a sharded checkpoint."""
-        missing = sorted(set(self.places) - self.written)
+        missing = sorted(
+            name
+            for name, (_, _, shape, _) in self.places.items()
+            if self.rows_written.get(name, 0) != _rows(shape)
+        )
         if missing:
             raise CheckpointError(f"planned tensors never written: {missing[:5]}")
         if len(set(self.weight_map.values())) > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
             (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    """Rows a tensor of ``shape`` is written in (a scalar: one)."""
+    return shape[0] if shape else 1

@@ -152,6 +152,12 @@ class _Layers:
         pieces = self.reader.saved(self.pruned, key, meta)
         return [(saved, tuple(piece.shape), dtype) for saved, piece in pieces.items()]
 
+    def read(self, name: str, attr: str, rows: slice = slice(None)) -> Optional[torch.Tensor]:
+        """``name.attr`` (its ``rows``) as the checkpoint holds it, dense; ``None`` where the
+        checkpoint has no such tensor (one the model computes)."""
+        key = self.keys.get((name, attr))
+        return None if key is None else self.reader.get(key, rows)
+
     def current(self, name: str, attrs: list[str], rows: slice = slice(None)) -> nn.Module:
         """A copy of layer ``name`` whose ``attrs`` (their ``rows``) are real and pruned as
         planned so far."""
@@ -159,7 +165,7 @@ class _Layers:
         layer = copy.copy(module)
         layer._parameters, layer._buffers = dict(module._parameters), dict(module._buffers)
         for attr in attrs:
-            real = self.reader.get(self.keys[(name, attr)], rows)
+            real = self.read(name, attr, rows)
             if attr in layer._parameters:
                 layer._parameters[attr] = nn.Parameter(real, requires_grad=False)
             else:
@@ -207,15 +213,11 @@ STREAMED: dict[str, type] = {"magnitude": _StreamedMagnitude, "wanda": _Streamed
 def _record(model: nn.Module, layers: _Layers, criterion: Any, batches: list[torch.Tensor]) -> None:
     """Record a calibrated criterion on the dense model, one module's weights in memory at a
     time: what recording in memory records, for a checkpoint that does not fit."""
-
-    def read(name: str, attr: str) -> Optional[torch.Tensor]:
-        return layers.reader.get(layers.keys[(name, attr)]) if (name, attr) in layers.keys else None
-
     head = model.get_output_embeddings()
     with ExitStack() as stack:
         for context in (
             computed_buffers(model),
-            onloaded(model, read, skipped=head),
+            onloaded(model, layers.read, skipped=head),
             criterion.record(model),
             torch.no_grad(),
         ):
@@ -347,7 +349,7 @@ def _checkpoint_keys(model: nn.Module, reader: ConvertedReader) -> dict[tuple[st
     transformers' conversions apply; tied ones are stored once, under one of their names);
     refuses a checkpoint with tensors the config does not build, or without ones it does."""
     stored = set(reader.sources)
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
     unexplained = sorted(stored - set(state))
     if unexplained:
         raise CheckpointError(
@@ -355,7 +357,7 @@ def _checkpoint_keys(model: nn.Module, reader: ConvertedReader) -> dict[tuple[st
             "architecture, or names no transformers conversion maps)"
         )
     by_tensor: dict[int, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state.items():
         if name in stored:
             by_tensor.setdefault(id(tensor), name)
     absent = sorted(n for n, t in model.named_parameters() if id(t) not in by_tensor)
