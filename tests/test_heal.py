@@ -4,9 +4,11 @@ bad input, and DistributedDataParallel under torchrun."""
 from __future__ import annotations
 
 import copy
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,6 +70,24 @@ def test_minutes_stop_the_run():
     _, model, blocks = _pruned_llama()
     log = heal(model, blocks, minutes=1e-9, show_progress=False)
     assert log.stopped_by == "minutes" and log.losses == []
+
+
+def test_the_learning_rate_decays_over_the_minutes(monkeypatch):
+    clock = iter(range(0, 10_000, 15))  # every reading of the clock is 15 s later
+    module = importlib.import_module("torchslim.hf.heal")
+    monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    rates = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    _, model, blocks = _pruned_llama()
+    log = heal(model, blocks, minutes=1.0, lr=1e-3, show_progress=False)
+    assert log.stopped_by == "minutes"
+    assert rates == pytest.approx([1e-3 * (1 - s / 60) for s in (15, 30, 45)])
 
 
 @pytest.mark.parametrize(

@@ -405,3 +405,47 @@ def test_calibrated_scores_follow_the_pruning_of_target_mode(criterion):
         macs, _ = tp.utils.count_ops_and_params(model, x[:1])
         assert macs <= 0.5 * pruner.base_macs
         assert model[0].out_channels < 15 and model[2].out_channels < 15
+
+
+class TwoBlocks(nn.Module):
+    """Two MLPs and a head; the head counts its forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.b1 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.a2, self.b2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 2)
+        self.head_calls = 0
+        self.head.register_forward_pre_hook(
+            lambda *_: setattr(self, "head_calls", 1 + self.head_calls)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b2(torch.relu(self.a2(self.b1(torch.relu(self.a1(x)))))))
+
+
+def test_a_pass_stops_each_batch_once_its_layers_have_seen_it():
+    model = TwoBlocks().eval()
+    x = _inputs(40, 8)
+    pruner = tp.pruner.MagnitudePruner(
+        model, x[:2], pruning_ratio=0.25, ignored_layers=[model.b2, model.head]
+    )
+    model.head_calls = 0
+    pruner.step(reconstruct=Reconstruction(list(x.split(10)), max_memory=1))
+    report = pruner.reconstruction
+    assert [layer.name for layer in report.layers] == ["b1", "a2", "b2"]
+    assert report.tokens == 40
+    assert model.head_calls == 3  # the first batch of each of the three passes, not all twelve
+
+
+def test_a_layer_run_twice_per_forward_is_recorded_on_every_call():
+    class Twice(LinearMLP):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(self.b(torch.relu(self.a(x))))))
+
+    model = Twice().eval()
+    model.b = nn.Linear(16, 8)
+    x = _inputs(30, 8)
+    pruner = tp.pruner.MagnitudePruner(model, x[:2], pruning_ratio=0.25)
+    pruner.step(reconstruct=Reconstruction(list(x.split(10)), max_memory=1))
+    assert pruner.reconstruction.tokens == 60

@@ -81,7 +81,8 @@ def heal(
     :func:`torchslim.hf.text.token_blocks`) for ``steps`` optimizer steps or ``minutes`` of
     wall time, whichever comes first (at least one is required). With ``teacher`` the loss is
     the distillation loss against it, else next-token cross-entropy. AdamW with a linear
-    warm-down; gradients clipped to norm 1. ``checkpoint``: a ``.safetensors`` path written
+    warm-down to zero over the steps or the minutes (whichever is further along); gradients
+    clipped to norm 1. ``checkpoint``: a ``.safetensors`` path written
     (atomically, with the pruning plan, see :func:`torchslim.save_pruned`) every
     ``checkpoint_every`` steps and at the end."""
     if steps is None and minutes is None:
@@ -106,7 +107,8 @@ def heal(
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + rank)
     total = steps if steps is not None else math.inf
-    deadline = time.monotonic() + minutes * 60 if minutes is not None else math.inf
+    seconds = minutes * 60 if minutes is not None else math.inf
+    device = next(iter(parameters)).device if parameters else torch.device("cpu")
     log = HealingLog()
     began = time.monotonic()
     bar = _progress(steps, show_progress and rank == 0)
@@ -116,11 +118,12 @@ def heal(
     step = 0
     try:
         while step < total:
-            if time.monotonic() >= deadline:
+            elapsed = _elapsed(began, world, device)
+            if elapsed >= seconds:
                 log.stopped_by = "minutes"
                 break
             batch = shard[torch.randint(0, len(shard), (batch_size,), generator=generator)]
-            fraction = step / total if steps is not None else 0.0
+            fraction = max(step / total, elapsed / seconds)
             for group in optimizer.param_groups:
                 group["lr"] = lr * (1.0 - fraction)
             outputs = trained(input_ids=batch, use_cache=False)
@@ -155,6 +158,17 @@ def heal(
     if checkpoint is not None and rank == 0:
         save_pruned(model, checkpoint)
     return log
+
+
+def _elapsed(began: float, world: int, device: torch.device) -> float:
+    """Seconds since ``began``; under ``torch.distributed`` the largest over the ranks, so
+    every rank decays its learning rate alike and stops at the same step."""
+    elapsed = time.monotonic() - began
+    if world == 1:
+        return elapsed
+    value = torch.tensor([elapsed], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
 
 
 def _progress(steps: Optional[int], show: bool) -> Any:

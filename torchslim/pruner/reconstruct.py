@@ -192,6 +192,10 @@ def _chunks(layers: list[_Layer], budget: int) -> Iterable[list[_Layer]]:
         yield chunk
 
 
+class _Enough(Exception):
+    """Every layer of a pass has seen the batch: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
 def _record(
     model: nn.Module,
@@ -200,14 +204,33 @@ def _record(
     forward_fn: Optional[Callable[[nn.Module, Any], Any]],
 ) -> int:
     """Run the calibration batches once with every layer of ``layers`` accumulating its input
-    statistics; returns the number of positions (tokens, pixels) the last layer saw."""
-    handles = [layer.module.register_forward_pre_hook(layer.observe) for layer in layers]
+    statistics; returns the number of positions (tokens, pixels) the last layer saw.
+
+    When each layer ran exactly once on the first batch, later batches stop as soon as all of
+    them have seen their input: a pass for the first layers of a deep model costs only the
+    forward up to them."""
+    calls = dict.fromkeys(map(id, layers), 0)
+    stop_early = False
+
+    def watch(layer: _Layer) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            layer.observe(module, inputs)
+            calls[id(layer)] += 1
+            if stop_early and all(calls.values()):
+                raise _Enough
+
+        return hook
+
+    handles = [layer.module.register_forward_pre_hook(watch(layer)) for layer in layers]
     was_training = model.training
     model.eval()
     try:
         for number, batch in enumerate(batches):
+            calls.update(dict.fromkeys(calls, 0))
             try:
                 call_forward(model, batch, forward_fn)
+            except _Enough:
+                pass
             except ReconstructionError:
                 raise
             except Exception as error:
@@ -216,6 +239,9 @@ def _record(
                     f"({type(error).__name__}: {error}); batches must be inputs of the form "
                     "the pruner's example_inputs (or forward_fn) take"
                 ) from error
+            finally:
+                if number == 0:
+                    stop_early = all(count == 1 for count in calls.values())
     finally:
         for handle in handles:
             handle.remove()
