@@ -111,11 +111,20 @@ def test_a_trial_is_undone_completely(build, x):
     tensors = dict(space.model.state_dict(keep_vars=True))
     attributes = {n: dict(vars(m)) for n, m in space.model.named_modules()}
     removed, history = dict(space.graph.state.removed), len(space.graph.history)
+
+    def sizes() -> list[tuple[int, int]]:
+        return [(g.coupling.id, g.size) for g in space.graph.get_all_groups()]
+
+    dense_sizes = sizes()
+    first = next(space.graph.get_all_groups()).select([0])  # a caller's selection stays its own
+    assert next(space.graph.get_all_groups()).idxs == list(range(first.size))
     for unit in space.units:
         for ratio in (0.3, 0.6):
             with space.trial({unit.name: ratio}):
                 macs, _ = space.count()
                 assert macs < space.dense_macs
+                assert sum(size for _, size in sizes()) < sum(size for _, size in dense_sizes)
+            assert sizes() == dense_sizes
     with torch.no_grad():
         assert torch.equal(space.model(x), before)
     assert all(space.model.state_dict(keep_vars=True)[k] is v for k, v in tensors.items())

@@ -25,7 +25,7 @@ from torchslim.graph.checkpoint import Checkpoint
 from torchslim.graph.forward_check import ForwardCheck, ForwardFailure
 from torchslim.graph.hooks import run_prune_hooks
 from torchslim.graph.record import model_history, model_record
-from torchslim.graph.state import PruningState
+from torchslim.graph.state import PruningState, Removed
 from torchslim.ops.experts import is_routed_experts
 from torchslim.pruning.functions import BasePruningFunc, ParameterHandler
 from torchslim.pruning.layers import get_pruner, is_linear_like, role_of
@@ -227,6 +227,15 @@ class Group:
 PruningPlan = Group
 
 
+@dataclass(frozen=True)
+class _Walk:
+    """The groups one walk over the model found, and the pruning state it walked."""
+
+    removed: Removed
+    steps: int
+    groups: list[tuple[Coupling, ParamDim, int]]
+
+
 class DependencyGraph:
     """Which parameters of a model are coupled, found from one traced forward pass."""
 
@@ -247,6 +256,7 @@ class DependencyGraph:
         #: removed whole (see :mod:`torchslim.graph.blocks`).
         self.blocks: list[Block] = []
         self._handlers: dict[tuple[int, str, int], tuple[nn.Module, Handled]] = {}
+        self._walks: dict[tuple[Any, ...], _Walk] = {}
         #: Run after each ``Group.prune`` outside a pruner's step (see :meth:`forward_failure`);
         #: set to ``None`` to skip.
         self.forward_check: Optional[ForwardCheck] = None
@@ -291,6 +301,7 @@ class DependencyGraph:
         self.model = model
         self.customized_pruners = dict(customized_pruners or {})
         self._handlers = {}
+        self._walks = {}
         self.ignored_params = list(ignored_params or [])
         if not any(True for _ in iter_tensors(example_inputs)):
             raise ValueError("example_inputs must contain at least one tensor")
@@ -593,12 +604,27 @@ class DependencyGraph:
         ignored_layers: Iterable[nn.Module] = (),
         root_module_types: Sequence[type] = ROOT_TYPES,
     ) -> Iterator[Group]:
-        """Each prunable group once, rooted at the first layer of ``root_module_types``."""
+        """Each prunable group once, rooted at the first layer of ``root_module_types``.
+
+        The walk over the model is done once per pruning state: a search, whose trials return
+        to the state they started from, finds the groups again without walking."""
         self._require()
-        ignored = {id(m) for m in ignored_layers}
+        state = self._require_state()
+        ignored = frozenset(id(m) for m in ignored_layers)
+        key = (ignored, tuple(root_module_types))
+        walk = self._walks.get(key)
+        if walk is None or walk.removed is not state.removed or walk.steps != len(state.history):
+            found = list(self._walk(ignored, tuple(root_module_types)))
+            walk = self._walks[key] = _Walk(state.removed, len(state.history), found)
+        for coupling, root, size in walk.groups:
+            yield Group(self, coupling, root, list(range(size)))
+
+    def _walk(
+        self, ignored: frozenset[int], root_module_types: tuple[type, ...]
+    ) -> Iterator[tuple[Coupling, ParamDim, int]]:
         visited: set[int] = set()
         for _, module in self.model.named_modules():
-            if not _is_root(module, tuple(root_module_types)) or id(module) in ignored:
+            if not _is_root(module, root_module_types) or id(module) in ignored:
                 continue
             for root in self._members(module, Role.OUT) or self._members(module, Role.PARAM):
                 for coupling in self._couplings_of(root):
@@ -607,10 +633,9 @@ class DependencyGraph:
                     visited.add(coupling.id)
                     if self._touches_ignored_out(coupling, ignored):
                         continue
-                    live = self.live_classes(coupling)
-                    group = Group(self, coupling, root, list(range(len(live))))
+                    group = Group(self, coupling, root, [])
                     if group.prunable_idxs and self._structural_refusal(coupling) is None:
-                        yield group
+                        yield coupling, root, len(self.live_classes(coupling))
 
     def _touches_ignored_out(self, coupling: Coupling, ignored: set[int]) -> bool:
         for member in coupling.members:

@@ -349,7 +349,7 @@ class MetaPruner:
             self.refused[group.coupling.id] = reason
         self.last_step = report = StepReport.of(result, self._skipped_mixing())
         if self.current_step == self.iterative_steps:
-            for message in unmet_requests(self, self.summary()):
+            for message in unmet_requests(self):
                 warnings.warn(message, UserWarning, stacklevel=3)
         if report.mixing:
             reasons = sorted({r for _, rs in report.mixing for r in rs})

@@ -60,19 +60,23 @@ def summarise(pruner: MetaPruner) -> list[KindSummary]:
     return sorted(rows.values(), key=lambda row: KINDS.index(row.kind))
 
 
-def unmet_requests(pruner: MetaPruner, summary: list[KindSummary]) -> list[str]:
+def unmet_requests(pruner: MetaPruner, summary: Optional[list[KindSummary]] = None) -> list[str]:
     """The requests that removed nothing (a kind's ratio, or the ratio of every group), and
-    groups that lost fewer channels than asked because the graph refuses more."""
-    messages = []
-    for row in summary:
-        if row.kind in pruner.kind_ratios and pruner.kind_ratios[row.kind] > 0 and row.pruned == 0:
-            messages.append(
-                f"asked for {pruner.kind_ratios[row.kind]:.0%} of the {row.kind}, none were "
-                f"removed ({row.groups} groups: {row.why_not})"
-            )
+    groups that lost fewer channels than asked because the graph refuses more. ``summary``
+    (:func:`summarise`) is computed here if it is needed and not given."""
+    asked = any(r > 0 for r in pruner.kind_ratios.values()) or pruner.pruning_ratio > 0
+    if asked and summary is None:
+        summary = summarise(pruner)
+    rows = summary if asked and summary is not None else []
+    messages = [
+        f"asked for {pruner.kind_ratios[row.kind]:.0%} of the {row.kind}, none were "
+        f"removed ({row.groups} groups: {row.why_not})"
+        for row in rows
+        if pruner.kind_ratios.get(row.kind, 0) > 0 and row.pruned == 0
+    ]
     messages += list(pruner.cut_short.values())
-    if pruner.pruning_ratio > 0 and not any(row.pruned for row in summary):
-        reasons = "; ".join(row.why_not for row in summary if row.whole)
+    if pruner.pruning_ratio > 0 and not any(row.pruned for row in rows):
+        reasons = "; ".join(row.why_not for row in rows if row.whole)
         messages.append(
             f"pruning_ratio={pruner.pruning_ratio:g} removed no channel ({reasons or 'no groups'})"
         )
