@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -374,3 +375,12 @@ def test_the_summary_says_per_kind_what_was_asked_and_why_groups_kept_every_chan
     assert neurons.why_not == "1 refused (a model output)"
     assert rows["heads"].why_not == "2 where 25% of 2 rounds to 0"
     assert rows["width"].why_not == "1 not asked" and rows["width"].asked == 0.0
+
+
+def test_a_pruning_ratio_that_removes_nothing_is_said_and_one_that_prunes_is_not():
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"pruning_ratio=0.001 removed no channel \(\d+ where"):
+        tp.pruner.MagnitudePruner(resnet18(), x, pruning_ratio=0.001).step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tp.pruner.MagnitudePruner(resnet18(), x, pruning_ratio=0.5).step()

@@ -64,10 +64,18 @@ def unmet_requests(pruner: MetaPruner, summary: Optional[list[KindSummary]] = No
     """The requests that removed nothing (a kind's ratio, or the ratio of every group), and
     groups that lost fewer channels than asked because the graph refuses more. ``summary``
     (:func:`summarise`) is computed here if it is needed and not given."""
-    asked = any(r > 0 for r in pruner.kind_ratios.values()) or pruner.pruning_ratio > 0
-    if asked and summary is None:
-        summary = summarise(pruner)
-    rows = summary if asked and summary is not None else []
+    wanted = {kind for kind, ratio in pruner.kind_ratios.items() if ratio > 0}
+    unmet = bool(wanted) or pruner.pruning_ratio > 0
+    if unmet and summary is None:
+        pruned = {
+            pruner.kind_of(group)
+            for group in pruner._candidates()
+            if group.size < pruner.initial_sizes.get(group.coupling.id, group.size)
+        }
+        unmet = not wanted <= pruned or (pruner.pruning_ratio > 0 and not pruned)
+        if unmet:
+            summary = summarise(pruner)
+    rows = summary if unmet and summary is not None else []
     messages = [
         f"asked for {pruner.kind_ratios[row.kind]:.0%} of the {row.kind}, none were "
         f"removed ({row.groups} groups: {row.why_not})"
@@ -75,7 +83,7 @@ def unmet_requests(pruner: MetaPruner, summary: Optional[list[KindSummary]] = No
         if pruner.kind_ratios.get(row.kind, 0) > 0 and row.pruned == 0
     ]
     messages += list(pruner.cut_short.values())
-    if pruner.pruning_ratio > 0 and not any(row.pruned for row in rows):
+    if unmet and pruner.pruning_ratio > 0 and not any(row.pruned for row in rows):
         reasons = "; ".join(row.why_not for row in rows if row.whole)
         messages.append(
             f"pruning_ratio={pruner.pruning_ratio:g} removed no channel ({reasons or 'no groups'})"
