@@ -98,7 +98,9 @@ class Group:
     value. Iterating yields ``(dep, idxs)`` pairs with positions in each layer's own dim.
     """
 
-    def __init__(self, graph: DependencyGraph, coupling: Coupling, root: ParamDim, idxs: list[int]):
+    def __init__(
+        self, graph: DependencyGraph, coupling: Coupling, root: ParamDim, idxs: Sequence[int]
+    ):
         self._graph = graph
         self.coupling = coupling
         self.root = root
@@ -154,7 +156,8 @@ class Group:
 
     def select(self, idxs: Sequence[int]) -> Group:
         """Make ``idxs`` the indices this group removes (items are recomputed lazily)."""
-        self.idxs = sorted(set(int(i) for i in idxs))
+        ordered = isinstance(idxs, range) and idxs.step > 0
+        self.idxs = list(idxs) if ordered else sorted({int(i) for i in idxs})
         self._items: Optional[list[GroupItem]] = None
         return self
 
@@ -617,7 +620,7 @@ class DependencyGraph:
             found = list(self._walk(ignored, tuple(root_module_types)))
             walk = self._walks[key] = _Walk(state.removed, len(state.history), found)
         for coupling, root, size in walk.groups:
-            yield Group(self, coupling, root, list(range(size)))
+            yield Group(self, coupling, root, range(size))
 
     def _walk(
         self, ignored: frozenset[int], root_module_types: tuple[type, ...]

@@ -33,7 +33,9 @@ class PruningState:
 
     def live(self, coupling: Coupling) -> list[int]:
         """The coupling's classes not removed yet, in order (a group's indices index these)."""
-        removed = self.removed.get(coupling.id, set())
+        removed = self.removed.get(coupling.id)
+        if not removed:
+            return list(coupling.classes)
         return [c for c in coupling.classes if c not in removed]
 
     def removed_with(self, coupling: Coupling, classes: np.ndarray) -> Removed:

@@ -73,6 +73,8 @@ def check_num_heads(graph: DependencyGraph, num_heads: dict[nn.Module, int]) -> 
 def check_channel_groups(model: nn.Module, groups: dict[nn.Module, int], argument: str) -> None:
     """The peer's declared channel groups must divide the layer's channels (torchslim infers
     which channels go together; a declaration that cannot hold is a mistake worth naming)."""
+    if not groups:
+        return
     names = {id(m): n for n, m in model.named_modules()}
     for module, count in groups.items():
         name = names.get(id(module))
