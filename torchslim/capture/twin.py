@@ -8,38 +8,70 @@ real weights.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 
+class MetaTwins:
+    """``meta`` twins of tensors, kept between swaps: a tensor still alive with the same shape,
+    strides, dtype and gradient flag gets the twin it had (a check after each pruning step swaps
+    the same unchanged weights again)."""
+
+    def __init__(self) -> None:
+        self._found: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = id(tensor)
+        entry = self._found.get(key)
+        if entry is not None and entry[0]() is tensor and _fits(entry[1], tensor):
+            return entry[1]
+        found = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            found = nn.Parameter(found, requires_grad=tensor.requires_grad)
+        self._found[key] = (weakref.ref(tensor, functools.partial(self._forget, key)), found)
+        return found
+
+    def __len__(self) -> int:
+        """The number of live tensors with a twin."""
+        return len(self._found)
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        entry = self._found.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._found[key]
+
+
+def _fits(twin: torch.Tensor, tensor: torch.Tensor) -> bool:
+    return (
+        twin.shape == tensor.shape
+        and twin.stride() == tensor.stride()
+        and twin.dtype == tensor.dtype
+        and type(twin) is type(tensor)
+        and twin.requires_grad == tensor.requires_grad
+    )
+
+
 @contextmanager
-def swapped_to_meta(model: nn.Module) -> Iterator[nn.Module]:
+def swapped_to_meta(model: nn.Module, twins: Optional[MetaTwins] = None) -> Iterator[nn.Module]:
     """``model`` itself with its parameters, buffers and tensor attributes (weights that an
     old-style ``weight_norm`` hook computed, caches) swapped for ``meta`` tensors of the same
     shapes inside the block (shared tensors stay shared), and put back afterwards: a forward
-    then costs no FLOPs, no memory and no copy of the module tree."""
-    twins: dict[int, torch.Tensor] = {}
+    then costs no FLOPs, no memory and no copy of the module tree. ``twins`` keeps the meta
+    tensors for the next swap."""
+    twins = MetaTwins() if twins is None else twins
     swapped: list[tuple[dict, str, torch.Tensor]] = []
-
-    def twin(tensor: torch.Tensor) -> torch.Tensor:
-        found = twins.get(id(tensor))
-        if found is None:
-            found = torch.empty_like(tensor, device="meta")
-            if isinstance(tensor, nn.Parameter):
-                found = nn.Parameter(found, requires_grad=tensor.requires_grad)
-            twins[id(tensor)] = found
-        return found
-
     for module in model.modules():
         stores = (module._parameters, module._buffers, vars(module))
         for store in stores:
             for name, value in list(store.items()):
                 if isinstance(value, torch.Tensor) and not value.is_meta:
                     swapped.append((store, name, value))
-                    store[name] = twin(value)
+                    store[name] = twins.of(value)
     try:
         yield model
     finally:

@@ -21,7 +21,7 @@ from torch import nn
 from torchslim.capture.experts import experts_as_ops
 from torchslim.capture.modules import call_forward, untouched
 from torchslim.capture.shortcuts import meta_shortcuts
-from torchslim.capture.twin import swapped_to_meta, to_meta
+from torchslim.capture.twin import MetaTwins, swapped_to_meta, to_meta
 
 
 @dataclass
@@ -66,6 +66,7 @@ class ForwardCheck:
         self.forward_fn = forward_fn
         self._dense = {shapes: signature(dense_outputs, shapes) for shapes in (True, False)}
         self.on_meta = on_meta
+        self._twins = MetaTwins()
 
     @property
     def expected(self) -> Any:
@@ -88,7 +89,7 @@ class ForwardCheck:
             with (
                 untouched(model),
                 experts_as_ops(model),
-                swapped_to_meta(model) if self.on_meta else nullcontext(),
+                swapped_to_meta(model, self._twins) if self.on_meta else nullcontext(),
                 meta_shortcuts() if self.on_meta else nullcontext(),
             ):
                 outputs = call_forward(model, inputs, self.forward_fn)
