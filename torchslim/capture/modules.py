@@ -117,8 +117,8 @@ def untouched(model: nn.Module, training: bool = False) -> Iterator[None]:
     modes = {m: m.training for m in model.modules()}
     saved = {
         name: buffer.clone()
-        for name, buffer in model.named_buffers()
-        if training and buffer is not None and buffer.device.type != "meta"
+        for name, buffer in (model.named_buffers() if training else ())
+        if buffer is not None and buffer.device.type != "meta"
     }
     rng = torch.random.get_rng_state()
     caches = _cache_snapshot(model)
@@ -130,7 +130,7 @@ def untouched(model: nn.Module, training: bool = False) -> Iterator[None]:
         for module, mode in modes.items():
             module.training = mode
         with torch.no_grad():
-            for name, buffer in model.named_buffers():
+            for name, buffer in model.named_buffers() if saved else ():
                 if name in saved:
                     buffer.copy_(saved[name])
         torch.random.set_rng_state(rng)

@@ -134,14 +134,22 @@ def shortcut(func: Callable, args: tuple, kwargs: dict) -> Any:
         if fits is not None and not fits(args, kwargs):
             return None
         inplace = at is not None and _argument(args, kwargs, at, "inplace", False)
-        return first if inplace else torch.empty_like(first)
+        return first if inplace else _like(first)
     if func in _IN_PLACE and len(args) == 1 and not kwargs:
         return first
     if func in _ARITHMETIC or func in _ARITHMETIC_IN_PLACE:
         if len(args) != 2 or not _same_layout(first, args[1]):
             return None
-        return first if func in _ARITHMETIC_IN_PLACE else torch.empty_like(first)
+        return first if func in _ARITHMETIC_IN_PLACE else _like(first)
     return None
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)``: for a dense input its strides (what ``empty_like`` keeps), made
+    directly instead of through PyTorch's Python reference of ``empty_like`` (15x slower)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return torch.empty_like(x)
 
 
 def _same_layout(first: torch.Tensor, other: Any) -> bool:

@@ -617,6 +617,9 @@ def _split_ignored(model: nn.Module, ignored: Iterable[Any]) -> tuple[list[nn.Mo
     """Ignored modules (types expand to every module of that type) and ignored parameters."""
     modules: list[nn.Module] = []
     params: set[int] = set()
+    ignored = list(ignored)
+    if not ignored:
+        return modules, params
     known_modules = {id(m) for m in model.modules()}
     known_params = {id(p) for p in model.parameters()}
     for item in ignored:
