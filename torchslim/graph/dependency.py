@@ -114,7 +114,7 @@ class Group:
     @property
     def size(self) -> int:
         """Number of channels (index values) in the whole group."""
-        return len(self._graph.live_classes(self.coupling))
+        return self._graph.live_count(self.coupling)
 
     @property
     def items(self) -> list[GroupItem]:
@@ -515,6 +515,10 @@ class DependencyGraph:
     def live_classes(self, coupling: Coupling) -> list[int]:
         """The coupling's channels (classes) not pruned yet: what a group's indices index."""
         return self._require_state().live(coupling)
+
+    def live_count(self, coupling: Coupling) -> int:
+        """How many of the coupling's channels are not pruned yet."""
+        return self._require_state().size(coupling)
 
     def _members(self, module: nn.Module, role: Optional[str]) -> list[ParamDim]:
         found = []

@@ -38,6 +38,10 @@ class PruningState:
             return list(coupling.classes)
         return [c for c in coupling.classes if c not in removed]
 
+    def size(self, coupling: Coupling) -> int:
+        """How many of the coupling's classes are not removed yet."""
+        return len(coupling.classes) - len(self.removed.get(coupling.id, ()))
+
     def removed_with(self, coupling: Coupling, classes: np.ndarray) -> Removed:
         """Classes removed so far per coupling, plus ``classes`` of ``coupling``."""
         removed = dict(self.removed)
