@@ -123,7 +123,8 @@ def untouched(model: nn.Module, training: bool = False) -> Iterator[None]:
     rng = torch.random.get_rng_state()
     caches = _cache_snapshot(model)
     try:
-        model.train(training)
+        if any(mode != training for mode in modes.values()):
+            model.train(training)
         with torch.no_grad():
             yield
     finally:
