@@ -1,7 +1,9 @@
 """Swapping a model's tensors for ``meta`` twins: the real tensors come back, and twins kept
 between swaps are reused only for the same live tensor of the same layout."""
 
+import copy
 import gc
+import pickle
 
 import torch
 from torch import nn
@@ -43,3 +45,15 @@ def test_a_shared_tensor_keeps_one_twin_and_a_dead_tensor_is_forgotten():
     del extra
     gc.collect()
     assert len(twins) == count - 1
+
+
+def test_a_tensor_with_gradients_keeps_its_twin_and_copies_start_empty():
+    model = nn.Linear(2, 2)
+    model.register_buffer("scale", torch.ones(2, requires_grad=True), persistent=False)
+    twins = MetaTwins()
+    with swapped_to_meta(model, twins):
+        scale = model.scale
+    with swapped_to_meta(model, twins):
+        assert model.scale is scale
+    assert len(copy.deepcopy(twins)) == 0 and len(pickle.loads(pickle.dumps(twins))) == 0
+    assert len(twins) == 3

@@ -438,6 +438,19 @@ def test_a_pass_stops_each_batch_once_its_layers_have_seen_it():
     assert model.head_calls == 3  # the first batch of each of the three passes, not all twelve
 
 
+def test_a_model_with_forward_hooks_runs_every_batch_to_the_end():
+    model = TwoBlocks().eval()
+    x = _inputs(40, 8)
+    ends = []
+    model.b1.register_forward_hook(lambda *_: ends.append(1))  # waits for b1's forward to end
+    pruner = tp.pruner.MagnitudePruner(
+        model, x[:2], pruning_ratio=0.25, ignored_layers=[model.b2, model.head]
+    )
+    model.head_calls = 0
+    pruner.step(reconstruct=Reconstruction(list(x.split(10)), max_memory=1))
+    assert model.head_calls == 12 and pruner.reconstruction.tokens == 40
+
+
 def test_a_layer_run_twice_per_forward_is_recorded_on_every_call():
     class Twice(LinearMLP):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,9 @@ def test_a_trial_is_undone_completely(build, x):
     removed, history = dict(space.graph.state.removed), len(space.graph.history)
 
     def sizes() -> list[tuple[int, int]]:
-        return [(g.coupling.id, g.size) for g in space.graph.get_all_groups()]
+        groups = list(space.graph.get_all_groups())
+        assert all(g.idxs == list(range(g.size)) for g in groups)  # made for the state now
+        return [(g.coupling.id, g.size) for g in groups]
 
     dense_sizes = sizes()
     first = next(space.graph.get_all_groups()).select([0])  # a caller's selection stays its own

@@ -18,27 +18,33 @@ from torch import nn
 
 
 class MetaTwins:
-    """``meta`` twins of tensors, kept between swaps: a tensor still alive with the same shape,
-    strides, dtype and gradient flag gets the twin it had (a check after each pruning step swaps
-    the same unchanged weights again)."""
+    """``meta`` twins of tensors, kept between swaps: a tensor still alive with the layout it
+    had (shape, strides, dtype, gradient flag) gets the twin it had, if a forward did not
+    reshape that twin (a check after each pruning step swaps the same unchanged weights
+    again). Copies and pickles start empty."""
 
     def __init__(self) -> None:
-        self._found: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self._found: dict[int, tuple[weakref.ref, tuple[Any, ...], torch.Tensor]] = {}
 
     def of(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = id(tensor)
+        key, layout = id(tensor), _layout(tensor)
         entry = self._found.get(key)
-        if entry is not None and entry[0]() is tensor and _fits(entry[1], tensor):
-            return entry[1]
-        found = torch.empty_like(tensor, device="meta")
+        if entry is not None:
+            ref, had, twin = entry
+            if ref() is tensor and had == layout and twin.shape == tensor.shape:
+                return twin
+        twin = torch.empty_like(tensor, device="meta")
         if isinstance(tensor, nn.Parameter):
-            found = nn.Parameter(found, requires_grad=tensor.requires_grad)
-        self._found[key] = (weakref.ref(tensor, functools.partial(self._forget, key)), found)
-        return found
+            twin = nn.Parameter(twin, requires_grad=tensor.requires_grad)
+        self._found[key] = (weakref.ref(tensor, functools.partial(self._forget, key)), layout, twin)
+        return twin
 
     def __len__(self) -> int:
         """The number of live tensors with a twin."""
         return len(self._found)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_found": {}}
 
     def _forget(self, key: int, ref: weakref.ref) -> None:
         entry = self._found.get(key)
@@ -46,14 +52,9 @@ class MetaTwins:
             del self._found[key]
 
 
-def _fits(twin: torch.Tensor, tensor: torch.Tensor) -> bool:
-    return (
-        twin.shape == tensor.shape
-        and twin.stride() == tensor.stride()
-        and twin.dtype == tensor.dtype
-        and type(twin) is type(tensor)
-        and twin.requires_grad == tensor.requires_grad
-    )
+def _layout(tensor: torch.Tensor) -> tuple[Any, ...]:
+    strides = tensor.stride() if tensor.layout == torch.strided else tensor.layout
+    return (tensor.shape, strides, tensor.dtype, tensor.requires_grad, type(tensor))
 
 
 @contextmanager

@@ -236,7 +236,7 @@ class _Walk:
 
     removed: Removed
     steps: int
-    groups: list[tuple[Coupling, ParamDim, int]]
+    groups: list[tuple[Coupling, ParamDim]]
 
 
 class DependencyGraph:
@@ -623,12 +623,12 @@ class DependencyGraph:
         if walk is None or walk.removed is not state.removed or walk.steps != len(state.history):
             found = list(self._walk(ignored, tuple(root_module_types)))
             walk = self._walks[key] = _Walk(state.removed, len(state.history), found)
-        for coupling, root, size in walk.groups:
-            yield Group(self, coupling, root, range(size))
+        for coupling, root in walk.groups:
+            yield Group(self, coupling, root, range(self.live_count(coupling)))
 
     def _walk(
         self, ignored: frozenset[int], root_module_types: tuple[type, ...]
-    ) -> Iterator[tuple[Coupling, ParamDim, int]]:
+    ) -> Iterator[tuple[Coupling, ParamDim]]:
         visited: set[int] = set()
         for _, module in self.model.named_modules():
             if not _is_root(module, root_module_types) or id(module) in ignored:
@@ -642,7 +642,7 @@ class DependencyGraph:
                         continue
                     group = Group(self, coupling, root, [])
                     if group.prunable_idxs and self._structural_refusal(coupling) is None:
-                        yield coupling, root, len(self.live_classes(coupling))
+                        yield coupling, root
 
     def _touches_ignored_out(self, coupling: Coupling, ignored: set[int]) -> bool:
         for member in coupling.members:

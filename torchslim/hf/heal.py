@@ -118,7 +118,7 @@ def heal(
     step = 0
     try:
         while step < total:
-            elapsed = _elapsed(began, world, device)
+            elapsed = _elapsed(began, world, device, minutes is not None)
             if elapsed >= seconds:
                 log.stopped_by = "minutes"
                 break
@@ -160,11 +160,11 @@ def heal(
     return log
 
 
-def _elapsed(began: float, world: int, device: torch.device) -> float:
-    """Seconds since ``began``; under ``torch.distributed`` the largest over the ranks, so
-    every rank decays its learning rate alike and stops at the same step."""
+def _elapsed(began: float, world: int, device: torch.device, timed: bool) -> float:
+    """Seconds since ``began``; in a ``timed`` run under ``torch.distributed`` the largest over
+    the ranks, so every rank decays its learning rate alike and stops at the same step."""
     elapsed = time.monotonic() - began
-    if world == 1:
+    if world == 1 or not timed:
         return elapsed
     value = torch.tensor([elapsed], dtype=torch.float64, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)

@@ -192,8 +192,54 @@ def _chunks(layers: list[_Layer], budget: int) -> Iterable[list[_Layer]]:
         yield chunk
 
 
-class _Enough(Exception):
-    """Every layer of a pass has seen the batch: the rest of the forward is not needed."""
+class _Enough(BaseException):
+    """Every layer of a pass has seen the batch: the rest of the forward is not needed (a
+    ``BaseException``, so that a model's ``except Exception`` does not swallow it)."""
+
+
+class _Pass:
+    """The layers of one calibration pass, and when a batch may stop: once each has seen it,
+    if each ran exactly once on the first batch and the model has no forward hooks (the end of
+    a forward they wait for would never come)."""
+
+    def __init__(self, model: nn.Module, layers: list[_Layer]) -> None:
+        self.layers = layers
+        self.may_stop = False
+        self.hooked = _has_forward_hooks(model)
+        self.start()
+
+    def start(self) -> None:
+        self.calls = dict.fromkeys(map(id, self.layers), 0)
+        self.unseen = len(self.layers)
+        self.stopped = False
+
+    def hook(self, layer: _Layer) -> Callable[..., None]:
+        def observe(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if self.stopped:
+                raise _Enough  # the model went on after the stop: record nothing more
+            layer.observe(module, inputs)
+            if not self.calls[id(layer)]:
+                self.unseen -= 1
+            self.calls[id(layer)] += 1
+            if self.may_stop and not self.unseen:
+                self.stopped = True
+                raise _Enough
+
+        return observe
+
+    def end(self, number: int, completed: bool) -> None:
+        if number == 0:
+            self.may_stop = not self.hooked and all(n == 1 for n in self.calls.values())
+        elif completed and self.stopped:
+            self.may_stop = False
+
+
+def _has_forward_hooks(model: nn.Module) -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks) or any(
+        m._forward_hooks or hasattr(m, "_hf_hook") for m in model.modules()
+    )
 
 
 @torch.no_grad()
@@ -206,31 +252,20 @@ def _record(
     """Run the calibration batches once with every layer of ``layers`` accumulating its input
     statistics; returns the number of positions (tokens, pixels) the last layer saw.
 
-    When each layer ran exactly once on the first batch, later batches stop as soon as all of
-    them have seen their input: a pass for the first layers of a deep model costs only the
-    forward up to them."""
-    calls = dict.fromkeys(map(id, layers), 0)
-    stop_early = False
-
-    def watch(layer: _Layer) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            layer.observe(module, inputs)
-            calls[id(layer)] += 1
-            if stop_early and all(calls.values()):
-                raise _Enough
-
-        return hook
-
-    handles = [layer.module.register_forward_pre_hook(watch(layer)) for layer in layers]
+    Later batches stop as soon as every layer has seen its input, where that is safe (see
+    :class:`_Pass`): a pass for the first layers of a deep model costs only the forward up to
+    them."""
+    run = _Pass(model, layers)
+    handles = [layer.module.register_forward_pre_hook(run.hook(layer)) for layer in layers]
     was_training = model.training
     model.eval()
     try:
         for number, batch in enumerate(batches):
-            calls.update(dict.fromkeys(calls, 0))
+            run.start()
             try:
                 call_forward(model, batch, forward_fn)
             except _Enough:
-                pass
+                run.end(number, completed=False)
             except ReconstructionError:
                 raise
             except Exception as error:
@@ -239,9 +274,8 @@ def _record(
                     f"({type(error).__name__}: {error}); batches must be inputs of the form "
                     "the pruner's example_inputs (or forward_fn) take"
                 ) from error
-            finally:
-                if number == 0:
-                    stop_early = all(count == 1 for count in calls.values())
+            else:
+                run.end(number, completed=True)
     finally:
         for handle in handles:
             handle.remove()
