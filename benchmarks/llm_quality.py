@@ -10,8 +10,8 @@ of a kind, standardised scores, at most half of a layer), and reconstruction-awa
 loss a removal costs, so its adaptive widths compare layers in one unit); searched widths come from ``tp.search`` (per-layer sensitivity measured as
 perplexity on two held-out news blocks, then the budget search). Seconds are the whole prune on this machine: calibration passes, scoring,
 refit and slicing, and healing where a row has it (AdamW on 256-token blocks of the news
-text, KL divergence to the dense model's next-token distribution, stopped after the minutes
-given).
+text, KL divergence to the dense model's next-token distribution, the learning rate decaying
+linearly to zero over the minutes given).
 
     make llm-data
     .venv/bin/python benchmarks/llm_quality.py --markdown benchmarks/results/llm_quality.md
