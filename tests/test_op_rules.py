@@ -15,6 +15,7 @@ from torch import nn
 
 import torchslim as tp
 from tests.helpers import assert_exact, build, group_signatures
+from torchslim.spaces.symbolic import symbols
 
 torch.manual_seed(0)
 IMG = torch.randn(2, 3, 8, 8)
@@ -562,3 +563,11 @@ def test_graphs_are_traced_on_meta_unless_the_forward_needs_values():
     assert [len(g.prunable_idxs) for g in graph.all_groups()] == [8, 0, 0]  # hidden, in, out
     with pytest.raises(RuntimeError, match="forward failed on the example inputs while tracing"):
         tp.DependencyGraph().build_dependency(reading, x, trace_on_meta=True)
+
+
+def test_a_size_computed_in_a_long_loop_keeps_every_symbol_it_reads():
+    expr = ("dim", "first")
+    for step in range(5000):  # deeper than Python's recursion limit (torchvision's swin_v2)
+        expr = ("add", expr, ("lit", step) if step % 2 else ("attr", f"a{step}"))
+    found = symbols(expr)
+    assert found[0] == "first" and found[1:] == [f"a{s}" for s in range(0, 5000, 2)]

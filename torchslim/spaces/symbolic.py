@@ -97,13 +97,16 @@ def evaluate(expr: Expr, dim_size: Callable[[Any], int]) -> int:
 
 
 def symbols(expr: Expr) -> list[Any]:
-    """All keys (tensor dims and attribute slots) an expression reads."""
-    kind = expr[0]
-    if kind == "lit":
-        return []
-    if kind in SYMBOLS:
-        return [expr[1]]
-    return [key for sub in expr[1:] for key in symbols(sub)]
+    """All keys (tensor dims and attribute slots) an expression reads, left to right (without
+    recursion: a size computed in a loop can nest deeper than Python's stack allows)."""
+    found, pending = [], [expr]
+    while pending:
+        kind, *operands = pending.pop()
+        if kind in SYMBOLS:
+            found.append(operands[0])
+        elif kind != "lit":
+            pending.extend(reversed(operands))
+    return found
 
 
 def _binary(name: str, reflected: bool = False) -> Callable[[TrackedInt, Any], Any]:
