@@ -7,6 +7,7 @@ against the zero-masked original (float64, relative error < 1e-6), group by grou
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 import torchslim as tp
 from tests.helpers import assert_exact, build, group_signatures
-from torchslim.spaces.symbolic import symbols
+from torchslim.spaces.symbolic import describe, evaluate, symbols
 
 torch.manual_seed(0)
 IMG = torch.randn(2, 3, 8, 8)
@@ -565,9 +566,25 @@ def test_graphs_are_traced_on_meta_unless_the_forward_needs_values():
         tp.DependencyGraph().build_dependency(reading, x, trace_on_meta=True)
 
 
-def test_a_size_computed_in_a_long_loop_keeps_every_symbol_it_reads():
-    expr = ("dim", "first")
+def test_a_size_computed_in_a_long_loop_is_read_evaluated_and_described():
+    expr = ("dim", Slot("first", 3))
     for step in range(5000):  # deeper than Python's recursion limit (torchvision's swin_v2)
-        expr = ("add", expr, ("lit", step) if step % 2 else ("attr", f"a{step}"))
+        expr = ("add", expr, ("lit", step) if step % 2 else ("attr", Slot(f"a{step}", 1)))
     found = symbols(expr)
-    assert found[0] == "first" and found[1:] == [f"a{s}" for s in range(0, 5000, 2)]
+    assert [key.label for key in found] == ["first", *(f"a{s}" for s in range(0, 5000, 2))]
+    assert evaluate(expr, lambda key: key.size) == 3 + 2500 + sum(range(1, 5000, 2))
+    text = describe(expr)
+    assert text.startswith("(" * 5000 + "size(3) + a0) + 1) + a2)") and text.endswith("+ 4999)")
+    small = (
+        "floordiv",
+        ("neg", ("dim", Slot("x", 6))),
+        ("mul", ("lit", 2), ("attr", Slot("h", 0))),
+    )
+    assert describe(small) == "(-size(6) // (2 * h))"
+    assert evaluate(small, lambda key: key.size) == -(2**62)  # a division by zero: no size
+
+
+@dataclass(frozen=True)
+class Slot:
+    label: str
+    size: int

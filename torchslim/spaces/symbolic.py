@@ -83,17 +83,40 @@ def is_literal(value: Any) -> bool:
 
 def evaluate(expr: Expr, dim_size: Callable[[Any], int]) -> int:
     """Evaluate an expression with ``dim_size(key)`` giving each symbol's size."""
-    kind = expr[0]
-    if kind == "lit":
-        return expr[1]
-    if kind in SYMBOLS:
-        return dim_size(expr[1])
-    if kind == "neg":
-        return -evaluate(expr[1], dim_size)
-    lhs, rhs = evaluate(expr[1], dim_size), evaluate(expr[2], dim_size)
-    if kind in ("floordiv", "mod") and rhs == 0:
-        return -(2**62)
-    return _BINARY[kind](lhs, rhs)
+
+    def leaf(node: Expr) -> int:
+        return node[1] if node[0] == "lit" else dim_size(node[1])
+
+    def apply(kind: str, operands: list[int]) -> int:
+        if kind == "neg":
+            return -operands[0]
+        lhs, rhs = operands
+        if kind in ("floordiv", "mod") and rhs == 0:
+            return -(2**62)
+        return _BINARY[kind](lhs, rhs)
+
+    return _fold(expr, leaf, apply)
+
+
+def _fold(expr: Expr, leaf: Callable[[Expr], Any], apply: Callable[[str, list[Any]], Any]) -> Any:
+    """``expr`` reduced bottom-up, operands left to right: ``leaf`` of each literal and symbol,
+    ``apply(kind, results of the operands)`` of each operation; without recursion, as a size
+    computed in a loop can nest deeper than Python's stack allows."""
+    results: list[Any] = []
+    pending: list[tuple[Expr, bool]] = [(expr, False)]
+    while pending:
+        node, expanded = pending.pop()
+        kind, *operands = node
+        if kind == "lit" or kind in SYMBOLS:
+            results.append(leaf(node))
+        elif not expanded:
+            pending.append((node, True))
+            pending.extend((operand, False) for operand in reversed(operands))
+        else:
+            done = results[len(results) - len(operands) :]
+            del results[len(results) - len(operands) :]
+            results.append(apply(kind, done))
+    return results[0]
 
 
 def symbols(expr: Expr) -> list[Any]:
@@ -144,17 +167,20 @@ def _comparison(name: str) -> Callable[[TrackedInt, Any], Any]:
 
 def describe(expr: Expr) -> str:
     """Readable form of an expression: ``(size(16) * block.heads)``."""
-    kind = expr[0]
-    if kind == "lit":
-        return str(expr[1])
-    if kind == "dim":
-        return f"size({expr[1].size})"
-    if kind == "attr":
-        return expr[1].label
-    if kind == "neg":
-        return f"-{describe(expr[1])}"
     signs = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "mod": "%", "pow": "**"}
-    return f"({describe(expr[1])} {signs.get(kind, '/')} {describe(expr[2])})"
+
+    def leaf(node: Expr) -> str:
+        kind, value = node
+        if kind == "lit":
+            return str(value)
+        return f"size({value.size})" if kind == "dim" else value.label
+
+    def apply(kind: str, operands: list[str]) -> str:
+        if kind == "neg":
+            return f"-{operands[0]}"
+        return f"({operands[0]} {signs.get(kind, '/')} {operands[1]})"
+
+    return _fold(expr, leaf, apply)
 
 
 class TrackedInt(int):
