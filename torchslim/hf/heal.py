@@ -108,7 +108,7 @@ def heal(
     generator = torch.Generator().manual_seed(seed + rank)
     total = steps if steps is not None else math.inf
     seconds = minutes * 60 if minutes is not None else math.inf
-    device = next(iter(parameters)).device if parameters else torch.device("cpu")
+    device = parameters[0].device if parameters else torch.device("cpu")
     log = HealingLog()
     began = time.monotonic()
     bar = _progress(steps, show_progress and rank == 0)

@@ -457,8 +457,6 @@ class MetaPruner:
 
     def _select_local(self, group: Group, ratio: float) -> tuple[list[int], Optional[torch.Tensor]]:
         """The lowest-scored channels of ``group`` for ``ratio``, and the scores."""
-        if ratio <= 0:
-            return [], None
         count = self._rounded(group, self._budget(group, ratio))
         scores = self._scores(group) if count else None
         if scores is None:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from torchslim.capture.modules import call_forward
 from torchslim.graph.dependency import Group
@@ -235,8 +236,6 @@ class _Pass:
 
 
 def _has_forward_hooks(model: nn.Module) -> bool:
-    from torch.nn.modules import module as torch_module
-
     return bool(torch_module._global_forward_hooks) or any(
         m._forward_hooks or hasattr(m, "_hf_hook") for m in model.modules()
     )
