@@ -30,6 +30,7 @@ def main(out: str) -> None:
     log = heal(model, blocks, steps=4, lr=1e-3, checkpoint=f"{out}/healed.safetensors")
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.save({"params": flat, "tokens": log.tokens}, f"{out}/rank{dist.get_rank()}.pt")
+    dist.barrier()
     dist.destroy_process_group()
 
 

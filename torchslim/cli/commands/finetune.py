@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if distributed else 0
+    trained: nn.Module = model
     try:
         torch.manual_seed(args.seed)
         tp.load_pruned(model, args.pruned)
@@ -76,7 +77,12 @@ def run(args: argparse.Namespace) -> int:
             if args.out:
                 tp.save_pruned(model, args.out)
                 print(f"wrote {args.out}")
+        if distributed:
+            # Ranks leave together: one that tears gloo down while rank 0 still evaluates and
+            # writes can abort in gloo's shutdown.
+            dist.barrier()
         return 0
     finally:
         if distributed:
+            del trained  # the DDP wrapper's reducer goes before the process group it uses
             dist.destroy_process_group()
