@@ -296,12 +296,19 @@ class TwoBranches(nn.Module):
         return self.head(torch.cat([self.check(self.a(x)), self.b(x)], dim=1))
 
 
-def test_a_step_refuses_the_groups_that_break_the_forward_and_prunes_the_rest():
+@pytest.mark.parametrize("journal", [False, True], ids=["by-reference", "journaled"])
+def test_a_step_refuses_the_groups_that_break_the_forward_and_prunes_the_rest(journal, monkeypatch):
+    # small weights are restored from references to the old tensors; an LLM's (above
+    # JOURNAL_ABOVE bytes) from a journal of the removed positions, as new tensors
+    monkeypatch.setattr(tp.pruner.safety, "JOURNAL_ABOVE", 0 if journal else 1 << 29)
     x = torch.randn(1, 3, 4, 4)
     model = TwoBranches().eval()
+    weight = model.a.weight
+    kept = weight.detach().clone()
     pruner = tp.pruner.MagnitudePruner(model, x, pruning_ratio=0.5)
     pruner.step()
     assert (model.a.out_channels, model.b.out_channels) == (16, 6)
+    assert torch.equal(model.a.weight, kept) and (model.a.weight is weight) != journal
     assert model(x).shape == (1, 4, 4, 4)
     ((label, reason),) = pruner.last_step.refused
     assert label == "a.weight[dim 0]"

@@ -104,6 +104,7 @@ class Group:
         self._graph = graph
         self.coupling = coupling
         self.root = root
+        self._refused: Optional[tuple[Removed, int, tuple[int, ...], Optional[str]]] = None
         self.select(idxs)
 
     @property
@@ -151,8 +152,22 @@ class Group:
         return [i for i, c in enumerate(classes) if c not in self.coupling.frozen]
 
     def refusal(self, idxs: Optional[Sequence[int]] = None) -> Optional[str]:
-        """Why these indices cannot be removed, or ``None`` if they can."""
-        return self._graph.refusal(self.coupling, self.idxs if idxs is None else idxs)
+        """Why these indices cannot be removed, or ``None`` if they can. The last answer is
+        kept while the graph's pruning state is the same (a pruner checks its selection, then
+        pruning checks it again)."""
+        chosen = tuple(self.idxs if idxs is None else idxs)
+        state = self._graph._require_state()
+        known = self._refused
+        if (
+            known is not None
+            and known[0] is state.removed
+            and known[1] == len(state.history)
+            and known[2] == chosen
+        ):
+            return known[3]
+        reason = self._graph.refusal(self.coupling, chosen)
+        self._refused = (state.removed, len(state.history), chosen, reason)
+        return reason
 
     def select(self, idxs: Sequence[int]) -> Group:
         """Make ``idxs`` the indices this group removes (items are recomputed lazily)."""
@@ -737,14 +752,15 @@ class DependencyGraph:
             if handler is None:
                 continue
             target_name, target_module, name, dim = self.pruned_through(member)
-            positions = _role_positions(target_module, name, dim, member.positions_of(removed))
+            gone = member.positions_of(removed)
+            positions = _role_positions(target_module, name, dim, gone)
             if positions.size == 0 and member is not root:
                 continue
             target = Node(target_module, target_name)
             dep = Dependency(root_handler or handler, handler, source, target)
             if dep in by_dep:
                 continue
-            rows = member.terms[member.positions_of(removed)]
+            rows = member.terms[gone]
             firsts = rows[np.arange(len(rows)), np.argmax(rows >= 0, axis=1)] if rows.size else rows
             root_idxs = [index_of.get(c, -1) for c in np.reshape(firsts, -1).tolist()]
             by_dep[dep] = GroupItem(dep, [int(p) for p in positions], root_idxs)

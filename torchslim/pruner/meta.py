@@ -234,7 +234,7 @@ class MetaPruner:
         return [g.root.label for g in self._candidates() if g.mixing]
 
     def _touches_ignored_param(self, group: Group) -> bool:
-        return any(
+        return bool(self.ignored_params) and any(
             id(getattr(m.ref.module, m.ref.name, None)) in self.ignored_params
             for m in group.coupling.members
         )

@@ -11,14 +11,22 @@ pruned.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
+
+from torch import nn
 
 from torchslim.graph.checkpoint import Checkpoint, trial
 from torchslim.graph.dependency import DependencyGraph, Group
 from torchslim.pruning.journal import journaled
 
 Selection = tuple[Group, list[int]]
+
+#: Weights (bytes) above which a step's undo keeps only the removed positions (a journal, which
+#: copies them) rather than the old tensors themselves: holding an LLM's old tensors until the
+#: forward check passes would double its memory, while a small model's costs nothing to hold.
+JOURNAL_ABOVE = 1 << 29
 
 
 @dataclass
@@ -79,8 +87,7 @@ def prune_checked(graph: DependencyGraph, groups: Iterable[Group]) -> SafePrunin
     """Prune the groups; if the pruned model fails its forward check, prune only those that
     keep it running (see the module docstring). Config listeners are notified once."""
     with graph.deferred():
-        with journaled() as journal:  # the undo holds the removed positions, not the model
-            checkpoint = Checkpoint(graph, journal)
+        with _undoable(graph) as checkpoint:
             try:
                 chosen = prune_merged(groups)
                 failure = graph.forward_failure()
@@ -93,6 +100,22 @@ def prune_checked(graph: DependencyGraph, groups: Iterable[Group]) -> SafePrunin
         result = _bisect(graph, chosen, str(failure))
         _apply(graph, result.pruned)
     return result
+
+
+@contextmanager
+def _undoable(graph: DependencyGraph) -> Iterator[Checkpoint]:
+    """A checkpoint of the model before a step: by reference, or for weights above
+    :data:`JOURNAL_ABOVE` through a journal of what the step removes."""
+    if graph.model is not None and _weight_bytes(graph.model) <= JOURNAL_ABOVE:
+        yield Checkpoint(graph)
+        return
+    with journaled() as journal:
+        yield Checkpoint(graph, journal)
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values() if not t.is_meta)
 
 
 def _apply(graph: DependencyGraph, selections: list[Selection]) -> None:

@@ -67,12 +67,16 @@ def unmet_requests(pruner: MetaPruner, summary: Optional[list[KindSummary]] = No
     wanted = {kind for kind, ratio in pruner.kind_ratios.items() if ratio > 0}
     unmet = bool(wanted) or pruner.pruning_ratio > 0
     if unmet and summary is None:
-        pruned = {
-            pruner.kind_of(group)
+        shrunk = (
+            group
             for group in pruner._candidates()
             if group.size < pruner.initial_sizes.get(group.coupling.id, group.size)
-        }
-        unmet = not wanted <= pruned or (pruner.pruning_ratio > 0 and not pruned)
+        )
+        if wanted:
+            pruned = {pruner.kind_of(group) for group in shrunk}
+            unmet = not wanted <= pruned or (pruner.pruning_ratio > 0 and not pruned)
+        else:  # only the plain ratio was asked for: unmet if no group shrank
+            unmet = next(shrunk, None) is None
         if unmet:
             summary = summarise(pruner)
     rows = summary if unmet and summary is not None else []

@@ -36,6 +36,9 @@ def take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     result = torch.empty(shape, dtype=width)  # torch-owned memory, as index_select's
     out = result.numpy()
     threads = min(torch.get_num_threads(), len(out)) if out.size > _SPLIT_ELEMENTS else 1
+    if threads == 1:
+        np.take(source, positions, dim, out, "clip")
+        return result.view(tensor.dtype)
     bounds = np.linspace(0, len(out), threads + 1).astype(int)
     rows = list(zip(bounds, bounds[1:]))
     if dim == 0:  # output rows come from the index
