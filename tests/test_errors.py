@@ -1,5 +1,7 @@
 """The bad-input catalogue of docs/errors.md: each misuse ends in a clear message."""
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -46,6 +48,24 @@ def test_a_forward_that_raises_is_reported_with_its_error():
 
     with pytest.raises(RuntimeError, match="while tracing: 'missing feature map'"):
         build(Broken())
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_a_build_leaves_the_garbage_collector_as_it_was_even_when_it_fails(collecting):
+    class Broken(Net):
+        def forward(self, x):
+            assert not gc.isenabled()  # paused while tracing
+            raise KeyError("missing feature map")
+
+    gc.enable() if collecting else gc.disable()
+    try:
+        with pytest.raises(RuntimeError, match="missing feature map"):
+            build(Broken())
+        assert gc.isenabled() == collecting
+        build(Net())
+        assert gc.isenabled() == collecting
+    finally:
+        gc.enable()
 
 
 def test_not_a_module():

@@ -18,6 +18,7 @@ V4, V8 = meta(4), meta(8)
 ANSWERED = [
     (F.batch_norm, (X, V4, V4, V4, V4), {}),
     (F.batch_norm, (LAST, V4, V4), {"training": False}),
+    (F.batch_norm, (X, None, None), {"training": True}),
     (F.layer_norm, (meta(2, 3, 8), (8,), V8, V8), {}),
     (F.group_norm, (X, 2, V4, V4), {}),
     (F.relu, (X,), {}),
@@ -48,7 +49,7 @@ def test_a_shape_only_answer_is_what_the_meta_kernel_gives(func, args, kwargs):
 
 LEFT_TO_THE_KERNEL = [
     (F.batch_norm, (X, V8, V8), {}),  # statistics of another size: the kernel raises
-    (F.batch_norm, (X, None, None), {"training": True}),  # train mode checks values
+    (F.batch_norm, (meta(1, 4, 1, 1), None, None), {"training": True}),  # 1 value per channel
     (F.layer_norm, (meta(2, 3, 8), (4,)), {}),
     (F.group_norm, (X, 3), {}),
     (torch.add, (X, meta(4, 1, 1)), {}),  # broadcasting
