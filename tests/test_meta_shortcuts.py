@@ -50,6 +50,9 @@ def test_a_shape_only_answer_is_what_the_meta_kernel_gives(func, args, kwargs):
 LEFT_TO_THE_KERNEL = [
     (F.batch_norm, (X, V8, V8), {}),  # statistics of another size: the kernel raises
     (F.batch_norm, (meta(1, 4, 1, 1), None, None), {"training": True}),  # 1 value per channel
+    (F.batch_norm, (X, None, None), {"training": True, "eps": 0.0}),  # eps must be > 0
+    (F.batch_norm, (X, V4, V4), {"eps": -1.0}),  # eps must be >= 0
+    (F.batch_norm, (X, None, None), {}),  # eval mode needs running statistics
     (F.layer_norm, (meta(2, 3, 8), (4,)), {}),
     (F.group_norm, (X, 3), {}),
     (torch.add, (X, meta(4, 1, 1)), {}),  # broadcasting
@@ -63,3 +66,11 @@ LEFT_TO_THE_KERNEL = [
 @pytest.mark.parametrize(("func", "args", "kwargs"), LEFT_TO_THE_KERNEL)
 def test_calls_the_table_cannot_answer_run_their_kernel(func, args, kwargs):
     assert shortcut(func, args, kwargs) is None
+
+
+@pytest.mark.parametrize(
+    ("func", "args", "kwargs"), [case for case in LEFT_TO_THE_KERNEL if case[0] is F.batch_norm]
+)
+def test_the_batch_norms_left_to_the_kernel_are_those_it_refuses(func, args, kwargs):
+    with pytest.raises((ValueError, RuntimeError)):
+        func(*args, **kwargs)

@@ -462,3 +462,27 @@ def test_a_journaled_checkpoint_restores_every_tensor_without_holding_them():
     assert model.out.weight is model.embed.weight
     with torch.no_grad():
         assert model(ids).shape == (2, 5, 20)
+
+
+def test_a_checkpoint_by_reference_gives_back_the_same_tensors_and_ties():
+    torch.manual_seed(0)
+    model = Tied().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    model(ids).sum().backward()
+    before = dict(model.state_dict(keep_vars=True))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    graph = build(model, ids)
+    checkpoint = Checkpoint(graph)
+    with graph.deferred(notify=False):
+        for group in graph.get_all_groups():
+            if len(group.prunable_idxs) > 1:
+                group.prune(group.prunable_idxs[:1])
+    assert model.mid.weight_v.shape[0] < 24 and model.embed.weight.shape[1] < 16
+    checkpoint.restore()
+    after = model.state_dict(keep_vars=True)
+    assert set(after) == set(before) and all(after[n] is t for n, t in before.items())
+    assert all(p.grad is grads[n] for n, p in model.named_parameters() if n in grads)
+    assert model.proj.in_features == 24 and model.attn.embed_dim == 16
+    assert model.out.weight is model.embed.weight
+    with torch.no_grad():
+        assert model(ids).shape == (2, 5, 20)

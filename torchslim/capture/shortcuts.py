@@ -25,14 +25,20 @@ def _argument(args: tuple, kwargs: dict, at: int, name: str, default: Any = None
 
 
 def _batch_norm_fits(args: tuple, kwargs: dict) -> bool:
-    """Every vector one per channel, and in train mode more than one value per channel (the
-    check ``F.batch_norm`` makes before its kernel: a shortcut must not skip its error)."""
+    """What ``F.batch_norm`` and its kernel check before computing: a non-negative ``eps``
+    (positive in train mode), more than one value per channel in train mode, running
+    statistics in eval mode, and every vector one per channel (a shortcut must not skip an
+    error)."""
     x = args[0]
-    if x.dim() < 2:
-        return False
-    if _argument(args, kwargs, 5, "training", False) and x.numel() <= x.shape[1]:
-        return False
+    training = _argument(args, kwargs, 5, "training", False)
+    eps = _argument(args, kwargs, 7, "eps", 1e-5)
     vectors = [_argument(args, kwargs, k, n) for k, n in enumerate(_BN_VECTORS, start=1)]
+    if x.dim() < 2 or eps < 0:
+        return False
+    if training and (eps <= 0 or x.numel() <= x.shape[1]):
+        return False
+    if not training and (vectors[0] is None or vectors[1] is None):
+        return False
     return all(v is None or tuple(v.shape) == (x.shape[1],) for v in vectors)
 
 

@@ -26,6 +26,7 @@ Selection = tuple[Group, list[int]]
 #: Weights (bytes) above which a step's undo keeps only the removed positions (a journal, which
 #: copies them) rather than the old tensors themselves: holding an LLM's old tensors until the
 #: forward check passes would double its memory, while a small model's costs nothing to hold.
+#: An undone step gives a small model back its parameter objects, a large one new ones.
 JOURNAL_ABOVE = 1 << 29
 
 

@@ -84,5 +84,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         if distributed:
-            del trained  # the DDP wrapper's reducer goes before the process group it uses
+            del trained  # our reference to the DDP wrapper, which uses the process group
             dist.destroy_process_group()
