@@ -584,6 +584,14 @@ def test_a_size_computed_in_a_long_loop_is_read_evaluated_and_described():
     assert evaluate(small, lambda key: key.size) == -(2**62)  # a division by zero: no size
 
 
+def test_a_size_built_from_its_own_earlier_values_is_walked_once_per_subexpression():
+    expr = ("mul", ("attr", Slot("h", 2)), ("dim", Slot("x", 3)))
+    for _ in range(64):  # as a tree, 2**64 leaves: shared subexpressions are read once
+        expr = ("add", expr, expr)
+    assert [key.label for key in symbols(expr)] == ["h", "x"]
+    assert evaluate(expr, lambda key: key.size) == 6 * 2**64
+
+
 @dataclass(frozen=True)
 class Slot:
     label: str

@@ -103,33 +103,47 @@ def _fold(expr: Expr, leaf: Callable[[Expr], Any], apply: Callable[[str, list[An
     ``apply(kind, results of the operands)`` of each operation; without recursion, as a size
     computed in a loop can nest deeper than Python's stack allows."""
     results: list[Any] = []
+    known: dict[int, Any] = {}  # a shared subexpression is reduced once
     pending: list[tuple[Expr, bool]] = [(expr, False)]
     while pending:
         node, expanded = pending.pop()
+        if id(node) in known:
+            results.append(known[id(node)])
+            continue
         kind, *operands = node
         if kind == "lit" or kind in SYMBOLS:
-            results.append(leaf(node))
+            value = leaf(node)
         elif not expanded:
             pending.append((node, True))
             pending.extend((operand, False) for operand in reversed(operands))
+            continue
         else:
-            done = results[len(results) - len(operands) :]
+            value = apply(kind, results[len(results) - len(operands) :])
             del results[len(results) - len(operands) :]
-            results.append(apply(kind, done))
+        known[id(node)] = value
+        results.append(value)
     return results[0]
 
 
 def symbols(expr: Expr) -> list[Any]:
-    """All keys (tensor dims and attribute slots) an expression reads, left to right (without
-    recursion: a size computed in a loop can nest deeper than Python's stack allows)."""
-    found, pending = [], [expr]
+    """The keys (tensor dims and attribute slots) an expression reads, each once, in the order
+    they first appear. Without recursion (a size computed in a loop can nest deeper than
+    Python's stack allows), and each shared subexpression walked once (such a size reuses its
+    earlier values: walked as a tree, it repeats them exponentially)."""
+    found: dict[int, Any] = {}
+    visited: set[int] = set()
+    pending = [expr]
     while pending:
-        kind, *operands = pending.pop()
+        node = pending.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        kind, *operands = node
         if kind in SYMBOLS:
-            found.append(operands[0])
+            found.setdefault(id(operands[0]), operands[0])
         elif kind != "lit":
             pending.extend(reversed(operands))
-    return found
+    return list(found.values())
 
 
 def _binary(name: str, reflected: bool = False) -> Callable[[TrackedInt, Any], Any]:

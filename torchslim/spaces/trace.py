@@ -202,11 +202,14 @@ class TraceState:
 
         Attributes are resolved to the positions they count once tracing is over."""
         reason = f"a channel count used as a value in {where}"
+        atoms = []
         for key in symbols(expr):
             if isinstance(key, AttributeSlot):
                 self.attribute_values.append((key, reason))
             elif not key.is_opaque:
-                self.table.mark_mixing(key.atoms[key.atoms >= 0], reason)
+                atoms.append(key.atoms[key.atoms >= 0])
+        if atoms:
+            self.table.mark_mixing(np.concatenate(atoms), reason)
 
     def require_size(self, value: Any, dim: DimLayout, where: str) -> None:
         """Record that ``value`` must equal the number of surviving positions of ``dim``.
