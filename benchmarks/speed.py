@@ -5,7 +5,9 @@ turns (torchslim, torch-pruning, torchslim, ...), ``--repeats`` times, and the m
 are reported for: building the dependency graph, listing its groups (``get_all_groups``), and
 a 50% ``MagnitudePruner`` (L2) step from scratch (constructor, which builds the graph, plus
 ``step()``), with the model's output layers ignored in both. Whether each pruned model still
-runs is checked after its step (a failure is a result, not a crash of the benchmark).
+runs is checked after its step (a failure is a result, not a crash of the benchmark). Each
+model runs in a fresh worker process under the address-space cap, so what one model leaves
+behind in the allocator (or a crash) cannot fail the next.
 
     python benchmarks/speed.py                            # the default model list
     python benchmarks/speed.py resnet50 vit_s16 llama     # a few
@@ -23,8 +25,10 @@ import argparse
 import copy
 import gc
 import importlib
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -173,6 +177,21 @@ def bench(name: str, repeats: int) -> dict[str, Timing]:
     return timings
 
 
+def in_worker(name: str, args: argparse.Namespace) -> dict[str, Timing]:
+    """``bench(name)`` in a fresh process (see the module docstring); a worker that dies is
+    a failure of both libraries on that model."""
+    command = [sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats)]
+    command += ["--threads", str(args.threads), "--memory-gb", str(args.memory_gb)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        timings = {library: Timing() for library in LIBRARIES}
+        for timing in timings.values():
+            timing.note = f"fails: worker exit {done.returncode}: {done.stderr.strip()[-60:]}"
+        return timings
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return {library: Timing(**fields) for library, fields in found.items()}
+
+
 def _seconds(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"
 
@@ -188,6 +207,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--list", action="store_true", help="print the default models and exit")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one model, timings as JSON
     parser.add_argument(
         "--memory-gb",
         type=float,
@@ -195,12 +215,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         help="address-space cap: a library that needs more fails on that model (not the machine)",
     )
     args = parser.parse_args(argv)
-    for optional in ("timm", "transformers", "torch_pruning"):
-        importlib.import_module(optional)  # imported before the cap: their imports map a lot
-    limit = int(args.memory_gb * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    if args.worker:
+        for optional in ("timm", "transformers", "torch_pruning"):
+            importlib.import_module(optional)  # imported before the cap: their imports map a lot
+        limit = int(args.memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        torch.set_num_threads(args.threads)
+        warnings.filterwarnings("ignore")
+        timings = bench(args.worker, args.repeats)
+        print(json.dumps({library: vars(t) for library, t in timings.items()}))
+        return
     names = args.models or [*torchvision_cases(), "vit_s16", "timm_convnext_t", "llama"]
     if args.list:
         print(" ".join(names))
@@ -212,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     lines = [header, "|---|---|---|---|---|---|"]
     ratios, slower = [], []
     for name in names:
-        timings = bench(name, args.repeats)
+        timings = in_worker(name, args)
         ours, peer = timings["torchslim"], timings["torch-pruning"]
         cells = [f"{_seconds(ours.median(p))} / {_seconds(peer.median(p))}" for p in PHASES]
         speedup = peer.median("step") / ours.median("step")

@@ -10,6 +10,8 @@ model must run with the original output shapes, and a Hugging Face model must co
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from typing import Any, Callable
 
 import pytest
@@ -390,3 +392,17 @@ def test_a_width_the_config_class_refuses_is_kept_as_a_plan_and_saves(tmp_path):
     reloaded = tp.hf.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_pruning_a_plain_model_loads_nothing_of_transformers_it_had_not_loaded():
+    # transformers imports lazily: asking for its PreTrainedModel would load seconds of it
+    script = (
+        "import sys, torch, transformers, torchslim as tp\n"
+        "model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1))\n"
+        "tp.pruner.MagnitudePruner(model, torch.randn(1, 3, 8, 8), pruning_ratio=0.5).step()\n"
+        "assert model[0].out_channels == 4\n"
+        "print('transformers.modeling_utils' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

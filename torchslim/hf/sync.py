@@ -27,9 +27,11 @@ DENSE_DEPTH = "dense_depth"
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    """A ``transformers.PreTrainedModel`` (without importing transformers if it is not)."""
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+    """A ``transformers.PreTrainedModel``, asked without importing anything: such a model
+    exists only once its module is loaded (reading ``transformers.PreTrainedModel`` would load
+    it, seconds of imports for a torchvision model in a process that imported transformers)."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
 def dense_config(model: nn.Module) -> Any:
