@@ -32,7 +32,7 @@ from torchslim.pruning.functions import BasePruningFunc, ParameterHandler
 from torchslim.pruning.layers import get_pruner, is_linear_like, role_of
 from torchslim.pruning.reparametrised import resolve as resolve_reparametrised
 from torchslim.pruning.roles import Role
-from torchslim.spaces.analysis import Analysis, Coupling, ParamDim
+from torchslim.spaces.analysis import Analysis, Coupling, ParamDim, lookup
 from torchslim.spaces.attributes import get_attribute, set_attribute
 from torchslim.spaces.layout import opaque
 from torchslim.spaces.trace import TraceState, Unsupported, iter_tensors
@@ -208,8 +208,7 @@ class Group:
             terms = member.terms
             if terms.shape[1] == 0 or not live.size:
                 continue
-            slot = np.clip(np.searchsorted(sorted_live, terms), 0, live.size - 1)
-            hit = sorted_live[slot] == terms
+            slot, hit = lookup(sorted_live, terms)
             index = np.where(hit, order[slot], -1)
             first = np.where(hit.any(axis=1), index.max(axis=1, initial=-1), -1)
             if (first >= 0).any():

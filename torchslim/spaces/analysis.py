@@ -43,10 +43,15 @@ class ParamDim:
             classes = np.sort(classes)
         # a binary search per term: on a few hundred positions several times faster than
         # np.isin, which builds a lookup table per call
-        at = np.searchsorted(classes, self.terms)
-        at[at == classes.size] = 0
-        hit = classes[at] == self.terms
+        _, hit = lookup(classes, self.terms)
         return np.nonzero(hit.any(axis=1) if hit.shape[1] > 1 else hit[:, 0])[0]
+
+
+def lookup(ascending: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``values``, its slot in the non-empty sorted array ``ascending`` and
+    whether it is there (``ascending[slot] == value``)."""
+    slot = np.clip(np.searchsorted(ascending, values), 0, ascending.size - 1)
+    return slot, ascending[slot] == values
 
 
 @dataclass
