@@ -270,6 +270,9 @@ class AtomTable:
         roots = self.roots(atoms)
         if not self._defined[: self._size].any():
             return roots
+        valid = roots != NO_ATOM
+        if not self._defined[roots[valid]].any():
+            return roots if valid.all() else _left_aligned(roots)
         columns = [self._expand_column(column) for column in roots.T]
         return _left_aligned(np.concatenate(columns, axis=1))
 
