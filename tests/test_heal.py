@@ -52,6 +52,31 @@ def test_distillation_brings_the_pruned_model_towards_the_dense_one(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_mixed_precision_runs_both_models_in_bfloat16_and_keeps_float32_weights():
+    dense, model, blocks = _pruned_llama()
+    seen = []
+    for net in (model, dense):
+        net.lm_head.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float(distillation_loss(model(blocks).logits, dense(blocks).logits))
+
+    before, seen[:] = gap(), []
+    log = heal(
+        model,
+        blocks,
+        teacher=dense,
+        steps=30,
+        lr=1e-3,
+        show_progress=False,
+        autocast=torch.bfloat16,
+    )
+    assert seen == [torch.bfloat16] * 60 and len(log.losses) == 30
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert gap() < 0.7 * before
+
+
 def test_healing_is_deterministic_for_a_seed_and_checkpoints_reload(tmp_path):
     results = []
     for run in range(2):
@@ -96,6 +121,8 @@ def test_the_learning_rate_decays_over_the_minutes(monkeypatch):
         ({}, "needs steps= or minutes="),
         ({"steps": 0}, "steps must be a positive int"),
         ({"steps": 1, "blocks": torch.rand(2, 8)}, "tensor of token ids"),
+        ({"steps": 1, "autocast": torch.int8}, "autocast must be a floating dtype"),
+        ({"steps": 1, "autocast": "bf16"}, "autocast must be a floating dtype"),
     ],
 )
 def test_bad_healing_input_gets_a_clear_error(kwargs, message):

@@ -76,6 +76,7 @@ def heal(
     checkpoint: Union[None, str, Path] = None,
     checkpoint_every: int = 50,
     show_progress: bool = True,
+    autocast: Optional[torch.dtype] = None,
 ) -> HealingLog:
     """Fine-tune ``model`` (a causal LM) on token ``blocks`` (``[n, block_size]``, see
     :func:`torchslim.hf.text.token_blocks`) for ``steps`` optimizer steps or ``minutes`` of
@@ -84,7 +85,10 @@ def heal(
     warm-down to zero over the steps or the minutes (whichever is further along); gradients
     clipped to norm 1. ``checkpoint``: a ``.safetensors`` path written
     (atomically, with the pruning plan, see :func:`torchslim.save_pruned`) every
-    ``checkpoint_every`` steps and at the end."""
+    ``checkpoint_every`` steps and at the end. ``autocast``: run the forwards (the
+    teacher's too) under ``torch.autocast`` in this dtype, e.g. ``torch.bfloat16``: mixed
+    precision, the weights and optimizer state stay as they are; on CPUs with AMX, bfloat16
+    matrix products are about 4x faster than float32 ones (the loss is computed in float32)."""
     if steps is None and minutes is None:
         raise ValueError("heal needs steps= or minutes= (or both) to know when to stop")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -96,6 +100,12 @@ def heal(
             f"blocks must be a [n, block_size] tensor of token ids, got {blocks.dtype} "
             f"{list(blocks.shape)}"
         )
+    if autocast is not None and not (
+        isinstance(autocast, torch.dtype) and autocast.is_floating_point
+    ):
+        raise ValueError(
+            f"autocast must be a floating dtype such as torch.bfloat16, got {autocast!r}"
+        )
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = blocks[rank::world]
     if not len(shard):
@@ -104,7 +114,7 @@ def heal(
     if world > 1:
         trained = nn.parallel.DistributedDataParallel(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, fused=_fusable(parameters))
     generator = torch.Generator().manual_seed(seed + rank)
     total = steps if steps is not None else math.inf
     seconds = minutes * 60 if minutes is not None else math.inf
@@ -126,15 +136,18 @@ def heal(
             fraction = max(step / total, elapsed / seconds)
             for group in optimizer.param_groups:
                 group["lr"] = lr * (1.0 - fraction)
-            outputs = trained(input_ids=batch, use_cache=False)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(input_ids=batch, use_cache=False).logits
-                loss = distillation_loss(outputs.logits, target, temperature)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                logits = trained(input_ids=batch, use_cache=False).logits
+                target = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(input_ids=batch, use_cache=False).logits
+            if target is not None:
+                loss = distillation_loss(logits, target, temperature)
             else:
-                logits = outputs.logits[:, :-1].float()
+                shifted = logits[:, :-1].float()
                 loss = nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+                    shifted.reshape(-1, shifted.shape[-1]), batch[:, 1:].reshape(-1)
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -158,6 +171,14 @@ def heal(
     if checkpoint is not None and rank == 0:
         save_pruned(model, checkpoint)
     return log
+
+
+def _fusable(parameters: list[nn.Parameter]) -> bool:
+    """Whether AdamW's fused kernel takes these parameters (about 4x faster than the loop
+    over tensors on CPU)."""
+    return bool(parameters) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters
+    )
 
 
 def _elapsed(began: float, world: int, device: torch.device, timed: bool) -> float:
