@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from helpers import TINY_LM, WORDS, tiny_llama, tiny_llama_folder
 from torch import nn
 
 import torchslim as tp
-from torchslim.hf import stream
+from torchslim.hf import output, replay, stream
 from torchslim.hf.shards import ShardWriter
 
 transformers = pytest.importorskip("transformers")
@@ -77,7 +78,7 @@ def test_streamed_pruning_writes_the_tensors_pruning_in_memory_gives(
 ):
     dense, src = _checkpoint(tmp_path / "src", tie_word_embeddings=tied)
     assert len(list(src.glob("*.safetensors"))) > 3
-    monkeypatch.setattr(stream, "PIECE_BYTES", 4000)  # the embeddings: 31 rows at a time
+    monkeypatch.setattr(output, "PIECE_BYTES", 4000)  # the embeddings: 31 rows at a time
     blocks = []
     add = ShardWriter.add
     monkeypatch.setattr(ShardWriter, "add", lambda self, *a: blocks.append(a[2:]) or add(self, *a))
@@ -94,6 +95,79 @@ def test_streamed_pruning_writes_the_tensors_pruning_in_memory_gives(
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
     )
     assert (tmp_path / "out" / "generation_config.json").is_file()
+
+
+def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    reads: Counter = Counter()
+    get = stream.ShardReader.get
+    monkeypatch.setattr(
+        stream.ShardReader,
+        "get",
+        lambda self, name, *a: reads.update([name]) or get(self, name, *a),
+    )
+    return reads
+
+
+def test_a_layer_is_written_from_the_copy_its_scores_were_read_into(tmp_path, monkeypatch):
+    dense, src = _checkpoint(tmp_path / "src")
+    mlp = dense.model.layers[0].mlp
+    one_mlp = sum(layer.weight.numel() * 4 for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
+    size = sum(p.numel() * 4 for p in dense.parameters())
+    plan_ahead, budgets, read = stream.plan_ahead, [], {}
+    for label, keep in [("none", False), ("largest group", True)]:
+
+        def planned(*args, keep=keep):
+            ahead = plan_ahead(*args)
+            budgets.append(ahead.largest_group)
+            ahead.largest_group *= keep
+            return ahead
+
+        monkeypatch.setattr(replay, "KEEP_BYTES", 0)  # the budget: the largest group alone
+        monkeypatch.setattr(stream, "plan_ahead", planned)
+        reads = _counting_reads(monkeypatch)
+        out = tmp_path / label
+        read[label] = tp.hf.prune_checkpoint(src, out, recipe).bytes_read / size
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        _same_model(loaded, _in_memory(dense, recipe))
+        monkeypatch.undo()
+    assert budgets == [one_mlp] * 2  # a layer's MLP, not the hidden width spanning all layers
+    # kept: a layer's tensors are read for the width's scores, then for their own group's, and
+    # written from that copy (none kept: read a third time to be written)
+    assert reads["model.layers.2.mlp.up_proj.weight"] == 2
+    assert read["none"] > 2.7 and read["largest group"] < 2.0
+
+
+def test_a_step_that_departs_from_the_plan_made_ahead_is_written_after_it(tmp_path, monkeypatch):
+    dense, src = _checkpoint(tmp_path / "src")
+    recipe = {"heads": 0.5, "neurons": 0.25}
+    plan_ahead = stream.plan_ahead
+    other = {"pruning_ratio_dict": {"heads": 0.5, "neurons": 0.5}}  # as many operations
+    monkeypatch.setattr(
+        stream, "plan_ahead", lambda p, layers, ids, a: plan_ahead(p, layers, ids, {**a, **other})
+    )
+    tp.hf.prune_checkpoint(src, tmp_path / "planned", recipe)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "planned").eval()
+    _same_model(loaded, _in_memory(dense, recipe))
+    monkeypatch.undo()
+
+    finish = output.StreamedOutput.finish
+    rewritten = []
+
+    def undone_after_writing(self, stored):  # as if the safety net undid a written group
+        ref = next(iter(self.written))
+        self.written[ref] = [[{"module": ref[0], "role": "out", "idxs": [0]}]]
+        rewritten.append(self.layers.keys[ref])
+        return finish(self, stored)
+
+    monkeypatch.setattr(output.StreamedOutput, "finish", undone_after_writing)
+    writes = []
+    add = ShardWriter.add
+    monkeypatch.setattr(ShardWriter, "add", lambda self, *a: writes.append(a[0]) or add(self, *a))
+    tp.hf.prune_checkpoint(src, tmp_path / "undone", recipe)
+    assert writes.count(rewritten[0]) == 2
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "undone").eval()
+    _same_model(loaded, _in_memory(dense, recipe))
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

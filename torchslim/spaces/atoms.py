@@ -306,8 +306,16 @@ class AtomTable:
     def freeze_many(self, atoms: np.ndarray, reason: str) -> None:
         atoms = np.asarray(atoms, np.int64).reshape(-1)
         atoms = atoms[atoms != NO_ATOM]
-        for root in np.unique(self._roots(atoms)) if atoms.size else ():
-            self.freeze(int(root), reason)
+        if not atoms.size:
+            return
+        roots = np.unique(self._roots(atoms))
+        defined, frozen = self._defined, self.frozen
+        for root in roots.tolist():  # as freeze(root) each, without a call per plain class
+            if defined[root]:
+                self.freeze(root, reason)
+            elif root not in frozen:
+                frozen[root] = reason
+        self._flag[roots] = True
 
     def mark_mixing(self, atoms: np.ndarray, reason: str) -> None:
         """Record that these classes pass through an op that mixes channels (e.g. LayerNorm)."""
