@@ -132,3 +132,14 @@ def test_fisher_without_gradients_says_how_to_record():
 
 def test_fisher_is_registered_for_the_cli():
     assert isinstance(tp.importance.make_importance("fisher"), tp.importance.FisherImportance)
+
+
+def test_labels_drawn_from_the_model_record_the_true_fisher():
+    logits = torch.tensor([2.0, 0.5, -1.0, 0.0]).repeat(20000, 1).requires_grad_()
+    loss = tp.importance.sampled_label_loss(logits, torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(loss * len(logits), logits)  # a row: softmax - onehot(label)
+    p = logits[0].detach().softmax(0)
+    # the mean square is the diagonal of the softmax curvature diag(p) - p p^T: p (1 - p)
+    assert torch.allclose(grad.pow(2).mean(0), p * (1 - p), atol=0.01)
+    again = tp.importance.sampled_label_loss(logits, torch.Generator().manual_seed(0))
+    assert float(again) == float(loss)

@@ -121,8 +121,8 @@ def test_the_learning_rate_decays_over_the_minutes(monkeypatch):
         ({}, "needs steps= or minutes="),
         ({"steps": 0}, "steps must be a positive int"),
         ({"steps": 1, "blocks": torch.rand(2, 8)}, "tensor of token ids"),
-        ({"steps": 1, "autocast": torch.int8}, "autocast must be a floating dtype"),
-        ({"steps": 1, "autocast": "bf16"}, "autocast must be a floating dtype"),
+        ({"steps": 1, "autocast": torch.float16}, r"autocast must be torch.bfloat16 \(mixed"),
+        ({"steps": 1, "autocast": "bf16"}, r"autocast must be torch.bfloat16 \(mixed"),
     ],
 )
 def test_bad_healing_input_gets_a_clear_error(kwargs, message):

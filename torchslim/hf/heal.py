@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -85,10 +86,10 @@ def heal(
     warm-down to zero over the steps or the minutes (whichever is further along); gradients
     clipped to norm 1. ``checkpoint``: a ``.safetensors`` path written
     (atomically, with the pruning plan, see :func:`torchslim.save_pruned`) every
-    ``checkpoint_every`` steps and at the end. ``autocast``: run the forwards (the
-    teacher's too) under ``torch.autocast`` in this dtype, e.g. ``torch.bfloat16``: mixed
-    precision, the weights and optimizer state stay as they are; on CPUs with AMX, bfloat16
-    matrix products are about 4x faster than float32 ones (the loss is computed in float32)."""
+    ``checkpoint_every`` steps and at the end. ``autocast=torch.bfloat16``: run the forwards
+    (the teacher's too) under ``torch.autocast`` in bfloat16: mixed precision, the weights and
+    optimizer state stay as they are; on CPUs with AMX, bfloat16 matrix products are about 4x
+    faster than float32 ones (the loss is computed in float32)."""
     if steps is None and minutes is None:
         raise ValueError("heal needs steps= or minutes= (or both) to know when to stop")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -100,11 +101,9 @@ def heal(
             f"blocks must be a [n, block_size] tensor of token ids, got {blocks.dtype} "
             f"{list(blocks.shape)}"
         )
-    if autocast is not None and not (
-        isinstance(autocast, torch.dtype) and autocast.is_floating_point
-    ):
+    if autocast is not None and autocast is not torch.bfloat16:
         raise ValueError(
-            f"autocast must be a floating dtype such as torch.bfloat16, got {autocast!r}"
+            f"autocast must be torch.bfloat16 (mixed precision) or None, got {autocast!r}"
         )
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = blocks[rank::world]
@@ -136,7 +135,7 @@ def heal(
             fraction = max(step / total, elapsed / seconds)
             for group in optimizer.param_groups:
                 group["lr"] = lr * (1.0 - fraction)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            with _mixed(device, autocast):
                 logits = trained(input_ids=batch, use_cache=False).logits
                 target = None
                 if teacher is not None:
@@ -173,11 +172,17 @@ def heal(
     return log
 
 
+def _mixed(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
+    """``torch.autocast`` in ``dtype`` on the device's type, or nothing."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def _fusable(parameters: list[nn.Parameter]) -> bool:
     """Whether AdamW's fused kernel takes these parameters (about 4x faster than the loop
-    over tensors on CPU)."""
+    over tensors on CPU; CPU tensors from torch 2.4 on)."""
+    devices = ("cpu", "cuda") if torch.__version__ >= "2.4" else ("cuda",)
     return bool(parameters) and all(
-        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters
+        p.is_floating_point() and p.device.type in devices for p in parameters
     )
 
 

@@ -28,7 +28,7 @@ from torchslim.importance.criteria import (
     WandaImportance,
 )
 from torchslim.importance.experts import RoutingImportance
-from torchslim.importance.fisher import FisherImportance
+from torchslim.importance.fisher import FisherImportance, sampled_label_loss
 from torchslim.importance.obdc import ComputeMatGrad, OBDCImportance
 from torchslim.importance.registry import importance_names, make_importance, register_importance
 
@@ -63,4 +63,5 @@ __all__ = [
     "normalize",
     "reduce_layers",
     "register_importance",
+    "sampled_label_loss",
 ]

@@ -272,7 +272,7 @@ class AtomTable:
             return roots
         valid = roots != NO_ATOM
         if not self._defined[roots[valid]].any():
-            return roots if valid.all() else _left_aligned(roots)
+            return roots if valid.all() and len(roots) else _left_aligned(roots)
         columns = [self._expand_column(column) for column in roots.T]
         return _left_aligned(np.concatenate(columns, axis=1))
 
