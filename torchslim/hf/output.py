@@ -21,7 +21,7 @@ from torch import nn
 
 from torchslim.graph.checkpoint import trial
 from torchslim.graph.record import model_history
-from torchslim.hf.replay import CheckpointTensors, Pieces, Ref
+from torchslim.hf.replay import CheckpointTensors, Pieces, Ref, label
 from torchslim.hf.shards import ShardWriter
 from torchslim.persistence import CheckpointError
 from torchslim.pruner.meta import MetaPruner
@@ -46,9 +46,9 @@ class Ahead:
 class StreamedOutput:
     """The pruned checkpoint's shards. With the plan known ahead (:func:`plan_ahead`) each
     tensor is written as soon as its module has all its operations, from the copy kept since
-    its last group scored it (:data:`~torchslim.hf.replay.KEEP_BYTES`) instead of reading it again; the rest after
-    the step. Should the step end otherwise than planned (a group the safety net refused),
-    everything is written again from the final plan."""
+    its last group scored it (:data:`~torchslim.hf.replay.KEEP_BYTES`) instead of reading it
+    again; the rest after the step. Should the step end otherwise than planned (a group the
+    safety net refused), everything is written again from the final plan."""
 
     def __init__(
         self, folder: Path, layers: CheckpointTensors, max_bytes: int, ahead: Optional[Ahead]
@@ -92,18 +92,19 @@ class StreamedOutput:
         writer.close()
         return writer.bytes_written
 
-    def _labels(self, ref: Ref) -> list[str]:
-        return [name or "<model>" for name, _ in self.layers.owners[self.layers.keys[ref]]]
+    def _modules(self, ref: Ref) -> list[str]:
+        """The modules holding tensor ``ref`` (several for a tied one)."""
+        return [name for name, _ in self.layers.owners[self.layers.keys[ref]]]
 
     def _operations(self, ref: Ref) -> list[list[dict[str, Any]]]:
-        return [list(self.layers.operations(label)) for label in self._labels(ref)]
+        return [list(self.layers.operations(name)) for name in self._modules(ref)]
 
     def _final(self, ref: Ref, operations: Counter[str]) -> bool:
         if self.layers.reader.converted(self.layers.keys[ref]):
             return False  # its saved pieces follow the model's config: written after the step
         return all(
-            len(self.layers.operations(label)) == operations.get(label, 0)
-            for label in self._labels(ref)
+            len(self.layers.operations(name)) == operations.get(label(name), 0)
+            for name in self._modules(ref)
         )
 
     def _write(self, ref: Ref, writer: ShardWriter) -> None:
@@ -141,7 +142,7 @@ def plan_ahead(
     sizes = [0]
     for step in steps:
         modules = {op["module"] for op in step["ops"]}
-        size = sum(layers.nbytes(ref) for ref in layers.keys if (ref[0] or "<model>") in modules)
+        size = sum(layers.nbytes(ref) for ref in layers.keys if label(ref[0]) in modules)
         sizes += [size] if size < total / 4 else []
     return Ahead(planned, operations, max(sizes))
 

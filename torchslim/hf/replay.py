@@ -54,8 +54,8 @@ class CheckpointTensors:
         """Keep copies up to ``size`` bytes, if that is more than :data:`KEEP_BYTES`."""
         self.keep_bytes = max(KEEP_BYTES, size)
 
-    def operations(self, label: str) -> list[dict[str, Any]]:
-        """The plan's operations on module ``label`` so far (steps indexed as they come; all
+    def operations(self, name: str) -> list[dict[str, Any]]:
+        """The plan's operations on module ``name`` so far (steps indexed as they come; all
         again when an undo has cut the plan back)."""
         history = model_history(self.pruned)
         done = len(self.indexed)
@@ -65,14 +65,14 @@ class CheckpointTensors:
             for op in step["ops"]:
                 self.ops.setdefault(op["module"], []).append(op)
         self.indexed.extend(history[done:])
-        return self.ops.get(label, [])
+        return self.ops.get(label(name), [])
 
     def owner(self, name: str, attr: str) -> tuple[str, str]:
         """The layer a shared (tied) tensor is pruned through: the one the plan names."""
         owners = self.owners[self.keys[(name, attr)]]
         if len(owners) == 1:
             return name, attr
-        return next((o for o in owners if self.operations(o[0] or "<model>")), owners[0])
+        return next((o for o in owners if self.operations(o[0])), owners[0])
 
     def tensor(self, name: str, attr: str, rows: slice = slice(None)) -> torch.Tensor:
         """The real tensor ``name.attr`` (its ``rows`` only) as the pruned model holds it now."""
@@ -133,7 +133,7 @@ class CheckpointTensors:
         """A copy of layer ``name`` whose ``attrs`` (their ``rows``) are real and pruned as
         planned so far."""
         layer = self._dense_copy(name, attrs, rows)
-        replay(layer, self.operations(name or "<model>"))
+        replay(layer, self.operations(name))
         return layer
 
     def _dense_copy(self, name: str, attrs: list[str], rows: slice = slice(None)) -> nn.Module:
@@ -151,7 +151,7 @@ class CheckpointTensors:
     def _whole(self, name: str, attr: str) -> torch.Tensor:
         """The real tensor ``name.attr`` as planned so far: a kept copy brought up to date
         (the operations since it was kept replayed on it), else read and replayed."""
-        ops = self.operations(name or "<model>")
+        ops = self.operations(name)
         layer, done, _ = self.kept.pop((name, attr), (None, [], 0))
         if layer is None or any(a is not b for a, b in zip(done, ops)) or len(done) > len(ops):
             layer, done = self._dense_copy(name, [attr]), []
@@ -181,6 +181,11 @@ class CheckpointTensors:
             for attr, _ in own_tensors(module)
             if (name, attr) in self.keys and self.owner(name, attr) == (name, attr)
         ]
+
+
+def label(name: str) -> str:
+    """How the plan's operations name module ``name`` (the model itself: ``<model>``)."""
+    return name or "<model>"
 
 
 def replay(layer: nn.Module, ops: list[dict[str, Any]]) -> None:

@@ -5,10 +5,11 @@ it and lets :class:`~torchslim.pruner.MetaPruner` choose and prune there. Calibr
 (Wanda) first record their statistics in a forward that holds one module's weights at a time
 (:mod:`torchslim.hf.onload`). Each tensor a group scores is read from its shard when it is
 scored, with the plan recorded so far replayed on it, so the choice is the one made in memory.
-The output's shapes are known before the step (the same step with placeholder scores, undone),
-so each tensor is written into its shard as soon as the plan for it is final, from the copy
-its last group's scores were read into (:mod:`torchslim.hf.output`): a Llama-shaped checkpoint is read
-about twice (for the hidden width's scores, then for each layer's own groups), not three times.
+The output's shapes are known before the step (the same step with placeholder scores,
+undone), so each tensor is written into its shard as soon as the plan for it is final, from
+the copy its last group's scores were read into (:mod:`torchslim.hf.output`): a Llama-shaped
+checkpoint is read about twice (for the hidden width's scores, then for each layer's own
+groups), not three times.
 Tensors transformers converts, such as experts saved one by one, go through its converters
 (:mod:`torchslim.hf.conversion`). Peak memory is about one layer's kept tensors and a sliced
 copy, or a block of rows of an embedding. The output is a ``save_pretrained`` folder: the
