@@ -6,8 +6,9 @@ tokens of gensim's 2016 sample), calibration on news (the Lee background corpus,
 reconstruction (least-squares refit of the layers reading the removed channels, plus bias
 compensation), adaptive widths (``global_pruning=True``: one ranking over all layers' channels
 of a kind, standardised scores, at most half of a layer), and reconstruction-aware selection
-(``OBSImportance``), and the empirical Fisher of channel masks (``FisherImportance``: the
-loss a removal costs, so its adaptive widths compare layers in one unit); searched widths come from ``tp.search`` (per-layer sensitivity measured as
+(``OBSImportance``), and the Fisher of channel masks (``FisherImportance``: the loss a
+removal costs, so its adaptive widths compare layers in one unit), recorded on next tokens drawn
+from the model's own distribution (``sampled_label_loss``: the true Fisher); searched widths come from ``tp.search`` (per-layer sensitivity measured as
 perplexity on two held-out news blocks, then the budget search). Seconds are the whole prune on this machine: calibration passes, scoring,
 refit and slicing, and healing where a row has it (AdamW on 256-token blocks of the news
 text, KL divergence to the dense model's next-token distribution, the learning rate decaying
@@ -137,9 +138,11 @@ def criterion(name: str, model: nn.Module, calibration: list[torch.Tensor], adap
     if name == "fisher":
         fisher = tp.importance.FisherImportance()  # loss units: comparable across layers as is
         model.requires_grad_(False)  # mask gradients only: no weight gradients to compute
+        draws = torch.Generator().manual_seed(0)
         with fisher.record(model):
             for batch in calibration:
-                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+                logits = model(input_ids=batch, use_cache=False).logits
+                tp.importance.sampled_label_loss(logits, draws).backward()
         model.requires_grad_(True)
         return fisher
     importance = (

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
 
 
+def machine() -> str:
+    """The CPU the figures come from (sessions may run on different ones): model and cores."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def publish(lines: list[str], footer: str, path: Optional[Path]) -> None:
-    """Print the table and its footer; also write them to ``path`` when given."""
-    text = "\n".join([*lines, "", footer])
+    """Print the table and its footer, which names the CPU; also write them to ``path`` when
+    given."""
+    text = "\n".join([*lines, "", f"{footer} CPU: {machine()}."])
     print(text)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
