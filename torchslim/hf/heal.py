@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,8 @@ def heal(
     ``checkpoint_every`` steps and at the end. ``autocast=torch.bfloat16``: run the forwards
     (the teacher's too) under ``torch.autocast`` in bfloat16: mixed precision, the weights and
     optimizer state stay as they are; on CPUs with AMX, bfloat16 matrix products are about 4x
-    faster than float32 ones (the loss is computed in float32)."""
+    faster than float32 ones (the loss is computed in float32); on CPUs without bfloat16
+    matrix units it is much slower, and a warning says so."""
     if steps is None and minutes is None:
         raise ValueError("heal needs steps= or minutes= (or both) to know when to stop")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -118,6 +120,13 @@ def heal(
     total = steps if steps is not None else math.inf
     seconds = minutes * 60 if minutes is not None else math.inf
     device = parameters[0].device if parameters else torch.device("cpu")
+    if autocast is not None and device.type == "cpu" and not _native_bfloat16():
+        warnings.warn(
+            "autocast=torch.bfloat16 on a CPU without bfloat16 matrix units (AMX or "
+            "AVX512-BF16): slower than float32 here (a SmolLM2-135M step took over 6x as long "
+            "on an AVX2-only CPU); leave autocast off",
+            stacklevel=2,
+        )
     log = HealingLog()
     began = time.monotonic()
     bar = _progress(steps, show_progress and rank == 0)
@@ -175,6 +184,16 @@ def heal(
 def _mixed(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
     """``torch.autocast`` in ``dtype`` on the device's type, or nothing."""
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (unknown: assumed so)."""
+    probes = [
+        getattr(torch.cpu, name, None)
+        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    ]
+    known = [probe for probe in probes if probe is not None]
+    return not known or any(probe() for probe in known)
 
 
 def _fusable(parameters: list[nn.Parameter]) -> bool:
