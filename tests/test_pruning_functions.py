@@ -1,5 +1,8 @@
 """Layer pruning functions: each pruned layer computes the original on the kept channels."""
 
+import mmap
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -302,3 +305,31 @@ def test_take_gathers_the_same_bits_as_index_select_along_every_dim(dtype, split
                 module.take(tensor, dim, index)
         else:
             assert torch.equal(module.take(tensor, dim, index), expected)
+
+
+def test_take_asks_for_huge_pages_only_for_large_results_within_their_memory(monkeypatch):
+    from torchslim.pruning import take as module
+
+    calls = []
+    monkeypatch.setattr(module, "_madvise", lambda: lambda *args: calls.append(args) or 0)
+    monkeypatch.setattr(module, "_HUGE_BYTES", 1 << 20)
+    tensor = torch.randn(64, 8192)  # 2 MiB: its gathers are above the threshold
+    index = torch.arange(0, 64, 2)  # half the rows: 1 MiB
+    small = module.take(tensor, 0, index[:4])
+    assert calls == [] and torch.equal(small, tensor[index[:4]])
+    taken = module.take(tensor, 0, index)
+    assert torch.equal(taken, tensor[index])
+    (start, length, advice), page = calls[0], mmap.PAGESIZE
+    begin, end = taken.data_ptr(), taken.data_ptr() + taken.numel() * taken.element_size()
+    assert advice == mmap.MADV_HUGEPAGE and start.value % page == 0 and length.value % page == 0
+    assert begin <= start.value and start.value + length.value <= end
+    assert length.value > end - begin - 2 * page  # all the whole pages of its memory
+
+
+def test_the_kernel_takes_the_huge_page_advice_where_it_has_huge_pages():
+    from torchslim.pruning import take as module
+
+    if not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
+        pytest.skip("a kernel without transparent huge pages: the advice is refused")
+    assert module.huge_pages(torch.empty(64 << 20, dtype=torch.uint8))
+    assert not module.huge_pages(torch.empty(1 << 20, dtype=torch.uint8))  # too small to ask

@@ -3,13 +3,19 @@ dim other than the first, which PyTorch's CPU kernel does element by element on 
 (about 5 ns each for bfloat16; minutes for an 8B model). NumPy's ``take`` on the same bytes
 viewed as integers of the item's width is about 3x faster, and large gathers are split by
 output rows over the intra-op threads (NumPy releases the GIL): about 7x along a later dim,
-2x along the first. The bits are copied unchanged, so the result is identical."""
+2x along the first. The bits are copied unchanged, so the result is identical. A large result
+is backed by transparent huge pages (:func:`huge_pages`): filling fresh memory 4 KiB page by
+page costs as much as the gather itself."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -18,6 +24,8 @@ import torch
 _SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 #: elements below which one thread does the whole gather
 _SPLIT_ELEMENTS = 1 << 22
+#: results at least this big are backed by transparent huge pages where the kernel offers them
+_HUGE_BYTES = 1 << 25
 
 
 def take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -34,6 +42,7 @@ def take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     shape = list(source.shape)
     shape[dim] = positions.size
     result = torch.empty(shape, dtype=width)  # torch-owned memory, as index_select's
+    huge_pages(result)
     out = result.numpy()
     threads = min(torch.get_num_threads(), len(out)) if out.size > _SPLIT_ELEMENTS else 1
     if threads == 1:
@@ -66,6 +75,31 @@ def _plain(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> bool:
         and index.dim() == 1
         and index.dtype in (torch.int32, torch.int64)
     )
+
+
+def huge_pages(tensor: torch.Tensor) -> bool:
+    """Ask Linux to back the untouched memory of a large fresh tensor with transparent huge
+    pages (``madvise(MADV_HUGEPAGE)``, what ``THP_MEM_ALLOC_ENABLE=1`` does for every
+    allocation): filling it then faults in 2 MiB pages instead of 4 KiB ones, which saves
+    about a tenth of the 8B model's prune in memory and a quarter of its streamed prune. Only
+    advice: the memory stays torch's, and nothing changes where the kernel has huge pages
+    off. Returns whether the kernel took it."""
+    nbytes = tensor.numel() * tensor.element_size()
+    madvise = _madvise()
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + nbytes) // page * page
+    if nbytes < _HUGE_BYTES or madvise is None or end <= start:
+        return False
+    return madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_HUGEPAGE) == 0
+
+
+@lru_cache(maxsize=1)
+def _madvise() -> Optional[Callable[..., int]]:
+    """libc's ``madvise`` on Linux, else ``None``."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    return ctypes.CDLL(None, use_errno=True).madvise
 
 
 @lru_cache(maxsize=1)
