@@ -7,10 +7,13 @@ heads / 8 KV), whose per-layer cost is extrapolated to 80 layers. Each is pruned
 ``tp.hf.prune_checkpoint`` in its own process (peak RSS from ``wait4``): 20% of the heads, MLP
 neurons and hidden size by L2 magnitude, and the 8B by Wanda too (recorded on 32 x 128 random
 tokens, one module's weights in memory at a time). ``cat`` of the shards to ``/dev/null`` is timed in the
-same run (the page cache serves both: read the ratio, not the seconds); the output is reloaded
-with ``from_pretrained`` in another process, which generates a few tokens.
+same run, just before each prune: with ``--cold`` (root) the page cache is emptied before each,
+so both read from the disk, as they must for a checkpoint larger than memory; without it they
+find whatever the cache holds. The output is reloaded with ``from_pretrained`` in another
+process, which generates a few tokens.
 
     .venv/bin/python benchmarks/stream_checkpoint.py --markdown benchmarks/results/stream_checkpoint.md
+    .venv/bin/python benchmarks/stream_checkpoint.py --sizes 8b --wanda --cold   # from the disk
     .venv/bin/python benchmarks/stream_checkpoint.py --sizes tiny --wanda tiny   # a smoke run
 """
 
@@ -85,6 +88,15 @@ def generate(name: str) -> Path:
     return folder
 
 
+def drop_caches() -> None:
+    """Empty the page cache, so that the next read comes from the disk (root only)."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as error:
+        raise SystemExit(f"--cold drops the page cache, which needs root: {error}") from error
+
+
 def cat_seconds(folder: Path) -> float:
     start = time.perf_counter()
     shards = sorted(str(p) for p in folder.glob("*.safetensors"))
@@ -119,12 +131,18 @@ def check_reload(dst: str) -> None:
     print(json.dumps({"generated": out.shape[1] - 4}))
 
 
-def measure(name: str, ratio: float, timeout: float, importance: str) -> dict[str, Any]:
+def measure(
+    name: str, ratio: float, timeout: float, importance: str, cold: bool = False
+) -> dict[str, Any]:
     # generated in a child: a child forked from a big parent starts its peak RSS at the parent's
     subprocess.run([sys.executable, __file__, "--generate", name], check=True)
     src = CACHE / name
     dst = CACHE / f"{name}-pruned"
+    if cold:
+        drop_caches()
     read_s = cat_seconds(src)
+    if cold:
+        drop_caches()
     command = [sys.executable, __file__, "--worker", str(src), str(dst), str(ratio), importance]
     status, stdout, stderr, peak = run_measured(command, timeout)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
@@ -141,7 +159,9 @@ def measure(name: str, ratio: float, timeout: float, importance: str) -> dict[st
     return result
 
 
-def markdown(results: list[dict[str, Any]], ratio: float) -> tuple[list[str], str]:
+def markdown(
+    results: list[dict[str, Any]], ratio: float, cold: bool = False
+) -> tuple[list[str], str]:
     lines = [
         "| checkpoint | criterion | on disk | prune s | `cat` s | ratio | peak RSS GB | read GB | "
         "written GB | params | reloads and generates |",
@@ -165,11 +185,22 @@ def markdown(results: list[dict[str, Any]], ratio: float) -> tuple[list[str], st
         for r in results
         if r["name"].startswith("70b") and r["importance"] == "magnitude" and "error" not in r
     }
+    wanda = any(r["importance"] == "wanda" for r in results)
     footer = (
-        f"{ratio:.0%} of heads, MLP neurons and hidden size, by L2 magnitude or by Wanda recorded "
-        f"on {CALIBRATION[0]} x {CALIBRATION[1]} random tokens (one module's weights in memory at "
-        "a time); bf16 random weights in 5 GB shards; each prune in its own process on this "
-        "machine (2 cores, 24 GB)."
+        f"{ratio:.0%} of heads, MLP neurons and hidden size, by L2 magnitude"
+        + (
+            f" or by Wanda recorded on {CALIBRATION[0]} x {CALIBRATION[1]} random tokens (one "
+            "module's weights in memory at a time)"
+            if wanda
+            else ""
+        )
+        + "; bf16 random weights in 5 GB shards; each prune in its own process on this "
+        "machine (2 cores, 24 GB); "
+        + (
+            "the page cache emptied before each `cat` and before each prune (`--cold`)."
+            if cold
+            else "each `cat` just before its prune, with whatever the page cache holds."
+        )
     )
     if {"70b-2", "70b-4"} <= set(per_layer):
         two, four = per_layer["70b-2"], per_layer["70b-4"]
@@ -192,6 +223,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument(
+        "--cold", action="store_true", help="empty the page cache before each cat and prune (root)"
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--reload", help=argparse.SUPPRESS)
     parser.add_argument("--generate", help=argparse.SUPPRESS)
@@ -208,9 +242,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     results = []
     runs = [(name, "magnitude") for name in args.sizes] + [(name, "wanda") for name in args.wanda]
     for name, importance in runs:
-        results.append(measure(name, args.ratio, args.timeout, importance))
+        results.append(measure(name, args.ratio, args.timeout, importance, args.cold))
         print(results[-1], flush=True)
-    lines, footer = markdown(results, args.ratio)
+    lines, footer = markdown(results, args.ratio, args.cold)
     publish(lines, footer, args.markdown)
 
 
