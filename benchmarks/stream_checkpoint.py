@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.llm_scale import SIZES  # noqa: E402
 from benchmarks.report import publish, run_measured  # noqa: E402
+from torchslim.utils.hardware import native_bfloat16  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "stream"
 SHARD = 5 * 10**9
@@ -104,6 +105,12 @@ def cat_seconds(folder: Path) -> float:
     return time.perf_counter() - start
 
 
+def calibrated_in() -> dict[str, torch.dtype]:
+    """Wanda's calibration forward in float32 where the CPU has no bfloat16 matrix units (in
+    bf16 there, the 8B forward took over 20 minutes), else in the checkpoint's bf16."""
+    return {} if native_bfloat16() else {"calibration_dtype": torch.float32}
+
+
 def worker(src: str, dst: str, ratio: float, importance: str) -> None:
     import torchslim as tp
 
@@ -115,7 +122,12 @@ def worker(src: str, dst: str, ratio: float, importance: str) -> None:
             0, vocab, CALIBRATION, generator=torch.Generator().manual_seed(0)
         )
     report = tp.hf.prune_checkpoint(
-        src, dst, recipe, importance=importance, calibration=calibration
+        src,
+        dst,
+        recipe,
+        importance=importance,
+        calibration=calibration,
+        **(calibrated_in() if importance == "wanda" else {}),
     )
     print(json.dumps({**vars(report), "changed": {k: list(v) for k, v in report.changed.items()}}))
 
@@ -190,7 +202,9 @@ def markdown(
         f"{ratio:.0%} of heads, MLP neurons and hidden size, by L2 magnitude"
         + (
             f" or by Wanda recorded on {CALIBRATION[0]} x {CALIBRATION[1]} random tokens (one "
-            "module's weights in memory at a time)"
+            "module's weights in memory at a time, "
+            + ("in float32" if calibrated_in() else "in bf16")
+            + ")"
             if wanda
             else ""
         )

@@ -81,7 +81,7 @@ def test_mixed_precision_runs_both_models_in_bfloat16_and_keeps_float32_weights(
 @pytest.mark.parametrize("native", [True, False])
 def test_mixed_precision_warns_on_a_cpu_without_bfloat16_units(monkeypatch, native):
     healing = importlib.import_module("torchslim.hf.heal")  # the module, not tp.hf.heal
-    monkeypatch.setattr(healing, "_native_bfloat16", lambda: native)
+    monkeypatch.setattr(healing, "native_bfloat16", lambda: native)
     _, model, blocks = _pruned_llama()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

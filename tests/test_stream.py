@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -209,10 +210,58 @@ def test_wanda_records_one_module_at_a_time_and_chooses_what_wanda_in_memory_cho
         ({"importance": "wanda", "calibration": calibration.float()}, r"token ids \[sequences"),
         ({"importance": "wanda", "calibration": []}, "needs calibration token ids, got none"),
         ({"importance": "wanda", "calibration": calibration[:0]}, "an empty batch"),
+        ({"calibration_dtype": torch.float32}, "forward of a calibrated criterion"),
+        (
+            {"importance": "wanda", "calibration": calibration, "calibration_dtype": torch.int8},
+            "calibration_dtype=torch.int8: a floating-point dtype",
+        ),
     ]:
         with pytest.raises(ValueError, match=match):
             tp.hf.prune_checkpoint(src, tmp_path / "never", recipe, **bad)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_bfloat16_checkpoint_calibrates_in_float32_as_its_float32_copy_does(
+    tmp_path, monkeypatch
+):
+    dense = tiny_llama(3).to(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
+    dense.float().save_pretrained(tmp_path / "fp32", max_shard_size="20KB")  # exact copies
+    calibration = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
+    recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
+    seen: list[torch.dtype] = []
+    forward = nn.Linear.forward
+
+    def spied(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_meta:  # the calibration forward, not the trace
+            seen.append(x.dtype)
+        return forward(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", spied)
+    monkeypatch.setattr(stream, "native_bfloat16", lambda: False)
+    wanda = {"importance": "wanda", "calibration": calibration}
+    with pytest.warns(UserWarning, match="calibration_dtype=torch.float32"):
+        tp.hf.prune_checkpoint(tmp_path / "bf16", tmp_path / "slow", recipe, **wanda)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tp.hf.prune_checkpoint(
+            tmp_path / "bf16", tmp_path / "out", recipe, calibration_dtype=torch.float32, **wanda
+        )
+    assert not [w for w in caught if "calibration_dtype" in str(w.message)]
+    assert seen and set(seen) == {torch.float32}
+    tp.hf.prune_checkpoint(tmp_path / "fp32", tmp_path / "out32", recipe, **wanda)
+    mine, theirs = _tensors(tmp_path / "out"), _tensors(tmp_path / "out32")
+    assert set(mine) == set(theirs)
+    assert all(t.dtype == torch.bfloat16 for t in mine.values())
+    assert all(torch.equal(mine[k], theirs[k].to(torch.bfloat16)) for k in theirs)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for file in folder.glob("*.safetensors") for k, v in load_file(file).items()}
 
 
 def test_per_layer_widths_stream_into_a_plan_and_bfloat16_stays(tmp_path):
@@ -334,6 +383,8 @@ def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, caps
     assert "--importance wanda needs --calibration TEXT_FILE" in capsys.readouterr().err
     assert main([*command, "--calibration", str(text)]) == 2
     assert "magnitude needs no data" in capsys.readouterr().err
+    assert main([*command, "--calibration-dtype", "float32"]) == 2
+    assert "sets the dtype of --importance wanda's calibration" in capsys.readouterr().err
 
 
 def test_fused_projections_stream_as_they_prune_in_memory(tmp_path):

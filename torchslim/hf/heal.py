@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchslim.persistence import save_pruned
+from torchslim.utils.hardware import native_bfloat16
 
 
 @dataclass
@@ -120,7 +121,7 @@ def heal(
     total = steps if steps is not None else math.inf
     seconds = minutes * 60 if minutes is not None else math.inf
     device = parameters[0].device if parameters else torch.device("cpu")
-    if autocast is not None and device.type == "cpu" and not _native_bfloat16():
+    if autocast is not None and device.type == "cpu" and not native_bfloat16():
         warnings.warn(
             "autocast=torch.bfloat16 on a CPU without bfloat16 matrix units (AMX or "
             "AVX512-BF16): slower than float32 here (a SmolLM2-135M step took over 6x as long "
@@ -184,16 +185,6 @@ def heal(
 def _mixed(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
     """``torch.autocast`` in ``dtype`` on the device's type, or nothing."""
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def _native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (unknown: assumed so)."""
-    probes = [
-        getattr(torch.cpu, name, None)
-        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    ]
-    known = [probe for probe in probes if probe is not None]
-    return not known or any(probe() for probe in known)
 
 
 def _fusable(parameters: list[nn.Parameter]) -> bool:

@@ -78,19 +78,25 @@ def _still_unset(buffer: torch.Tensor) -> bool:
 
 
 @contextmanager
-def onloaded(model: nn.Module, read: Reader, skipped: Optional[nn.Module] = None) -> Iterator[None]:
-    """Inside the block each module of ``model`` holds its real tensors (from ``read``) while
-    its forward runs (its children's forwards included), and its ``meta`` ones again
-    afterwards. ``skipped`` (the output embeddings: the logits of every calibration token
-    would be the largest tensor of the pass) runs its forward hooks but computes nothing: it
-    returns zeros of its output's shape, expanded from one element."""
+def onloaded(
+    model: nn.Module,
+    read: Reader,
+    skipped: Optional[nn.Module] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Iterator[None]:
+    """Inside the block each module of ``model`` holds its real tensors (from ``read``; its
+    floating-point ones cast to ``dtype`` when given) while its forward runs (its children's
+    forwards included), and its ``meta`` ones again afterwards. ``skipped`` (the output
+    embeddings: the logits of every calibration token would be the largest tensor of the
+    pass) runs its forward hooks but computes nothing: it returns zeros of its output's
+    shape, expanded from one element."""
     loaded: dict[nn.Module, list[tuple[dict, str, torch.Tensor]]] = {}
     with ExitStack() as stack:
         stack.callback(lambda: [_unload(entries) for entries in loaded.values()])
         for name, module in model.named_modules():
             attrs = [attr for attr, tensor in own_tensors(module) if tensor.is_meta]
             if attrs and module is not skipped:
-                load = _loader(name, attrs, read, loaded.setdefault(module, []))
+                load = _loader(name, attrs, read, loaded.setdefault(module, []), dtype)
                 stack.callback(module.register_forward_pre_hook(load).remove)
                 unload = module.register_forward_hook(lambda m, *_: _unload(loaded[m]))
                 stack.callback(unload.remove)
@@ -99,12 +105,16 @@ def onloaded(model: nn.Module, read: Reader, skipped: Optional[nn.Module] = None
         yield
 
 
-def _loader(name: str, attrs: list[str], read: Reader, loaded: list) -> Callable[..., None]:
+def _loader(
+    name: str, attrs: list[str], read: Reader, loaded: list, dtype: Optional[torch.dtype]
+) -> Callable[..., None]:
     def load(module: nn.Module, _inputs: Any) -> None:
         for attr in attrs:
             real = read(name, attr)
             if real is None:
                 continue
+            if dtype is not None and real.is_floating_point():
+                real = real.to(dtype)
             table = module._parameters if attr in module._parameters else module._buffers
             loaded.append((table, attr, table[attr]))
             table[attr] = (

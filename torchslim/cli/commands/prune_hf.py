@@ -8,11 +8,15 @@ import resource
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import torchslim as tp
 from torchslim.cli.commands.prune import check_ratio, kind_ratios, text_blocks
 from torchslim.cli.common import add_command, table
 from torchslim.hf.stream import STREAMED
 from torchslim.utils.ops_counter import count
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def register(commands: Any) -> None:
@@ -54,6 +58,12 @@ def register(commands: Any) -> None:
     sub.add_argument(
         "--calibration-length", type=int, default=128, help="tokens per calibration sequence"
     )
+    sub.add_argument(
+        "--calibration-dtype",
+        choices=sorted(DTYPES),
+        help="run the calibration forward in this dtype (float32: many times faster than a "
+        "bfloat16 checkpoint's own dtype on CPUs without bfloat16 matrix units)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     calibration = None
     if args.importance == "magnitude" and args.calibration is not None:
         raise ValueError("--calibration calibrates --importance wanda; magnitude needs no data")
+    if args.importance == "magnitude" and args.calibration_dtype is not None:
+        raise ValueError("--calibration-dtype sets the dtype of --importance wanda's calibration")
     if args.importance != "magnitude":
         if args.calibration is None:
             raise ValueError(f"--importance {args.importance} needs --calibration TEXT_FILE")
@@ -86,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=calibration,
         max_shard_bytes=int(args.max_shard_size * 1e9),
         trust_pickle=args.trust_pickle,
+        calibration_dtype=DTYPES.get(args.calibration_dtype),
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rows = [
