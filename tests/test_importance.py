@@ -185,15 +185,24 @@ def test_scores_computed_in_blocks_of_positions_are_the_same(group, monkeypatch)
     assert torch.equal(imp(group), whole)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("shape", "dim"), [((300, 70), 0), ((300, 70), 1), ((8, 5, 3, 3), 1), ((50,), 0)]
 )
 @pytest.mark.parametrize("p", [1, 2, 3])
-def test_low_precision_norms_match_float64(dtype, shape, dim, p, monkeypatch):
+def test_blocked_norms_match_float64(dtype, shape, dim, p, monkeypatch):
     monkeypatch.setattr(base, "NORM_BLOCK", 256)  # many blocks, as in an LLM weight
     tensor = torch.randn(shape).to(dtype)
     exact = rows(tensor, dim).double().abs().pow(p).sum(1)
     fast = position_norms(tensor, dim, p)
     assert fast.dtype == torch.float64
     assert ((fast - exact).abs() / exact).max() < 1e-6
+
+
+@pytest.mark.parametrize(("shape", "dim"), [((2048, 512, 1, 1), 1), ((512, 512, 3, 3), 0)])
+def test_float32_norms_in_whole_blocks_stay_within_the_documented_bound(shape, dim):
+    # one 4 MB block sums 2048 values of each input channel, or 4608 of each filter, in float32
+    tensor = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    exact = rows(tensor, dim).double().square().sum(1)
+    error = ((position_norms(tensor, dim, 2) - exact).abs() / exact).max()
+    assert error < 1e-5
