@@ -237,13 +237,23 @@ def test_a_bfloat16_checkpoint_calibrates_in_float32_as_its_float32_copy_does(
             seen.append(x.dtype)
         return forward(self, x)
 
+    tables: list[torch.dtype] = []
+    lookup = nn.Embedding.forward
+
+    def spied_lookup(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        if not self.weight.is_meta:
+            tables.append(self.weight.dtype)
+        return lookup(self, ids)
+
     monkeypatch.setattr(nn.Linear, "forward", spied)
+    monkeypatch.setattr(nn.Embedding, "forward", spied_lookup)
     monkeypatch.setattr(stream, "native_bfloat16", lambda: False)
     wanda = {"importance": "wanda", "calibration": calibration}
     with pytest.warns(UserWarning, match="calibration_dtype=torch.float32"):
         tp.hf.prune_checkpoint(tmp_path / "bf16", tmp_path / "slow", recipe, **wanda)
     assert seen and set(seen) == {torch.bfloat16}
     seen.clear()
+    tables.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tp.hf.prune_checkpoint(
@@ -251,6 +261,7 @@ def test_a_bfloat16_checkpoint_calibrates_in_float32_as_its_float32_copy_does(
         )
     assert not [w for w in caught if "calibration_dtype" in str(w.message)]
     assert seen and set(seen) == {torch.float32}
+    assert tables and set(tables) == {torch.bfloat16}  # rows cast, never a float32 table
     tp.hf.prune_checkpoint(tmp_path / "fp32", tmp_path / "out32", recipe, **wanda)
     mine, theirs = _tensors(tmp_path / "out"), _tensors(tmp_path / "out32")
     assert set(mine) == set(theirs)

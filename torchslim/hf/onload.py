@@ -86,7 +86,10 @@ def onloaded(
 ) -> Iterator[None]:
     """Inside the block each module of ``model`` holds its real tensors (from ``read``; its
     floating-point ones cast to ``dtype`` when given) while its forward runs (its children's
-    forwards included), and its ``meta`` ones again afterwards. ``skipped`` (the output
+    forwards included), and its ``meta`` ones again afterwards. A plain embedding casts the
+    rows it looks up instead of its whole table (the same values: a lookup commutes with the
+    cast), so a float32 calibration of a bf16 checkpoint never holds a float32 copy of a
+    vocabulary's embeddings (2.1 GB at Llama-3-8B's size). ``skipped`` (the output
     embeddings: the logits of every calibration token would be the largest tensor of the
     pass) runs its forward hooks but computes nothing: it returns zeros of its output's
     shape, expanded from one element."""
@@ -96,13 +99,25 @@ def onloaded(
         for name, module in model.named_modules():
             attrs = [attr for attr, tensor in own_tensors(module) if tensor.is_meta]
             if attrs and module is not skipped:
-                load = _loader(name, attrs, read, loaded.setdefault(module, []), dtype)
+                lookup = dtype is not None and _lookup(module)
+                load = _loader(
+                    name, attrs, read, loaded.setdefault(module, []), None if lookup else dtype
+                )
                 stack.callback(module.register_forward_pre_hook(load).remove)
+                if lookup:
+                    cast = module.register_forward_hook(lambda m, _, out, d=dtype: out.to(d))
+                    stack.callback(cast.remove)
                 unload = module.register_forward_hook(lambda m, *_: _unload(loaded[m]))
                 stack.callback(unload.remove)
         if skipped is not None:
             stack.enter_context(forwards_replaced({skipped: _nothing(skipped)}))
         yield
+
+
+def _lookup(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose forward only looks rows up (no ``max_norm`` renormalisation, no
+    subclass scaling them)."""
+    return type(module) is nn.Embedding and module.max_norm is None
 
 
 def _loader(
