@@ -156,6 +156,27 @@ def test_wanda_importance_scores_channels_where_they_are_consumed(group):
     close(imp(group), expected)
 
 
+@pytest.mark.parametrize(
+    ("layer", "shape", "channel"),
+    [(nn.Linear(6, 3), (4, 5, 6), 2), (nn.Conv2d(6, 3, 1), (4, 6, 3, 3), 1)],
+)
+def test_wanda_records_float64_sums_of_squares_a_block_of_channels_at_a_time(
+    layer, shape, channel, monkeypatch
+):
+    # an LLM's MLP activation is hundreds of MB: never copied whole to float64
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 40)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    imp = tp.importance.WandaImportance()
+    with imp.record(layer):
+        layer(x)
+        layer(2 * x)
+    others = [d for d in range(x.dim()) if d != channel]
+    expected = 5 * x.double().square().sum(others)
+    recorded = imp._squares[id(layer)]
+    assert recorded.dtype == torch.float64
+    torch.testing.assert_close(recorded, expected, rtol=1e-12, atol=0)
+
+
 def test_wanda_without_calibration_scores_nothing(group):
     assert tp.importance.WandaImportance()(group) is None
 

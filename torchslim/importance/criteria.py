@@ -306,8 +306,8 @@ class WandaImportance(_Recorder):
         if x is None or x.device.type == "meta":
             return
         channel = x.dim() - 1 if not isinstance(module, nn.modules.conv._ConvNd) else 1
-        squares = x.detach().double().pow(2).movedim(channel, 0).reshape(x.shape[channel], -1)
-        total = squares.sum(1)
+        # a block of channels at a time: no float64 copy of a whole LLM activation
+        total = per_position(lambda rows: norms(rows, 2), channel, x.detach())
         key = id(module)
         if key in self._squares and self._squares[key].shape == total.shape:
             self._squares[key] += total
