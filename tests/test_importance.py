@@ -227,3 +227,10 @@ def test_float32_norms_in_whole_blocks_stay_within_the_documented_bound(shape, d
     exact = rows(tensor, dim).double().square().sum(1)
     error = ((position_norms(tensor, dim, 2) - exact).abs() / exact).max()
     assert error < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "dim", "size"), [((0, 5), 1, 5), ((0, 5), 0, 0), ((5, 0), 0, 5)])
+def test_norms_of_an_empty_tensor_are_zero_per_position(dtype, shape, dim, size):
+    scores = position_norms(torch.zeros(shape, dtype=dtype), dim, 2)
+    assert torch.equal(scores, torch.zeros(size, dtype=torch.float64))

@@ -9,6 +9,7 @@ normalises the result. Lower scores are pruned first.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -100,7 +101,8 @@ def _scatter(scores: torch.Tensor, index: np.ndarray, size: int) -> torch.Tensor
 def rows(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     """``[positions, everything else]``: the slice of each position along ``dim``, in the
     tensor's own dtype."""
-    return tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1)
+    moved = tensor.detach().movedim(dim, 0)
+    return moved.reshape(moved.shape[0], math.prod(moved.shape[1:]))  # also when empty
 
 
 def slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -148,7 +150,7 @@ def position_norms(tensor: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     on float32 weights small enough that only positions whose scores tie to six digits can
     rank differently; summing in float64 throughout is several times slower. float64 tensors
     accumulate in float64 (:func:`per_position`)."""
-    if tensor.dtype not in BLOCKED or tensor.dim() == 0:
+    if tensor.dtype not in BLOCKED or tensor.dim() == 0 or len(tensor) == 0:
         return per_position(lambda w: norms(w, p), dim, tensor)
     tensor = tensor.detach()
     step = max(1, NORM_BLOCK // max(1, tensor[0].numel()))
