@@ -82,6 +82,8 @@ class StreamedOutput:
             or planned != self.ahead.planned
             or any(ops != self._operations(ref) for ref, ops in self.written.items())
         ):
+            if self.writer is not None:
+                self.writer.discard()
             for file in self.folder.glob("*.safetensors"):
                 file.unlink()
             self.writer, self.written = self._writer(planned), {}

@@ -3,6 +3,7 @@ layout: ``model.safetensors``, or shards listed by ``model.safetensors.index.jso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -13,11 +14,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from torchslim.persistence import CheckpointError
+from torchslim.utils.uncached import WriteBehind
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+#: bytes of tensors waiting to be written while the next ones are prepared
+WRITE_BEHIND_BYTES = 256 * 2**20
 
 
 class ShardReader:
@@ -58,6 +62,11 @@ class ShardReader:
         self._dtypes: dict[str, tuple[Optional[torch.dtype], str]] = {}  # a shard at a time
         #: told the bytes of each read (a progress bar)
         self.observer: Callable[[int], Any] = lambda _: None
+
+    @property
+    def files(self) -> list[Path]:
+        """The shard files, in their numbering's order."""
+        return [self.folder / file for file in sorted(set(self.weight_map.values()))]
 
     def _pickled(self, file: str) -> dict[str, torch.Tensor]:
         """A pickle shard's tensors, mapped from the file, not read."""
@@ -133,8 +142,10 @@ DTYPES = {
 class ShardWriter:
     """Writes the tensors of a planned layout (names, shapes, dtypes, in writing order) into
     safetensors shards of at most ``max_bytes`` each (a bigger tensor gets a shard of its own):
-    headers are written first, each tensor's bytes at its place as it comes, so only one tensor
-    is ever in memory. With more than one shard, the index ``from_pretrained`` reads too."""
+    headers are written first, each tensor's bytes at its place as it comes (around the page
+    cache, on a thread of its own: :class:`~torchslim.utils.uncached.WriteBehind`), so only
+    about one tensor is ever in memory. With more than one shard, the index
+    ``from_pretrained`` reads too."""
 
     def __init__(
         self, folder: Path, max_bytes: int, layout: list[tuple[str, tuple[int, ...], torch.dtype]]
@@ -161,6 +172,7 @@ class ShardWriter:
             self._start(folder / file, tensors)
             self.weight_map.update(dict.fromkeys((n for n, _, _ in tensors), file))
         self.total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in layout)
+        self.writes = WriteBehind(WRITE_BEHIND_BYTES)
 
     def _start(self, path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -183,7 +195,8 @@ class ShardWriter:
             self.places[name] = (path, start + header[name]["data_offsets"][0], shape, dtype)
 
     def add(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
-        """Write tensor ``name``, or the next block of its rows (from row ``start``)."""
+        """Write tensor ``name``, or the next block of its rows (from row ``start``); the
+        tensor must not change until :meth:`close`."""
         path, at, shape, dtype = self.places[name]
         count = len(tensor) if shape else 1
         fits = tuple(tensor.shape) == ((count, *shape[1:]) if shape else ())
@@ -194,14 +207,20 @@ class ShardWriter:
                 f"writes {list(shape)} {dtype} from row {self.rows_written.get(name, 0)}"
             )
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        with open(path, "r+b") as handle:
-            handle.seek(at + start * math.prod(shape[1:]) * dtype.itemsize)
-            handle.write(data.data)
+        self.writes.write(path, at + start * math.prod(shape[1:]) * dtype.itemsize, data)
         self.bytes_written += data.nbytes
         self.rows_written[name] = start + count
 
+    def discard(self) -> None:
+        """Wait for the queued writes, whose files are about to be deleted (their errors no
+        longer matter): none may land in a file written anew under the same name."""
+        with contextlib.suppress(OSError):
+            self.writes.close()
+
     def close(self) -> None:
-        """Check every planned tensor was written; write the index of a sharded checkpoint."""
+        """Wait for the writes; check every planned tensor was written; write the index of a
+        sharded checkpoint."""
+        self.writes.close()
         missing = sorted(
             name
             for name, (_, _, shape, _) in self.places.items()

@@ -44,13 +44,18 @@ from torchslim.hf.sync import RECORD_KEY
 from torchslim.importance.criteria import MagnitudeImportance, WandaImportance
 from torchslim.persistence import CheckpointError, atomic_folder
 from torchslim.pruner.meta import MetaPruner
+from torchslim.pruning.take import recycling
 from torchslim.spaces.analysis import ParamDim
 from torchslim.utils.hardware import native_bfloat16
 from torchslim.utils.progress import meter
+from torchslim.utils.readahead import Readahead
 
 COPIED = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt")
 COPIED += ("chat_template.*", "generation_config.json")
 PathLike = Union[str, Path]
+#: memory of dead slices kept for the next slice of the same size (each layer slices the same
+#: shapes; fresh memory must be cleared by the kernel first, slower than the slicing itself)
+RECYCLED_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -185,51 +190,54 @@ def prune_checkpoint(
     reader = ShardReader(src, trust_pickle=trust_pickle)
     config = transformers.AutoConfig.from_pretrained(src)
     model_class = model_class or model_class_of(config)
-    with torch.device("meta"):
-        model = model_class(copy.deepcopy(config)).eval()
-        dense = model_class(copy.deepcopy(config)).eval()
-    layers = CheckpointTensors(dense, model, ConvertedReader(reader, dense))
-    criterion = STREAMED[importance](**({"p": p} if importance == "magnitude" else {}))
-    criterion.layers = layers
-    if batches:
-        with meter("calibrating (read)") as reader.observer:
-            _record(model, layers, criterion, batches, calibration_dtype)
-    ids = torch.zeros(1, example_length, dtype=torch.long, device="meta")
-    arguments = _pruner_arguments(recipe)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".* ranks .* without calibration data")
-        pruner = MetaPruner(model, ids, importance=criterion, **arguments)
-    report = StreamReport(
-        params_before=_count(model),
-        params_after=0,
-        bytes_read=0,
-        bytes_written=0,
-        seconds=0.0,
-        plain_config=True,
-    )
-    ahead = plan_ahead(pruner, layers, ids, arguments)
-    layers.keep_at_least(ahead.largest_group if ahead is not None else 0)
+    with Readahead(reader.files, lambda: reader.bytes_read):  # the disk works meanwhile
+        with torch.device("meta"):
+            model = model_class(copy.deepcopy(config)).eval()
+            dense = model_class(copy.deepcopy(config)).eval()
+        layers = CheckpointTensors(dense, model, ConvertedReader(reader, dense))
+        criterion = STREAMED[importance](**({"p": p} if importance == "magnitude" else {}))
+        criterion.layers = layers
+        if batches:
+            with meter("calibrating (read)") as reader.observer:
+                _record(model, layers, criterion, batches, calibration_dtype)
+        ids = torch.zeros(1, example_length, dtype=torch.long, device="meta")
+        arguments = _pruner_arguments(recipe)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".* ranks .* without calibration data")
+            pruner = MetaPruner(model, ids, importance=criterion, **arguments)
+        report = StreamReport(
+            params_before=_count(model),
+            params_after=0,
+            bytes_read=0,
+            bytes_written=0,
+            seconds=0.0,
+            plain_config=True,
+        )
+        ahead = plan_ahead(pruner, layers, ids, arguments)
+        layers.keep_at_least(ahead.largest_group if ahead is not None else 0)
 
-    def write(folder: Path) -> None:
-        criterion.output = output = StreamedOutput(folder, layers, max_shard_bytes, ahead)
-        with meter("scoring (read)") as reader.observer:
-            pruner.step()
-        refuse_computed_buffers(dense, model)
-        reader.observer = lambda _: None  # the writing bar counts from here
-        report.bytes_written = output.finish(stored_refs(layers))
-        model.config.save_pretrained(folder)
-        for pattern in COPIED:
-            for file in src.glob(pattern):
-                if file.is_file() and not (folder / file.name).exists():
-                    shutil.copy2(file, folder / file.name)
-        before, after = vars(config), vars(model.config)
-        report.changed = {
-            k: (v, after.get(k)) for k, v in before.items() if type(v) is int and after.get(k) != v
-        }
-        report.params_after = _count(model)
-        report.plain_config = not hasattr(model.config, RECORD_KEY)
+        def write(folder: Path) -> None:
+            criterion.output = output = StreamedOutput(folder, layers, max_shard_bytes, ahead)
+            with meter("scoring (read)") as reader.observer, recycling(RECYCLED_BYTES):
+                pruner.step()
+            refuse_computed_buffers(dense, model)
+            reader.observer = lambda _: None  # the writing bar counts from here
+            report.bytes_written = output.finish(stored_refs(layers))
+            model.config.save_pretrained(folder)
+            for pattern in COPIED:
+                for file in src.glob(pattern):
+                    if file.is_file() and not (folder / file.name).exists():
+                        shutil.copy2(file, folder / file.name)
+            before, after = vars(config), vars(model.config)
+            report.changed = {
+                k: (v, after.get(k))
+                for k, v in before.items()
+                if type(v) is int and after.get(k) != v
+            }
+            report.params_after = _count(model)
+            report.plain_config = not hasattr(model.config, RECORD_KEY)
 
-    atomic_folder(dst, write)
+        atomic_folder(dst, write)
     report.bytes_read = reader.bytes_read
     report.seconds = time.time() - start
     return report

@@ -5,17 +5,24 @@ viewed as integers of the item's width is about 3x faster, and large gathers are
 output rows over the intra-op threads (NumPy releases the GIL): about 7x along a later dim,
 2x along the first. The bits are copied unchanged, so the result is identical. A large result
 is backed by transparent huge pages (:func:`huge_pages`): filling fresh memory 4 KiB page by
-page costs as much as the gather itself."""
+page costs as much as the gather itself. Within :func:`recycling`, the memory of large results
+that have died is handed to the next result of the same size instead of fresh memory, which
+the kernel must clear first (and, short of free memory, reclaim)."""
 
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import sys
+import threading
+import weakref
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -41,8 +48,7 @@ def take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
         raise IndexError(f"index out of range for dim {dim} of size {source.shape[dim]}")
     shape = list(source.shape)
     shape[dim] = positions.size
-    result = torch.empty(shape, dtype=width)  # torch-owned memory, as index_select's
-    huge_pages(result)
+    result = _empty(shape, width)
     out = result.numpy()
     threads = min(torch.get_num_threads(), len(out)) if out.size > _SPLIT_ELEMENTS else 1
     if threads == 1:
@@ -60,6 +66,81 @@ def take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     for job in jobs:
         job.result()
     return result.view(tensor.dtype)
+
+
+def _empty(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A result's memory: recycled where :func:`recycling` has some of its size, else fresh
+    (torch-owned, as index_select's), backed by huge pages where large."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    recycler = _RECYCLER
+    if recycler is not None and nbytes >= _HUGE_BYTES:
+        return recycler.empty(nbytes).view(dtype).view(shape)
+    result = torch.empty(shape, dtype=dtype)
+    huge_pages(result)
+    return result
+
+
+class _Recycler:
+    """Buffers of large results, each handed back when the last tensor on its memory dies
+    (the storage holds the NumPy view a finalizer watches) and kept, up to ``max_bytes``
+    (oldest dropped first), for the next result of the same size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.free: OrderedDict[int, list[np.ndarray]] = OrderedDict()
+        self.held = 0
+        self.open = True
+        self.lock = threading.Lock()
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        with self.lock:
+            buffers = self.free.get(nbytes)
+            buffer = buffers.pop() if buffers else None
+            if buffer is not None:
+                self.held -= nbytes
+        if buffer is None:
+            buffer = np.empty(nbytes, np.uint8)
+            huge_pages(torch.from_numpy(buffer))
+        view = buffer.view()  # the storage's own reference: it dies with the storage
+        weakref.finalize(view, self._release, buffer).atexit = False
+        return torch.from_numpy(view)
+
+    def _release(self, buffer: np.ndarray) -> None:
+        with self.lock:
+            if not self.open or buffer.nbytes > self.max_bytes:
+                return
+            self.free.setdefault(buffer.nbytes, []).append(buffer)
+            self.free.move_to_end(buffer.nbytes)
+            self.held += buffer.nbytes
+            while self.held > self.max_bytes:
+                size, buffers = next(iter(self.free.items()))
+                buffers.pop(0)
+                self.held -= size
+                if not buffers:
+                    del self.free[size]
+
+    def close(self) -> None:
+        with self.lock:
+            self.open, self.free, self.held = False, OrderedDict(), 0
+
+
+_RECYCLER: Optional[_Recycler] = None
+
+
+@contextmanager
+def recycling(max_bytes: int) -> Iterator[None]:
+    """Within the block, the memory of large :func:`take` results that have died (up to
+    ``max_bytes`` of it) serves the next result of the same size. A model pruned layer by layer
+    slices tensors of the same few shapes again and again; reused memory skips the kernel's
+    clearing of fresh pages, which for a streamed 8B checkpoint took as long as the gathers.
+    The memory held for reuse adds to the peak, by at most ``max_bytes``."""
+    global _RECYCLER
+    outer, _RECYCLER = _RECYCLER, _Recycler(max_bytes)
+    try:
+        yield
+    finally:
+        _RECYCLER.close()
+        _RECYCLER = outer
 
 
 def _plain(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> bool:
