@@ -1,10 +1,12 @@
-"""Writing around the page cache, writing behind, reading ahead, and recycled slice memory."""
+"""Writing around the page cache, writing behind, reading ahead, recycled slice memory, and
+freed heap memory handed back."""
 
 from __future__ import annotations
 
 import errno
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +216,24 @@ def test_a_discarded_shard_writer_s_queued_writes_never_reach_the_files_written_
 
     loaded = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(loaded[name], torch.full((256,), 2.0)) for name, _, _ in layout)
+
+
+def _resident_anonymous() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon")
+
+
+def test_freed_heap_memory_goes_back_to_the_system():
+    from torchslim.utils import heap
+
+    if heap._malloc_trim() is None or not Path("/proc/self/status").exists():
+        pytest.skip("no glibc malloc_trim here: trim does nothing")
+    blocks = [np.ones(64 << 10, np.uint8) for _ in range(3000)]  # 64 KiB: from the heap
+    last = blocks[-1]  # the top of the heap stays in use, so free() cannot shrink it
+    del blocks
+    before = _resident_anonymous()
+    assert heap.trim()
+    assert before - _resident_anonymous() > 64 << 20  # of 192 MiB freed
+    assert last.sum() == 64 << 10

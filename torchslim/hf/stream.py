@@ -46,6 +46,7 @@ from torchslim.persistence import CheckpointError, atomic_folder
 from torchslim.pruner.meta import MetaPruner
 from torchslim.pruning.take import recycling
 from torchslim.spaces.analysis import ParamDim
+from torchslim.utils import heap
 from torchslim.utils.hardware import native_bfloat16
 from torchslim.utils.progress import meter
 from torchslim.utils.readahead import Readahead
@@ -55,7 +56,7 @@ COPIED += ("chat_template.*", "generation_config.json")
 PathLike = Union[str, Path]
 #: memory of dead slices kept for the next slice of the same size (each layer slices the same
 #: shapes; fresh memory must be cleared by the kernel first, slower than the slicing itself)
-RECYCLED_BYTES = 512 * 2**20
+RECYCLED_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -144,6 +145,7 @@ def _record(
             stack.enter_context(context)
         for ids in batches:
             model(ids, use_cache=False)
+    heap.trim()  # the module copies and activations freed, not kept resident for the step
 
 
 def prune_checkpoint(
