@@ -148,9 +148,14 @@ def test_recycled_memory_is_bounded_oldest_out_and_dropped_with_the_block(monkey
     source = torch.randn(512, 512)
     with take_module.recycling(max_bytes=600 << 10):
         recycler = take_module._RECYCLER
-        for count in (128, 160, 192, 350):  # rows of 2 KiB: 256, 320, 384 and 700 KiB
-            take_module.take(source, 0, torch.arange(count))  # dies at once
+        take_module.take(source, 0, torch.arange(128))  # rows of 2 KiB: 256 KiB, dies at once
+        alive = take_module.take(source, 0, torch.arange(128))  # its memory again
+        assert not recycler.free and recycler.held == 0
+        for count in (160, 192, 350):  # 320, 384 and 700 KiB, each dying at once
+            take_module.take(source, 0, torch.arange(count))
         assert list(recycler.free) == [384 << 10] and recycler.held == 384 << 10
+        del alive  # 256 KiB more: the oldest, 384 KiB, goes
+        assert list(recycler.free) == [256 << 10] and recycler.held == 256 << 10
     assert recycler.held == 0 and not recycler.free
 
 

@@ -93,11 +93,14 @@ class _Recycler:
         self.lock = threading.Lock()
 
     def empty(self, nbytes: int) -> torch.Tensor:
+        buffer = None
         with self.lock:
             buffers = self.free.get(nbytes)
-            buffer = buffers.pop() if buffers else None
-            if buffer is not None:
+            if buffers:
+                buffer = buffers.pop()
                 self.held -= nbytes
+                if not buffers:
+                    del self.free[nbytes]
         if buffer is None:
             buffer = np.empty(nbytes, np.uint8)
             huge_pages(torch.from_numpy(buffer))

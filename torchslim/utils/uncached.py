@@ -64,7 +64,7 @@ def _write_direct(fd: int, offset: int, data: np.ndarray) -> None:
         start = offset + done
         base = start - start % BLOCK
         lead = start - base
-        count = min(len(data) - done, STAGE_BYTES - lead)
+        count = min(len(data) - done, len(stage) - lead)
         stop = -(-(start + count) // BLOCK) * BLOCK
         if lead:  # the bytes before ``start`` in its first block
             _read_block(fd, stage, 0, base)
@@ -89,12 +89,13 @@ def _read_block(fd: int, stage: np.ndarray, at: int, offset: int) -> None:
 
 
 @lru_cache(maxsize=1)
-def _stage_buffer() -> mmap.mmap:
-    return mmap.mmap(-1, STAGE_BYTES)  # anonymous maps are page-aligned
+def _stage_buffer(size: int) -> mmap.mmap:
+    return mmap.mmap(-1, size)  # anonymous maps are page-aligned
 
 
 def _stage() -> np.ndarray:
-    return np.frombuffer(_stage_buffer(), np.uint8)
+    """The staging buffer, of :data:`STAGE_BYTES` (made again when that changes)."""
+    return np.frombuffer(_stage_buffer(STAGE_BYTES), np.uint8)
 
 
 @lru_cache(maxsize=1)
