@@ -29,6 +29,8 @@ import numpy as np
 BLOCK = 4096
 #: bytes staged and written per ``pwrite``
 STAGE_BYTES = 16 * 2**20
+#: one staging buffer, shared by every writing thread
+_STAGE_LOCK = threading.Lock()
 
 
 def write_at(path: Path, offset: int, data: np.ndarray) -> None:
@@ -43,7 +45,7 @@ def write_at(path: Path, offset: int, data: np.ndarray) -> None:
             fd = -1
         if fd >= 0:
             try:
-                with _stage_lock():
+                with _STAGE_LOCK:
                     _write_direct(fd, offset, data)
                 return
             except OSError as error:
@@ -96,11 +98,6 @@ def _stage_buffer(size: int) -> mmap.mmap:
 def _stage() -> np.ndarray:
     """The staging buffer, of :data:`STAGE_BYTES` (made again when that changes)."""
     return np.frombuffer(_stage_buffer(STAGE_BYTES), np.uint8)
-
-
-@lru_cache(maxsize=1)
-def _stage_lock() -> threading.Lock:
-    return threading.Lock()
 
 
 class WriteBehind:
