@@ -9,6 +9,7 @@ it does nothing for models that are not ``transformers.PreTrainedModel`` instanc
 from torchslim.graph.hooks import register_prune_hook
 from torchslim.hf.checkpoint import from_pretrained
 from torchslim.hf.config import fitting_config
+from torchslim.hf.folder import compact_plan, save_pretrained
 from torchslim.hf.heal import HealingLog, distillation_loss, heal
 from torchslim.hf.stream import StreamReport, prune_checkpoint
 from torchslim.hf.sync import RECORD_KEY, after_pruning, is_hf_model, sync_config
@@ -20,6 +21,7 @@ __all__ = [
     "RECORD_KEY",
     "HealingLog",
     "StreamReport",
+    "compact_plan",
     "distillation_loss",
     "fitting_config",
     "from_pretrained",
@@ -27,6 +29,7 @@ __all__ = [
     "is_hf_model",
     "perplexity",
     "prune_checkpoint",
+    "save_pretrained",
     "sync_config",
     "token_blocks",
 ]

@@ -22,7 +22,6 @@ output.
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 import warnings
 from contextlib import ExitStack
@@ -36,6 +35,7 @@ from torch import nn
 from torchslim.graph.kinds import KINDS
 from torchslim.hf.checkpoint import model_class_of
 from torchslim.hf.conversion import ConvertedReader
+from torchslim.hf.folder import copy_companions, save_pretrained
 from torchslim.hf.onload import computed_buffers, onloaded
 from torchslim.hf.output import StreamedOutput, plan_ahead, refuse_computed_buffers, stored_refs
 from torchslim.hf.replay import CheckpointTensors
@@ -51,8 +51,6 @@ from torchslim.utils.hardware import native_bfloat16
 from torchslim.utils.progress import meter
 from torchslim.utils.readahead import Readahead
 
-COPIED = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt")
-COPIED += ("chat_template.*", "generation_config.json")
 PathLike = Union[str, Path]
 #: memory of dead slices kept for the next slice of the same size (each layer slices the same
 #: shapes; fresh memory must be cleared by the kernel first, slower than the slicing itself)
@@ -225,11 +223,8 @@ def prune_checkpoint(
             refuse_computed_buffers(dense, model)
             reader.observer = lambda _: None  # the writing bar counts from here
             report.bytes_written = output.finish(stored_refs(layers))
-            model.config.save_pretrained(folder)
-            for pattern in COPIED:
-                for file in src.glob(pattern):
-                    if file.is_file() and not (folder / file.name).exists():
-                        shutil.copy2(file, folder / file.name)
+            save_pretrained(model.config, folder)
+            copy_companions(src, folder)
             before, after = vars(config), vars(model.config)
             report.changed = {
                 k: (v, after.get(k))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +28,7 @@ from torchslim.cli.common import (
 from torchslim.cli.datasets import load_dataset
 from torchslim.cli.models import hf_folder_of
 from torchslim.graph.kinds import KINDS
+from torchslim.hf.folder import copy_companions
 from torchslim.utils.ops_counter import count
 from torchslim.utils.progress import progress
 
@@ -323,26 +323,13 @@ def kinds_table(summary: list[tp.pruner.KindSummary]) -> str:
     return table(rows, ("kind", "asked", "groups pruned", "channels", "groups kept whole"))
 
 
-TOKENIZER_FILES = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "chat_template.*",
-    "*processor_config.json",
-)
-
-
 def save_hf_folder(model: nn.Module, folder: Path, source: Optional[Path]) -> Path:
     """``save_pretrained`` into ``folder`` (whole or not at all), with the source folder's
     tokenizer and processor files, so the folder is as usable as the one pruned."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        for pattern in TOKENIZER_FILES if source is not None else ():
-            for file in source.glob(pattern):
-                if file.is_file():
-                    shutil.copy2(file, tmp / file.name)
+        tp.hf.save_pretrained(model, tmp)
+        if source is not None:
+            copy_companions(source, tmp)
 
     return tp.persistence.atomic_folder(folder, write)
