@@ -76,3 +76,58 @@ def test_companion_files_are_copied_unless_the_folder_has_its_own(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(names)
     assert (folder / "tokenizer.json").read_text() == "source tokenizer.json"
     assert (folder / "generation_config.json").read_text() == "saved"
+
+
+class _SavesConfigThenFails:
+    """A model whose save writes its config, then fails (the weights' disk is full)."""
+
+    def __init__(self, config, write_config: bool = True) -> None:
+        self.config = config
+        self.write_config = write_config
+
+    def save_pretrained(self, folder, **_) -> None:
+        if self.write_config:
+            self.config.save_pretrained(folder)
+        raise OSError("no space left for the weights")
+
+
+def test_a_save_that_fails_after_its_config_leaves_the_plan_in_the_file(tmp_path):
+    model, _ = _planned_model()
+    plan = getattr(model.config, tp.hf.RECORD_KEY)
+    model.config.save_pretrained(tmp_path / "plain")
+    with pytest.raises(OSError, match="no space"):
+        tp.hf.save_pretrained(_SavesConfigThenFails(model.config), tmp_path / "failed")
+    written = json.loads((tmp_path / "failed" / "config.json").read_text())
+    assert written == json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert getattr(model.config, tp.hf.RECORD_KEY) is plan
+    with pytest.raises(OSError, match="no space"):  # no config written: none is touched
+        tp.hf.save_pretrained(_SavesConfigThenFails(model.config, False), tmp_path / "none")
+    assert not (tmp_path / "none" / "config.json").exists()
+
+
+def test_special_floats_in_a_plan_are_written_as_transformers_writes_them(tmp_path):
+    model, _ = _planned_model()
+    plan = getattr(model.config, tp.hf.RECORD_KEY)
+    setattr(model.config, tp.hf.RECORD_KEY, {**plan, "buffers": {"x": [float("nan"), 1.5]}})
+    model.config.save_pretrained(tmp_path / "plain")
+    tp.hf.save_pretrained(model.config, tmp_path / "compact")
+    compact = (tmp_path / "compact" / "config.json").read_text()
+    assert json.loads(compact) == json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "NaN" in compact and json.loads(compact, parse_constant=pytest.fail)
+
+
+def test_pushing_to_the_hub_is_refused_before_anything_is_written(tmp_path):
+    model, _ = _planned_model()
+    with pytest.raises(ValueError, match="upload_folder"):
+        tp.hf.save_pretrained(model, tmp_path / "out", push_to_hub=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_whose_plan_is_not_a_plan_is_refused_by_name(tmp_path):
+    model, _ = _planned_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[tp.hf.RECORD_KEY] = "<torchslim_plan written separately>"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(tp.persistence.CheckpointError, match="not a pruning plan"):
+        tp.hf.from_pretrained(tmp_path)

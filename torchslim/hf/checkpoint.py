@@ -37,6 +37,11 @@ def from_pretrained(
     record = getattr(config, RECORD_KEY, None)
     if record is None:
         return model_class.from_pretrained(path, **kwargs)
+    if not isinstance(record, dict):
+        raise CheckpointError(
+            f"{path / 'config.json'}: {RECORD_KEY} is {str(record)[:60]!r}, not a pruning plan "
+            "(a save interrupted before its plan was written?): save the pruned model again"
+        )
     delattr(config, RECORD_KEY)
     pruned_depth = {name: getattr(config, name) for name in record.get(DENSE_DEPTH, {})}
     for name, value in record.get(DENSE_DEPTH, {}).items():

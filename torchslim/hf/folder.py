@@ -15,7 +15,7 @@ import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 from torchslim.hf.sync import RECORD_KEY
 
@@ -31,29 +31,60 @@ _PLACEHOLDER = f"<{RECORD_KEY} written separately>"
 @contextmanager
 def compact_plan(config: Any, folder: Union[str, Path]) -> Iterator[None]:
     """Around a ``save_pretrained`` into ``folder``: the ``config.json`` it writes gets the plan
-    recorded in ``config`` on one line. ``config`` is unchanged afterwards; a config without a
-    plan is written as ``save_pretrained`` writes it."""
+    recorded in ``config`` on one line (also when the save fails after writing it). ``config``
+    is unchanged afterwards; a config without a plan, or a call that writes no config (a
+    process that is not the main one), is left to ``save_pretrained``."""
     plan = getattr(config, RECORD_KEY, None)
     if plan is None:
         yield
         return
+    path = Path(folder) / CONFIG_NAME
+    before = _identity(path)
     setattr(config, RECORD_KEY, _PLACEHOLDER)
     try:
         yield
     finally:
         setattr(config, RECORD_KEY, plan)
-    path = Path(folder) / CONFIG_NAME
-    text = path.read_text()
+        written = _identity(path)
+        if written is not None and written != before:
+            _splice(path, config, plan)
+
+
+def _identity(path: Path) -> Optional[tuple[int, int, int]]:
+    """What tells a file rewritten from the one before (``None``: no file)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _splice(path: Path, config: Any, plan: Any) -> None:
+    """Put ``plan`` as compact JSON where ``save_pretrained`` wrote the placeholder."""
+    text = path.read_text(encoding="utf-8")
     quoted = json.dumps(_PLACEHOLDER)
     if text.count(quoted) != 1:
         raise RuntimeError(f"{path}: save_pretrained did not write the {RECORD_KEY} field once")
-    compact = json.dumps(plan, separators=(",", ":"), sort_keys=True)
-    path.write_text(text.replace(quoted, compact))
+    try:
+        compact = json.dumps(plan, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except ValueError:  # NaN or infinities: tagged as transformers tags them
+        encode = getattr(type(config), "_encode_special_floats", lambda value: value)
+        compact = json.dumps(encode(plan), separators=(",", ":"), sort_keys=True)
+    path.write_text(text.replace(quoted, compact), encoding="utf-8")
 
 
 def save_pretrained(saved: Any, folder: Union[str, Path], **kwargs: Any) -> None:
     """``saved.save_pretrained(folder, **kwargs)`` (a model or a config) with the recorded
-    plan written on one line (:func:`compact_plan`)."""
+    plan written on one line (:func:`compact_plan`). Saves locally: the plan is put in after
+    ``save_pretrained`` returns, too late for its upload, so ``push_to_hub`` is refused."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError(
+            "tp.hf.save_pretrained saves locally: save, then upload the folder "
+            "(huggingface_hub's upload_folder)"
+        )
+    if not kwargs.get("is_main_process", True):  # writes no config: nothing to put in
+        saved.save_pretrained(folder, **kwargs)
+        return
     with compact_plan(getattr(saved, "config", saved), folder):
         saved.save_pretrained(folder, **kwargs)
 
