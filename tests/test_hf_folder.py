@@ -68,7 +68,7 @@ def test_companion_files_are_copied_unless_the_folder_has_its_own(tmp_path):
     source, folder = tmp_path / "source", tmp_path / "pruned"
     source.mkdir()
     folder.mkdir()
-    names = ("tokenizer.json", "preprocessor_config.json", "generation_config.json")
+    names = ("tokenizer.json", "spiece.model", "preprocessor_config.json", "generation_config.json")
     for name in (*names, "model.safetensors", "config.json"):
         (source / name).write_text(f"source {name}")
     (folder / "generation_config.json").write_text("saved")

@@ -24,6 +24,7 @@ CONFIG_NAME = "config.json"
 #: generation defaults)
 COMPANIONS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*")
 COMPANIONS += ("merges.txt", "chat_template.*", "*processor_config.json", "generation_config.json")
+COMPANIONS += ("spiece.model", "sentencepiece.bpe.model", "spm.model", "*.tiktoken")
 #: what ``save_pretrained`` writes in the plan's place, replaced afterwards
 _PLACEHOLDER = f"<{RECORD_KEY} written separately>"
 
