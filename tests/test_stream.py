@@ -139,6 +139,39 @@ def test_a_layer_is_written_from_the_copy_its_scores_were_read_into(tmp_path, mo
     assert read["none"] > 2.7 and read["largest group"] < 2.0
 
 
+@pytest.mark.parametrize("importance", ["magnitude", "wanda"])
+def test_a_tensor_the_kept_copies_cannot_hold_is_scored_a_block_of_rows_at_a_time(
+    importance, tmp_path, monkeypatch
+):
+    dense, src = _checkpoint(tmp_path / "src")
+    calibration = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
+    wanda = {"importance": "wanda", "calibration": calibration}
+    recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
+    monkeypatch.setattr(replay, "KEEP_BYTES", 0)
+    monkeypatch.setattr(replay.CheckpointTensors, "keep_at_least", lambda self, size: None)
+    monkeypatch.setattr(stream, "PIECE_BYTES", 4000)  # the embeddings: 31 rows at a time
+    monkeypatch.setattr(output, "PIECE_BYTES", 4000)
+    reads = []
+    get = stream.ShardReader.get
+    monkeypatch.setattr(
+        stream.ShardReader,
+        "get",
+        lambda self, name, rows=slice(None): reads.append((name, rows)) or get(self, name, rows),
+    )
+    arguments = wanda if importance == "wanda" else {}
+    tp.hf.prune_checkpoint(src, tmp_path / "out", recipe, **arguments)
+    embeddings = [r for r in reads if r[0] in ("model.embed_tokens.weight", "lm_head.weight")]
+    if importance == "wanda":  # the calibration forward looks rows up in the whole table
+        assert embeddings[0] == ("model.embed_tokens.weight", slice(None))
+        embeddings = embeddings[1:]
+    assert {name for name, _ in embeddings} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert all(rows.stop - rows.start <= 31 for _, rows in embeddings)
+    expected = _in_memory(dense, recipe, calibration if importance == "wanda" else None)
+    _same_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
+    )
+
+
 def test_a_step_that_departs_from_the_plan_made_ahead_is_written_after_it(tmp_path, monkeypatch):
     dense, src = _checkpoint(tmp_path / "src")
     recipe = {"heads": 0.5, "neurons": 0.25}

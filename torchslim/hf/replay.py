@@ -99,21 +99,38 @@ class CheckpointTensors:
         width: reading and slicing it whole would hold both copies), in the pieces
         ``save_pretrained`` splits it into (fused experts), else whole."""
         key = self.keys[(name, attr)]
-        dense = getattr(self.dense.get_submodule(name), attr)
-        pruned = getattr(self.pruned.get_submodule(name), attr)
-        size = dense.numel() * self.reader.dtype(key).itemsize
-        whole = size <= max_bytes or dense.dim() < 2
         if self.reader.converted(key):
             for saved, piece in self.reader.saved(
                 self.pruned, key, self.tensor(name, attr)
             ).items():
                 yield saved, piece, 0
-        elif whole or pruned.shape[0] != dense.shape[0]:
-            yield key, self.tensor(name, attr), 0
         else:
-            step = max(1, max_bytes * dense.shape[0] // size)
-            for start in range(0, dense.shape[0], step):
-                yield key, self.tensor(name, attr, slice(start, start + step)), start
+            for rows in self.row_blocks(name, attr, max_bytes):
+                yield key, self.tensor(name, attr, rows), rows.start or 0
+
+    def row_blocks(self, name: str, attr: str, max_bytes: int) -> list[slice]:
+        """The rows of ``name.attr`` in blocks of about ``max_bytes``, where it is bigger than
+        that and the plan so far keeps all its rows (reading a block never reads the rest);
+        one block of everything otherwise."""
+        key = self.keys[(name, attr)]
+        dense = getattr(self.dense.get_submodule(name), attr)
+        pruned = getattr(self.pruned.get_submodule(name), attr)
+        size = dense.numel() * self.reader.dtype(key).itemsize
+        if size <= max_bytes or dense.dim() < 2 or pruned.shape[0] != dense.shape[0]:
+            return [slice(None)]
+        step = max(1, max_bytes * dense.shape[0] // size)
+        return [slice(start, start + step) for start in range(0, dense.shape[0], step)]
+
+    def scored_blocks(self, name: str, attr: str, max_bytes: int) -> list[slice]:
+        """The rows of ``name.attr`` to score at a time: all of them where the kept copies
+        can hold the tensor (the next request reuses it), else :meth:`row_blocks`, so that a
+        tensor never kept (an embedding) is never in memory whole (its pages mapped from the
+        shard count as the process's memory as long as any of it is referenced)."""
+        if self.nbytes(self.owner(name, attr)) <= self.keep_bytes or self.reader.converted(
+            self.keys[(name, attr)]
+        ):
+            return [slice(None)]
+        return self.row_blocks(name, attr, max_bytes)
 
     def planned(self, name: str, attr: str) -> Pieces:
         """The saved names, pruned shapes and stored dtype of ``name.attr``'s pieces."""

@@ -37,7 +37,13 @@ from torchslim.hf.checkpoint import model_class_of
 from torchslim.hf.conversion import ConvertedReader
 from torchslim.hf.folder import copy_companions, save_pretrained
 from torchslim.hf.onload import computed_buffers, onloaded
-from torchslim.hf.output import StreamedOutput, plan_ahead, refuse_computed_buffers, stored_refs
+from torchslim.hf.output import (
+    PIECE_BYTES,
+    StreamedOutput,
+    plan_ahead,
+    refuse_computed_buffers,
+    stored_refs,
+)
 from torchslim.hf.replay import CheckpointTensors
 from torchslim.hf.shards import ShardReader
 from torchslim.hf.sync import RECORD_KEY
@@ -93,10 +99,21 @@ class _Streamed:
         return super().__call__(group)  # type: ignore[misc]
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        """Scores of a tensor bigger than the kept copies hold, a block of rows at a time
+        (summed over the blocks where the positions are columns: the criteria streamed here
+        add up over rows)."""
         name, attr = member.ref.module_name, member.ref.name
         if (name, attr) not in self.layers.keys:
             return None
-        return super().position_scores(member, self.layers.tensor(name, attr))  # type: ignore[misc]
+        scores = []
+        for rows in self.layers.scored_blocks(name, attr, PIECE_BYTES):
+            block = self.layers.tensor(name, attr, rows)
+            scores.append(super().position_scores(member, block))  # type: ignore[misc]
+            if scores[-1] is None:
+                return None
+        if len(scores) == 1:
+            return scores[0]
+        return torch.cat(scores) if member.dim == 0 else torch.stack(scores).sum(0)
 
 
 class _StreamedMagnitude(_Streamed, MagnitudeImportance):

@@ -327,7 +327,7 @@ class WandaImportance(_Recorder):
         inputs = self.current(member, Role.IN, recorded, tensor.shape[member.dim])
         if inputs is None:
             return None
-        return per_position(lambda w: norms(w, 1), member.dim, tensor) * inputs
+        return position_norms(tensor, member.dim, 1) * inputs
 
 
 class _Recording:
