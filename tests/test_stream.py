@@ -473,10 +473,11 @@ def test_experts_saved_one_by_one_stream_through_transformers_conversions(tmp_pa
     )
 
 
-def test_onloading_keeps_a_module_s_weights_while_its_children_run():
+def test_onloading_keeps_a_module_s_weights_while_its_children_run(monkeypatch):
     """A module that uses its own parameter after calling a child (GPT-OSS attention's sinks
     after its projections) still holds it then; everything is back on meta afterwards, also
-    after a failing forward."""
+    after a failing forward; the C heap is trimmed as each module's tensors are dropped."""
+    from torchslim.hf import onload
     from torchslim.hf.onload import onloaded
 
     class Scaled(nn.Module):
@@ -499,9 +500,13 @@ def test_onloading_keeps_a_module_s_weights_while_its_children_run():
         return state[f"{name}.{attr}" if name else attr]
 
     x = torch.randn(2, 4)
+    trims = []
+    on_meta = lambda: (shell.inner.weight.is_meta, shell.scale.is_meta)  # noqa: E731
+    monkeypatch.setattr(onload.heap, "trim", lambda: trims.append(on_meta()))
     with onloaded(shell, read), torch.no_grad():
         assert torch.equal(shell(x), real(x))
     assert all(p.is_meta for p in shell.parameters())
+    assert trims == [(True, False), (True, True)]  # after the child's forward, then its own
     with pytest.raises(RuntimeError, match="shape"), onloaded(shell, read):
         shell(torch.randn(2, 5))
     assert all(p.is_meta for p in shell.parameters())
