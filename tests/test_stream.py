@@ -139,11 +139,12 @@ def test_a_layer_is_written_from_the_copy_its_scores_were_read_into(tmp_path, mo
     assert read["none"] > 2.7 and read["largest group"] < 2.0
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("importance", ["magnitude", "wanda"])
 def test_a_tensor_the_kept_copies_cannot_hold_is_scored_a_block_of_rows_at_a_time(
-    importance, tmp_path, monkeypatch
+    importance, tied, tmp_path, monkeypatch
 ):
-    dense, src = _checkpoint(tmp_path / "src")
+    dense, src = _checkpoint(tmp_path / "src", tie_word_embeddings=tied)
     calibration = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
     wanda = {"importance": "wanda", "calibration": calibration}
     recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
@@ -164,7 +165,8 @@ def test_a_tensor_the_kept_copies_cannot_hold_is_scored_a_block_of_rows_at_a_tim
     if importance == "wanda":  # the calibration forward looks rows up in the whole table
         assert embeddings[0] == ("model.embed_tokens.weight", slice(None))
         embeddings = embeddings[1:]
-    assert {name for name, _ in embeddings} == {"model.embed_tokens.weight", "lm_head.weight"}
+    stored = {"model.embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})
+    assert {name for name, _ in embeddings} == stored
     assert all(rows.stop - rows.start <= 31 for _, rows in embeddings)
     expected = _in_memory(dense, recipe, calibration if importance == "wanda" else None)
     _same_model(
