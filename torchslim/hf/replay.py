@@ -112,10 +112,9 @@ class CheckpointTensors:
         """The rows of ``name.attr`` in blocks of about ``max_bytes``, where it is bigger than
         that and the plan so far keeps all its rows (reading a block never reads the rest);
         one block of everything otherwise."""
-        key = self.keys[(name, attr)]
         dense = getattr(self.dense.get_submodule(name), attr)
         pruned = getattr(self.pruned.get_submodule(name), attr)
-        size = dense.numel() * self.reader.dtype(key).itemsize
+        size = self.nbytes((name, attr))
         if size <= max_bytes or dense.dim() < 2 or pruned.shape[0] != dense.shape[0]:
             return [slice(None)]
         step = max(1, max_bytes * dense.shape[0] // size)
@@ -126,7 +125,7 @@ class CheckpointTensors:
         can hold the tensor (the next request reuses it), else :meth:`row_blocks`, so that a
         tensor never kept (an embedding) is never in memory whole (its pages mapped from the
         shard count as the process's memory as long as any of it is referenced)."""
-        if self.nbytes(self.owner(name, attr)) <= self.keep_bytes or self.reader.converted(
+        if self.nbytes((name, attr)) <= self.keep_bytes or self.reader.converted(
             self.keys[(name, attr)]
         ):
             return [slice(None)]
