@@ -6,7 +6,9 @@ tokens of gensim's 2016 sample), calibration on news (the Lee background corpus,
 reconstruction (least-squares refit of the layers reading the removed channels, plus bias
 compensation), adaptive widths (``global_pruning=True``: one ranking over all layers' channels
 of a kind, standardised scores, at most half of a layer), and reconstruction-aware selection
-(``OBSImportance``), and the Fisher of channel masks (``FisherImportance``: the loss a
+(``OBSImportance``), FLAP's fluctuation metric (``FluctuationImportance``: the variance of a
+channel's input to its consumer times the squared weights reading it; with adaptive widths and
+bias compensation, FLAP's recipe), and the Fisher of channel masks (``FisherImportance``: the loss a
 removal costs, so its adaptive widths compare layers in one unit), recorded on next tokens drawn
 from the model's own distribution (``sampled_label_loss``: the true Fisher); searched widths come from ``tp.search`` (per-layer sensitivity measured as
 perplexity on two held-out news blocks, then the budget search). Seconds are the whole prune on this machine: calibration passes, scoring,
@@ -83,6 +85,21 @@ RECIPES = [
         RECON,
         searched=True,
     ),
+    Recipe("20% MLP neurons: fluctuation (FLAP's metric)", TWENTY, "fluctuation"),
+    Recipe(
+        "20% MLP neurons: FLAP: fluctuation, adaptive + bias compensation",
+        TWENTY,
+        "fluctuation",
+        BIAS_ONLY,
+        True,
+    ),
+    Recipe(
+        "20% MLP neurons: fluctuation, adaptive + reconstruction",
+        TWENTY,
+        "fluctuation",
+        RECON,
+        True,
+    ),
     Recipe("20% MLP neurons: Fisher", TWENTY, "fisher"),
     Recipe("20% MLP neurons: Fisher + reconstruction", TWENTY, "fisher", RECON),
     Recipe("20% MLP neurons: Fisher, adaptive widths", TWENTY, "fisher", adaptive=True),
@@ -107,6 +124,13 @@ RECIPES = [
     Recipe("30% MLP neurons: Wanda + reconstruction", THIRTY, "wanda", RECON),
     Recipe("30% MLP neurons: Wanda, adaptive + reconstruction", THIRTY, "wanda", RECON, True),
     Recipe("30% MLP neurons: Fisher, adaptive + reconstruction", THIRTY, "fisher", RECON, True),
+    Recipe(
+        "30% MLP neurons: FLAP: fluctuation, adaptive + bias compensation",
+        THIRTY,
+        "fluctuation",
+        BIAS_ONLY,
+        True,
+    ),
     Recipe("1 KV group of heads / layer: L2 magnitude", KV_GROUP, "magnitude"),
     Recipe("1 KV group of heads / layer: Wanda", KV_GROUP, "wanda"),
     Recipe("1 KV group of heads / layer: Wanda + reconstruction", KV_GROUP, "wanda", RECON),
@@ -145,9 +169,13 @@ def criterion(name: str, model: nn.Module, calibration: list[torch.Tensor], adap
                 tp.importance.sampled_label_loss(logits, draws).backward()
         model.requires_grad_(True)
         return fisher
+    recorded = {
+        "wanda": tp.importance.WandaImportance,
+        "fluctuation": tp.importance.FluctuationImportance,
+    }
     importance = (
-        tp.importance.WandaImportance(normalizer=normalizer)
-        if name == "wanda"
+        recorded[name](normalizer=normalizer)
+        if name in recorded
         else tp.importance.OBSImportance(normalizer="gaussian" if adaptive else None)
     )
     with importance.record(model), torch.no_grad():

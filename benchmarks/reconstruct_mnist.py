@@ -48,9 +48,11 @@ def criterion(
                 torch.nn.functional.cross_entropy(model(images), classes).backward()
         model.zero_grad(set_to_none=True)
         return fisher
-    importance = (
-        tp.importance.WandaImportance() if name == "wanda" else tp.importance.OBSImportance()
-    )
+    importance = {
+        "wanda": tp.importance.WandaImportance,
+        "fluctuation": tp.importance.FluctuationImportance,
+        "obs": tp.importance.OBSImportance,
+    }[name]()
     with importance.record(model), torch.no_grad():
         for batch in batches:
             model(batch)
@@ -107,6 +109,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name, label in (
         ("magnitude", "L2 magnitude"),
         ("wanda", "Wanda"),
+        ("fluctuation", "fluctuation (FLAP's metric)"),
         ("obs", "OBS"),
         ("fisher", "Fisher"),
     ):

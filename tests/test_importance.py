@@ -11,6 +11,7 @@ from torch import nn
 import torchslim as tp
 from torchslim.importance import base, lamp, normalize, reduce_layers
 from torchslim.importance.base import position_norms, rows
+from torchslim.pruner.reconstruct import Reconstruction
 
 CONV0 = [1.0, 2.0, 3.0]
 GAMMA = [0.5, -4.0, 1.0]
@@ -131,29 +132,30 @@ def test_hessian_averages_squared_gradients_over_batches(group):
     assert imp(group) is None
 
 
-def test_activation_importance_averages_output_magnitudes(group):
+def recorded_on_two_batches(group, imp) -> torch.Tensor:
+    """The group's scores by ``imp`` recorded on an all-1 and an all-(-3) image."""
     model = group._graph.model
-    imp = tp.importance.ActivationImportance(normalizer=None)
     with imp.record(model):
         model(torch.full((1, 1, 2, 2), 1.0))
         model(torch.full((1, 1, 2, 2), -3.0))
+    return imp(group)
+
+
+def test_activation_importance_averages_output_magnitudes(group):
+    scores = recorded_on_two_batches(group, tp.importance.ActivationImportance(normalizer=None))
     # conv0 output channel k is w_k * x: mean |.| over the two batches = 2 * |w_k|
-    close(imp(group), [2.0, 4.0, 6.0])
+    close(scores, [2.0, 4.0, 6.0])
 
 
 def test_wanda_importance_scores_channels_where_they_are_consumed(group):
-    model = group._graph.model
-    imp = tp.importance.WandaImportance(normalizer=None)
-    with imp.record(model):
-        model(torch.full((1, 1, 2, 2), 1.0))
-        model(torch.full((1, 1, 2, 2), -3.0))
+    scores = recorded_on_two_batches(group, tp.importance.WandaImportance(normalizer=None))
     # conv2 reads channel k = BN(w_k * x): four 1s and four -3s times gamma_k w_k / sqrt(1+eps)
     norm = (40 / (1 + 1e-5)) ** 0.5
     expected = [
         abs(g * w) * norm * sum(abs(row[k]) for row in CONV2)
         for k, (g, w) in enumerate(zip(GAMMA, CONV0))
     ]
-    close(imp(group), expected)
+    close(scores, expected)
 
 
 @pytest.mark.parametrize(
@@ -175,6 +177,61 @@ def test_wanda_records_float64_sums_of_squares_a_block_of_channels_at_a_time(
     recorded = imp._squares[id(layer)]
     assert recorded.dtype == torch.float64
     torch.testing.assert_close(recorded, expected, rtol=1e-12, atol=0)
+
+
+def test_fluctuation_scores_the_variance_a_channel_feeds_its_consumer(group):
+    scores = recorded_on_two_batches(group, tp.importance.FluctuationImportance(normalizer=None))
+    # conv2 reads a_k * x, a_k = gamma_k w_k / sqrt(1+eps): four 1s and four -3s, so
+    # E[(a x)^2] = 5 a^2 and E[a x] = -a: variance 4 a^2, times the squared norm of column k
+    expected = [
+        4 * (g * w) ** 2 / (1 + 1e-5) * sum(row[k] ** 2 for row in CONV2)
+        for k, (g, w) in enumerate(zip(GAMMA, CONV0))
+    ]
+    close(scores, expected)
+
+
+def test_fluctuation_drops_a_steady_channel_whose_mean_a_bias_then_carries():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():  # channel 0 reads nothing: a steady 10, the largest input by far
+        model[0].weight[0] = 0.0
+        model[0].bias[0] = 10.0
+    batches = [torch.randn(8, 4) for _ in range(3)]
+    probe = torch.randn(5, 4)
+    dense = model(probe).detach()
+    scores = {}
+    for name in ("wanda", "fluctuation"):
+        imp = tp.importance.make_importance(name)
+        with imp.record(model):
+            for batch in batches:
+                model(batch)
+        graph = tp.DependencyGraph().build_dependency(model, probe)
+        (hidden,) = [g for g in graph.get_all_groups() if g.size == 3]
+        scores[name] = imp(hidden)
+    assert scores["wanda"].argmax() == 0 and scores["fluctuation"].argmin() == 0
+    imp = tp.importance.FluctuationImportance()
+    with imp.record(model):
+        for batch in batches:
+            model(batch)
+    pruner = tp.pruner.MetaPruner(model, probe, importance=imp, pruning_ratio=1 / 3)
+    pruner.step(reconstruct=Reconstruction(batches, weights=False))
+    assert model[1].in_features == 2
+    torch.testing.assert_close(model(probe), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_fluctuation_adds_batches_up_as_one_recording():
+    layer = nn.Linear(6, 3)
+    x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(0)) + 2.0
+    together, apart = tp.importance.FluctuationImportance(), tp.importance.FluctuationImportance()
+    with together.record(layer):
+        layer(x)
+    with apart.record(layer):
+        layer(x[:1])
+        layer(x[1:])
+    key = id(layer)
+    assert together._counts[key] == apart._counts[key] == 20
+    torch.testing.assert_close(apart._sums[key], together._sums[key], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(together._sums[key], x.double().sum((0, 1)))
 
 
 def test_wanda_without_calibration_scores_nothing(group):

@@ -13,6 +13,7 @@ from torchslim.importance.base import (
 from torchslim.importance.criteria import (
     ActivationImportance,
     BNScaleImportance,
+    FluctuationImportance,
     FPGMImportance,
     GroupHessianImportance,
     GroupMagnitudeImportance,
@@ -40,6 +41,7 @@ __all__ = [
     "ComputeMatGrad",
     "FPGMImportance",
     "FisherImportance",
+    "FluctuationImportance",
     "Group",
     "GroupHessianImportance",
     "GroupImportance",

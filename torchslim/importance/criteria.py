@@ -1,5 +1,5 @@
 """Importance criteria: magnitude, BN scale, group norm, LAMP, FPGM, random, Taylor, Hessian
-(OBD), activations, weights-times-activations (Wanda) and structured OBS. Each only says how to score the positions of one parameter dim; the
+(OBD), activations, weights-times-activations (Wanda), FLAP's fluctuation and structured OBS. Each only says how to score the positions of one parameter dim; the
 group mechanism in :mod:`.base` does the rest."""
 
 from __future__ import annotations
@@ -306,13 +306,12 @@ class WandaImportance(_Recorder):
         if x is None or x.device.type == "meta":
             return
         channel = x.dim() - 1 if not isinstance(module, nn.modules.conv._ConvNd) else 1
+        self.observe(id(module), x.detach(), channel)
+
+    def observe(self, key: int, x: torch.Tensor, channel: int) -> None:
+        """Add what layer ``key`` read, ``x`` with its input channels along ``channel``."""
         # a block of channels at a time: no float64 copy of a whole LLM activation
-        total = per_position(lambda rows: norms(rows, 2), channel, x.detach())
-        key = id(module)
-        if key in self._squares and self._squares[key].shape == total.shape:
-            self._squares[key] += total
-        else:
-            self._squares[key] = total
+        _accumulate(self._squares, key, per_position(lambda rows: norms(rows, 2), channel, x))
 
     def accepts(self, group: Group, member: ParamDim) -> bool:
         return (
@@ -328,6 +327,52 @@ class WandaImportance(_Recorder):
         if inputs is None:
             return None
         return position_norms(tensor, member.dim, 1) * inputs
+
+
+@register_importance("fluctuation")
+class FluctuationImportance(WandaImportance):
+    """The fluctuation metric of FLAP (An et al., AAAI 2024): a channel is scored where it is
+    consumed, as ``Var(X_j) * ||W_:j||_2^2`` over the layers that read it (``down_proj`` for
+    an MLP neuron, ``o_proj`` for a head), ``Var(X_j)`` being the variance of that input
+    channel over the calibration tokens: how much of the layer's output moves with it. The
+    part that does not move, its mean, a bias can take over when the channel goes (FLAP's bias
+    compensation: ``pruner.step(reconstruct=Reconstruction(batches, weights=False,
+    add_bias=True))``), so a channel with a large but steady input ranks low, where Wanda,
+    which scores ``E[X_j^2]``, keeps it. FLAP ranks every layer's channels together
+    (``normalizer="gaussian"``, ``global_pruning=True``).
+
+    Recorded like :class:`WandaImportance`: ``with imp.record(model): model(batch)``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+
+    def observe(self, key: int, x: torch.Tensor, channel: int) -> None:
+        super().observe(key, x, channel)
+        fresh = _accumulate(self._sums, key, per_position(_sums, channel, x))
+        self._counts[key] = (0 if fresh else self._counts[key]) + x.numel() // x.shape[channel]
+
+    def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        key = id(member.ref.module)
+        mean = self._sums[key] / self._counts[key]
+        variance = (self._squares[key] / self._counts[key] - mean * mean).clamp(min=0)
+        inputs = self.current(member, Role.IN, variance, tensor.shape[member.dim])
+        if inputs is None:
+            return None
+        return position_norms(tensor, member.dim, 2) * inputs
+
+
+def _sums(rows: torch.Tensor) -> torch.Tensor:
+    return rows.sum(1, dtype=torch.float64)
+
+
+def _accumulate(store: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> bool:
+    """Add ``value`` to ``store[key]``; start afresh where the shape changed (the layer was
+    pruned since). Returns whether it started afresh."""
+    fresh = key not in store or store[key].shape != value.shape
+    store[key] = value if fresh else store[key] + value
+    return fresh
 
 
 class _Recording:
