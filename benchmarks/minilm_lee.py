@@ -6,10 +6,12 @@ of Lee et al. (2005) come from the ``test_data`` folder of the gensim wheel (unz
 never imported). Embeddings are mean-pooled and L2-normalised as the model card says; the score
 is the Pearson correlation between cosine similarities and the human ratings over all document
 pairs. 30% of the attention heads and 30% of the MLP neurons of every layer are pruned, ranked
-by L2 magnitude or by weights x input activations (Wanda, calibrated on the 300 documents of the
-Lee background corpus, which the test documents are not part of), each alone and with
-reconstruction (the layers reading removed channels refit on the background corpus) and
-adaptive widths (one ranking across layers). No fine-tuning.
+by L2 magnitude, by weights x input activations (Wanda, calibrated on the 300 documents of the
+Lee background corpus, which the test documents are not part of) or by FLAP's fluctuation
+metric (the variance of a channel's input times the squared weights reading it), each alone and
+with reconstruction (the layers reading removed channels refit on the background corpus) or
+bias compensation (FLAP's: the removed channels' mean moved into the biases), and adaptive
+widths (one ranking across layers). No fine-tuning.
 
     make minilm-data
     .venv/bin/python benchmarks/minilm_lee.py --markdown benchmarks/results/minilm_lee.md
@@ -22,7 +24,7 @@ import copy
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchslim as tp  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
+from torchslim.pruner.reconstruct import Reconstruction  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / ".cache" / "lee"
 
@@ -92,11 +95,13 @@ def prune(
     importance: Any,
     ratio: float,
     batches: list[dict[str, Any]],
-    reconstruct: bool = False,
+    reconstruct: Optional[str] = None,
     adaptive: bool = False,
 ) -> nn.Module:
     """A pruned copy: ``ratio`` of every layer's heads and MLP neurons, lowest scores first
-    (``adaptive``: of the model's, ranked across layers, at most half of a layer)."""
+    (``adaptive``: of the model's, ranked across layers, at most half of a layer);
+    ``reconstruct``: ``"refit"`` the layers reading removed channels (weights and biases), or
+    move the removed channels' mean into the ``"bias"`` only."""
     model = copy.deepcopy(model)
     importance = copy.deepcopy(importance)
     example = batches[0]
@@ -113,7 +118,8 @@ def prune(
         global_pruning=adaptive,
         max_pruning_ratio=0.5 if adaptive else 1.0,
     )
-    pruner.step(reconstruct=batches if reconstruct else None)
+    refit = {"refit": Reconstruction(batches), "bias": Reconstruction(batches, weights=False)}
+    pruner.step(reconstruct=refit.get(reconstruct or ""))
     return model
 
 
@@ -134,12 +140,15 @@ def main() -> None:
     magnitude = tp.importance.MagnitudeImportance(p=2)
     wanda = tp.importance.WandaImportance()
     standardised = tp.importance.WandaImportance(normalizer="gaussian")
+    fluctuation = tp.importance.FluctuationImportance(normalizer="gaussian")
     recipes = [
-        ("L2 magnitude", magnitude, False, False),
-        ("L2 magnitude + reconstruction", magnitude, True, False),
-        ("Wanda (weights x activations)", wanda, False, False),
-        ("Wanda + reconstruction", wanda, True, False),
-        ("Wanda, adaptive widths + reconstruction", standardised, True, True),
+        ("L2 magnitude", magnitude, None, False),
+        ("L2 magnitude + reconstruction", magnitude, "refit", False),
+        ("Wanda (weights x activations)", wanda, None, False),
+        ("Wanda + reconstruction", wanda, "refit", False),
+        ("Wanda, adaptive widths + reconstruction", standardised, "refit", True),
+        ("FLAP: fluctuation, adaptive widths + bias compensation", fluctuation, "bias", True),
+        ("fluctuation, adaptive widths + reconstruction", fluctuation, "refit", True),
     ]
     for label, importance, reconstruct, adaptive in recipes:
         pruned = prune(model, tokenizer, importance, args.ratio, batches, reconstruct, adaptive)
