@@ -118,10 +118,11 @@ def test_errors_are_one_clear_line(argv, message, capsys):
     assert re.search(message, err)
 
 
-def test_prune_calibrates_and_reconstructs_on_real_images(capsys):
+@pytest.mark.parametrize("criterion", ["wanda", "fluctuation"])
+def test_prune_calibrates_and_reconstructs_on_real_images(criterion, capsys):
     factory = "torchslim.cli.demo:DigitsNet"
     argv = ["prune", factory, "--input-shape", "1,1,8,8", "--ratio", "0.5", "--verify"]
-    calibrated = ["--importance", "wanda", "--calibration", "digits", "--calibration-size", "256"]
+    calibrated = ["--importance", criterion, "--calibration", "digits", "--calibration-size", "256"]
     assert main([*argv, *calibrated, "--reconstruct"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"reconstruction \(deliberate weight change\): [1-9]\d* layers refit", out)
