@@ -41,6 +41,22 @@ class Flattened(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class Temporary(nn.Module):
+    """``a`` reads a temporary freed as soon as it is read; the new tensor ``c`` reads is then
+    often made at its address, under its ``id``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.a(x * 2)
+        if mask is not None:
+            h = h * mask
+        return self.c(torch.cat([h, h], -1))
+
+
 def loss_of(output: torch.Tensor) -> torch.Tensor:
     return output.pow(2).sum()
 
@@ -67,7 +83,7 @@ def recorded(model: nn.Module, batches: list[torch.Tensor]) -> tp.importance.Fis
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize(
     ("net", "root", "channels", "shape"),
-    [(SharedRead, "up", 6, (4,)), (Flattened, "conv", 3, (1, 2, 2))],
+    [(SharedRead, "up", 6, (4,)), (Flattened, "conv", 3, (1, 2, 2)), (Temporary, "a", 4, (4,))],
 )
 def test_fisher_equals_the_mask_gradient_per_sample(net, root, channels, shape, frozen):
     torch.manual_seed(0)
@@ -78,7 +94,7 @@ def test_fisher_equals_the_mask_gradient_per_sample(net, root, channels, shape, 
     imp = recorded(model, batches)
     graph = tp.DependencyGraph().build_dependency(model, batches[0])
     layer = getattr(model, root)
-    pruning_fn = tp.prune_linear_out_channels if root == "up" else tp.prune_conv_out_channels
+    pruning_fn = tp.prune_conv_out_channels if root == "conv" else tp.prune_linear_out_channels
     group = graph.get_pruning_group(layer, pruning_fn, [0])
     assert torch.allclose(imp(group), expected, rtol=1e-10, atol=0)
     if frozen:

@@ -71,7 +71,9 @@ class FisherImportance(_Recorder):
         super().__init__(normalizer=normalizer, **kwargs)
         self._rows: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         self._sites: dict[int, set[tuple[int, int]]] = {}
-        self._seen: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        #: each input read in this forward by ``id``: the tensor read in its place, its site,
+        #: and the input itself, held so that no new tensor takes its ``id`` while it is listed
+        self._seen: dict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = {}
         self._calls: dict[int, int] = {}
         self._samples = 0
         self._pending = 0
@@ -110,10 +112,10 @@ class FisherImportance(_Recorder):
             call = self._calls.get(id(module), 0)
             self._calls[id(module)] = call + 1
             site = (id(module), call)
-            self._seen[id(x)] = self._seen[id(read)] = (read, site)
+            self._seen[id(x)] = self._seen[id(read)] = (read, site, x)
             self._hook(module, read, site)
         else:
-            read, site = seen
+            read, site, _ = seen
         self._sites.setdefault(id(module), set()).add(site)
         return None if read is x else (read, *inputs[1:])
 
