@@ -219,6 +219,16 @@ def test_fluctuation_drops_a_steady_channel_whose_mean_a_bias_then_carries():
     torch.testing.assert_close(model(probe), dense, rtol=1e-5, atol=1e-5)
 
 
+def test_fluctuation_recorded_on_empty_inputs_scores_nothing():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    imp = tp.importance.FluctuationImportance()
+    with imp.record(model):
+        model(torch.zeros(0, 4))
+    graph = tp.DependencyGraph().build_dependency(model, torch.zeros(1, 4))
+    (hidden,) = [g for g in graph.get_all_groups() if g.size == 3]
+    assert imp._counts[id(model[1])] == 0 and imp(hidden) is None
+
+
 def test_fluctuation_adds_batches_up_as_one_recording():
     layer = nn.Linear(6, 3)
     x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(0)) + 2.0
@@ -230,6 +240,7 @@ def test_fluctuation_adds_batches_up_as_one_recording():
         layer(x[1:])
     key = id(layer)
     assert together._counts[key] == apart._counts[key] == 20
+
     torch.testing.assert_close(apart._sums[key], together._sums[key], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(together._sums[key], x.double().sum((0, 1)))
 

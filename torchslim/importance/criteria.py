@@ -336,7 +336,7 @@ class FluctuationImportance(WandaImportance):
     an MLP neuron, ``o_proj`` for a head), ``Var(X_j)`` being the variance of that input
     channel over the calibration tokens: how much of the layer's output moves with it. The
     part that does not move, its mean, a bias can take over when the channel goes (FLAP's bias
-    compensation: ``pruner.step(reconstruct=Reconstruction(batches, weights=False,
+    compensation: ``pruner.step(reconstruct=tp.pruner.Reconstruction(batches, weights=False,
     add_bias=True))``), so a channel with a large but steady input ranks low, where Wanda,
     which scores ``E[X_j^2]``, keeps it. FLAP ranks every layer's channels together
     (``normalizer="gaussian"``, ``global_pruning=True``).
@@ -355,6 +355,8 @@ class FluctuationImportance(WandaImportance):
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         key = id(member.ref.module)
+        if not self._counts[key]:  # only empty inputs recorded
+            return None
         mean = self._sums[key] / self._counts[key]
         variance = (self._squares[key] / self._counts[key] - mean * mean).clamp(min=0)
         inputs = self.current(member, Role.IN, variance, tensor.shape[member.dim])
