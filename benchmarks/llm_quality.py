@@ -139,6 +139,10 @@ RECIPES = [
     Recipe("10% hidden width: Wanda", WIDTH, "wanda"),
     Recipe("10% hidden width: Wanda + reconstruction", WIDTH, "wanda", RECON),
     Recipe("10% hidden width: Fisher + reconstruction", WIDTH, "fisher", RECON),
+    Recipe(
+        "10% hidden width: FLAP: fluctuation + bias compensation", WIDTH, "fluctuation", BIAS_ONLY
+    ),
+    Recipe("10% hidden width: fluctuation + reconstruction", WIDTH, "fluctuation", RECON),
 ]
 
 
