@@ -125,6 +125,13 @@ RECIPES = [
     Recipe("30% MLP neurons: Wanda, adaptive + reconstruction", THIRTY, "wanda", RECON, True),
     Recipe("30% MLP neurons: Fisher, adaptive + reconstruction", THIRTY, "fisher", RECON, True),
     Recipe(
+        "30% MLP neurons: fluctuation, adaptive + reconstruction",
+        THIRTY,
+        "fluctuation",
+        RECON,
+        True,
+    ),
+    Recipe(
         "30% MLP neurons: FLAP: fluctuation, adaptive + bias compensation",
         THIRTY,
         "fluctuation",
@@ -135,6 +142,9 @@ RECIPES = [
     Recipe("1 KV group of heads / layer: Wanda", KV_GROUP, "wanda"),
     Recipe("1 KV group of heads / layer: Wanda + reconstruction", KV_GROUP, "wanda", RECON),
     Recipe("1 KV group of heads / layer: Fisher + reconstruction", KV_GROUP, "fisher", RECON),
+    Recipe(
+        "1 KV group of heads / layer: fluctuation + reconstruction", KV_GROUP, "fluctuation", RECON
+    ),
     Recipe("10% hidden width: L2 magnitude", WIDTH, "magnitude"),
     Recipe("10% hidden width: Wanda", WIDTH, "wanda"),
     Recipe("10% hidden width: Wanda + reconstruction", WIDTH, "wanda", RECON),
