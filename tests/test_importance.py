@@ -240,7 +240,6 @@ def test_fluctuation_adds_batches_up_as_one_recording():
         layer(x[1:])
     key = id(layer)
     assert together._counts[key] == apart._counts[key] == 20
-
     torch.testing.assert_close(apart._sums[key], together._sums[key], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(together._sums[key], x.double().sum((0, 1)))
 

@@ -260,12 +260,8 @@ class ActivationImportance(_Recorder):
         dim = output.dim() - 1 if isinstance(module, nn.Linear) else min(1, output.dim() - 1)
         values = output.detach().abs().double().movedim(dim, 0).reshape(output.shape[dim], -1)
         key = id(module)
-        total = values.mean(1)
-        if key in self._sum and self._sum[key].shape == total.shape:
-            self._sum[key] += total
-            self._count[key] += 1
-        else:
-            self._sum[key], self._count[key] = total, 1
+        fresh = _accumulate(self._sum, key, values.mean(1))
+        self._count[key] = (0 if fresh else self._count[key]) + 1
 
     def accepts(self, group: Group, member: ParamDim) -> bool:
         return (
