@@ -34,6 +34,7 @@ from torchslim.pruning.reparametrised import resolve as resolve_reparametrised
 from torchslim.pruning.roles import Role
 from torchslim.spaces.analysis import Analysis, Coupling, ParamDim, lookup
 from torchslim.spaces.attributes import get_attribute, set_attribute
+from torchslim.spaces.integers import distinct, first_occurrences
 from torchslim.spaces.layout import opaque
 from torchslim.spaces.trace import TraceState, Unsupported, iter_tensors
 
@@ -553,9 +554,9 @@ class DependencyGraph:
     def _couplings_of(self, member: ParamDim) -> list[Coupling]:
         """The couplings of a member's channels, in the order of their smallest class."""
         analysis = self._require()
-        ids = analysis.couplings_of(np.unique(member.terms))
-        _, first = np.unique(ids, return_index=True)
-        ordered = ids[np.sort(first)].tolist()
+        ids = analysis.couplings_of(distinct(member.terms)) + 1  # -1 (none) to 0
+        present, first = first_occurrences(ids, int(ids.max(initial=0)) + 1)
+        ordered = (present[np.argsort(first)] - 1).tolist()
         return [analysis.couplings[c] for c in ordered if c in analysis.couplings]
 
     def _declared_members(self, module: nn.Module, fn: Callable, role: Role) -> list[ParamDim]:
@@ -605,7 +606,7 @@ class DependencyGraph:
         whole head)."""
         requested = set(idxs)
         rows = root.terms[idxs]
-        touched = [int(k) for k in np.unique(rows[rows >= 0])]
+        touched = distinct(rows[rows >= 0]).tolist()
         inside = [k for k in touched if set(root.positions_of(np.array([k]))) <= requested]
         candidates = self._couplings_of(root)
 

@@ -25,6 +25,7 @@ from torch import nn
 from torchslim.graph.dependency import Group
 from torchslim.pruning.layers import layer_kind
 from torchslim.pruning.roles import Role
+from torchslim.spaces.integers import distinct
 
 KINDS = ("width", "heads", "query_heads", "head_dim", "neurons", "experts")
 
@@ -46,7 +47,7 @@ def _fixed(group: Group, terms: np.ndarray) -> bool:
     only by the q/k/v part of a fused projection are one head."""
     own = set(group.coupling.classes)
     analysis = group.graph.analysis
-    for cls in np.unique(terms[terms >= 0]).tolist():
+    for cls in distinct(terms[terms >= 0]).tolist():
         if cls in own:
             continue
         coupling = analysis.couplings.get(analysis.coupling_of(cls))

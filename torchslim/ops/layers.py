@@ -12,8 +12,20 @@ from torchslim.spaces.layout import DimLayout, merge
 
 
 def _unify_vector(ctx: OpContext, vector: Optional[torch.Tensor], dim: DimLayout) -> None:
-    if vector is not None and vector.dim() == 1 and vector.shape[0] == dim.size:
-        ctx.unify(ctx.layout(vector)[0], dim)
+    _unify_vectors(ctx, [vector], dim)
+
+
+def _unify_vectors(ctx: OpContext, vectors: list[Optional[torch.Tensor]], dim: DimLayout) -> None:
+    """Per-channel vectors (a norm's weight, bias and statistics) indexed by ``dim``: unified
+    with one another first, then once with ``dim``, whose expansion (a product of head or
+    group factors, say) is then computed once instead of once per vector."""
+    layouts = [
+        ctx.layout(v)[0] for v in vectors if v is not None and v.dim() == 1 and len(v) == dim.size
+    ]
+    for a, b in zip(layouts, layouts[1:]):
+        ctx.unify(b, a)
+    if layouts:
+        ctx.unify(layouts[-1], dim)
 
 
 def _spatial_out(ctx: OpContext, batch: list[DimLayout], channels: DimLayout) -> None:
@@ -81,8 +93,7 @@ def _per_channel_norm(ctx: OpContext, vectors: list[Optional[torch.Tensor]]) -> 
     x = ctx.args[0]
     xl = ctx.layout(x)
     channels = xl[1] if x.dim() > 1 else xl[0]
-    for vector in vectors:
-        _unify_vector(ctx, vector, channels)
+    _unify_vectors(ctx, vectors, channels)
     ctx.set_out(ctx.out, list(xl))
 
 
@@ -137,8 +148,7 @@ def group_norm_rule(ctx: OpContext) -> None:
     outer, _ = ctx.split(channels, [int(groups), channels.size // int(groups)])
     ctx.freeze(outer, "the number of GroupNorm groups")
     ctx.mixing(channels, "GroupNorm statistics")
-    for vector in (ctx.arg(2, "weight", None), ctx.arg(3, "bias", None)):
-        _unify_vector(ctx, vector, channels)
+    _unify_vectors(ctx, [ctx.arg(2, "weight", None), ctx.arg(3, "bias", None)], channels)
     ctx.set_out(ctx.out, xl)
 
 

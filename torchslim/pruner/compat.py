@@ -9,13 +9,13 @@ ranks structurally identical groups among themselves.
 
 from __future__ import annotations
 
-import numpy as np
 from torch import nn
 
 from torchslim.graph.dependency import DependencyGraph, Group
 from torchslim.graph.kinds import group_kind
 from torchslim.pruning.layers import layer_kind
 from torchslim.pruning.roles import Role
+from torchslim.spaces.integers import distinct
 
 HEAD_KINDS = ("heads", "query_heads")
 
@@ -51,7 +51,7 @@ def inferred_heads(graph: DependencyGraph) -> dict[int, int]:
             if id(module) in counted or (member.ref.name, member.dim) not in outputs:
                 continue
             counted.add(id(module))
-            found[id(module)] = found.get(id(module), 1) * int(np.unique(index[index >= 0]).size)
+            found[id(module)] = found.get(id(module), 1) * int(distinct(index[index >= 0]).size)
     return found
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from torchslim.spaces.atoms import NO_ATOM, AtomTable
 from torchslim.spaces.attributes import AttributeSlot
+from torchslim.spaces.integers import distinct, first_occurrences
 from torchslim.spaces.layout import DimLayout
 from torchslim.spaces.sizes import SizeModel, surviving, unknown_in
 from torchslim.spaces.symbolic import describe
@@ -97,7 +98,7 @@ class Analysis:
             mine, theirs = families[primitive], families[roots[primitive]]
             linked = mine != theirs
             count = max(len(table.families), 1)
-            for pair in np.unique(mine[linked] * count + theirs[linked]).tolist():
+            for pair in distinct(mine[linked] * count + theirs[linked]).tolist():
                 links.union(*divmod(pair, count))
         self._coupling_of_family = np.array(
             [links.find(f) for f in range(len(table.families))], np.int64
@@ -139,7 +140,7 @@ class Analysis:
     def _couplings_in(self, terms: list[np.ndarray]) -> set[int]:
         if not terms:
             return set()
-        classes = np.unique(np.concatenate([t.reshape(-1) for t in terms]))
+        classes = distinct(np.concatenate([t.reshape(-1) for t in terms]))
         return set(self.couplings_of(classes).tolist()) - {-1}
 
     def _removed_for(self, couplings: set[int], removed: dict[int, set[int]]) -> np.ndarray:
@@ -207,10 +208,10 @@ class Analysis:
         return self._by_module.get(module, [])
 
     def _classes_by_coupling(self, terms: list[np.ndarray]) -> dict[int, np.ndarray]:
-        present = np.unique(np.concatenate([t.reshape(-1) for t in terms]))
+        present = distinct(np.concatenate([t.reshape(-1) for t in terms]))
         present = present[present != NO_ATOM]
         owners = self._coupling_of_family[self.table.family_of[present]]
-        return {int(k): present[owners == k] for k in np.unique(owners)}
+        return {int(k): present[owners == k] for k in distinct(owners)}
 
     def _evaluate_checks(self, state: TraceState) -> None:
         """Freeze couplings whose removal would make a size argument wrong, and positions whose
@@ -241,58 +242,83 @@ class Analysis:
     def _collect(self) -> dict[int, Coupling]:
         """Couplings: connected families, then split so that the classes of one coupling
         appear in exactly the same parameter dims (a DenseNet layer's new features are one
-        coupling, not its whole block's concatenation)."""
-        families: dict[int, Coupling] = {}
-        seen: dict[int, set[int]] = {}
-        owners: list[np.ndarray] = []
-        holders: list[np.ndarray] = []
-        for number, member in enumerate(self.param_dims):
-            values, first = np.unique(member.terms.reshape(-1), return_index=True)
-            present = values != NO_ATOM
-            values = values[present][np.argsort(first[present], kind="stable")]
-            family_coupling = self._coupling_of_family[self.table.family_of[values]]
-            for coupling in dict.fromkeys(family_coupling.tolist()):
-                order = values[family_coupling == coupling]
-                entry = families.setdefault(coupling, Coupling(coupling))
-                entry.members.append(member)
-                known = seen.setdefault(coupling, set())
-                entry.classes.extend(c for c in order.tolist() if c not in known)
-                known.update(order.tolist())
-                owners.append(order)
-                holders.append(np.full(len(order), number, np.int64))
-        members_of, signature_of = _signatures(owners, holders, len(self.param_dims))
+        coupling, not its whole block's concatenation).
+
+        Computed over all (parameter dim, class) pairs at once: a coupling's classes are
+        ordered by where they first appear (parameter dims in order, then position), and
+        couplings by their first class."""
+        members, classes = _holdings(self.param_dims)
+        ordered_classes = _by_first_appearance(self.param_dims, len(self.table))
+        ordered_couplings = self._coupling_of_family[self.table.family_of[ordered_classes]]
+        by_coupling = np.argsort(ordered_couplings, kind="stable")  # each in first-seen order
+        starts = np.flatnonzero(np.diff(ordered_couplings[by_coupling], prepend=-2))
+        runs = np.split(ordered_classes[by_coupling], starts[1:])
+        members_of, signature_of = _signatures(classes, members, len(self.param_dims))
         couplings: dict[int, Coupling] = {}
         self._coupling_of_class = np.full(len(self.table), -1, np.int64)
         self._by_module: Optional[dict[Any, list[ParamDim]]] = None
         table = self.table
-        for entry in families.values():
-            classes = np.array(entry.classes, np.int64)
-            signatures = signature_of(classes)
-            _, first, inverse = np.unique(signatures, return_index=True, return_inverse=True)
-            roots = table.roots(classes)
-            for k in np.argsort(first, kind="stable").tolist():
+        marked = np.zeros(len(table), bool)
+        marked[list(set(table.frozen) | set(table.mixing))] = True
+        for start in np.argsort(by_coupling[starts], kind="stable").tolist():
+            mine_all = runs[start]
+            signatures = signature_of(mine_all)
+            _, first_sig, inverse = np.unique(signatures, return_index=True, return_inverse=True)
+            roots = table.roots(mine_all)
+            for k in np.argsort(first_sig, kind="stable").tolist():
                 part = couplings[len(couplings)] = Coupling(len(couplings))
                 chosen = inverse.reshape(-1) == k
-                mine = classes[chosen].tolist()
-                part.members = [self.param_dims[m] for m in members_of(mine[0])]
-                part.classes = mine
+                mine = mine_all[chosen]
+                part.members = [self.param_dims[m] for m in members_of(int(mine[0]))]
+                part.classes = mine.tolist()
                 self._coupling_of_class[mine] = part.id
-                for cls, root in zip(mine, roots[chosen].tolist()):
+                mine_roots = roots[chosen]
+                hits = marked[mine_roots]
+                for cls, root in zip(mine[hits].tolist(), mine_roots[hits].tolist()):
                     if root in table.frozen:
                         part.frozen[cls] = table.frozen[root]
                     part.mixing.update(table.mixing.get(root, ()))
         return couplings
 
 
+def _all_terms(param_dims: list[ParamDim]) -> tuple[np.ndarray, np.ndarray]:
+    """The classes of every parameter dim's terms, dim after dim, position after position
+    (``NO_ATOM`` left out), and the number of the dim each comes from."""
+    flat = [member.terms.reshape(-1) for member in param_dims]
+    if not flat:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    sizes = np.array([f.size for f in flat], np.int64)
+    classes = np.concatenate(flat)
+    numbers = np.repeat(np.arange(len(flat), dtype=np.int64), sizes)
+    present = classes != NO_ATOM
+    return classes[present], numbers[present]
+
+
+def _holdings(param_dims: list[ParamDim]) -> tuple[np.ndarray, np.ndarray]:
+    """Every (parameter dim, class) pair once: the dim's number and the class."""
+    classes, numbers = _all_terms(param_dims)
+    stride = int(classes.max()) + 1 if classes.size else 1
+    pairs = distinct(numbers * stride + classes)
+    return pairs // stride, pairs % stride
+
+
+def _by_first_appearance(param_dims: list[ParamDim], bound: int) -> np.ndarray:
+    """Every class (all below ``bound``) once, in the order it first appears (dims in order,
+    then positions)."""
+    classes, _ = _all_terms(param_dims)
+    unique, first = first_occurrences(classes, bound)
+    return unique[np.argsort(first)]
+
+
 def _signatures(
-    owners: list[np.ndarray], holders: list[np.ndarray], count: int
+    classes: np.ndarray, dims: np.ndarray, count: int
 ) -> tuple[Callable[[int], list[int]], Callable[[np.ndarray], np.ndarray]]:
     """For a class, the parameter dims holding it (``members_of``); for classes, a 64-bit hash
-    of that set each (random weight per dim, summed), so classes can be grouped by it."""
-    classes = np.concatenate(owners) if owners else np.zeros(0, np.int64)
-    dims = np.concatenate(holders) if holders else np.zeros(0, np.int64)
+    of that set each (random weight per dim, summed), so classes can be grouped by it.
+    ``classes[i]`` is held by dim ``dims[i]``, each pair once."""
     weights = np.random.default_rng(0).integers(1, 2**62, size=max(count, 1), dtype=np.int64)
-    unique, inverse = np.unique(classes, return_inverse=True)
+    unique = distinct(classes)
+    inverse = np.searchsorted(unique, classes)
     sums = np.zeros(len(unique), np.uint64)
     np.add.at(sums, inverse, weights[dims].astype(np.uint64))
     order = np.argsort(classes, kind="stable")

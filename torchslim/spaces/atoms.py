@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from torchslim.spaces.integers import any_common, distinct, first_occurrences
+
 NO_ATOM = -1
 
 
@@ -38,6 +40,7 @@ class AtomTable:
         self._family = np.zeros(1024, np.int64)
         self._flag = np.zeros(1024, bool)
         self._defined = np.zeros(1024, bool)
+        self._ever_defined = False  # no class was ever a product: nothing to expand
         self._parts = np.full((1024, 2), NO_ATOM, np.int64)  # row r: the factors r is defined as
         self._size = 0
         self.families: list[Family] = []
@@ -92,6 +95,7 @@ class AtomTable:
         self._parts[roots] = NO_ATOM
         self._parts[roots, :width] = parts
         self._defined[roots] = True
+        self._ever_defined = True
         self._flag[roots] = True
 
     def _clear_definition(self, root: int) -> None:
@@ -112,9 +116,9 @@ class AtomTable:
     def roots(self, atoms: np.ndarray) -> np.ndarray:
         """Vectorised ``find`` (with path compression) that keeps ``NO_ATOM`` entries."""
         atoms = np.asarray(atoms, dtype=np.int64)
-        valid = atoms != NO_ATOM
-        if valid.all():
+        if not atoms.size or atoms.min() != NO_ATOM:
             return self._roots(atoms)
+        valid = atoms != NO_ATOM
         out = atoms.copy()
         out[valid] = self._roots(atoms[valid])
         return out
@@ -124,7 +128,7 @@ class AtomTable:
         current = parent[atoms]
         while True:
             nxt = parent[current]
-            if np.array_equal(nxt, current):
+            if not (nxt != current).any():
                 break
             current = nxt
         parent[atoms] = current
@@ -147,7 +151,7 @@ class AtomTable:
             defined = self._defined[rx] | self._defined[ry]
             for a, b in zip(rx[defined], ry[defined]):
                 self.union(int(a), int(b))
-            hi, first = np.unique(np.maximum(rx[~defined], ry[~defined]), return_index=True)
+            hi, first = first_occurrences(np.maximum(rx[~defined], ry[~defined]))
             self._parent[hi] = np.minimum(rx[~defined], ry[~defined])[first]
             marked = hi[self._flag[hi]]
             if marked.size:
@@ -222,10 +226,10 @@ class AtomTable:
         roots = self._roots(atoms)
         expanded = self.expand_rows(terms)
         independent = (
-            np.unique(roots).size == roots.size
+            distinct(roots).size == roots.size
             and not (self._flag[roots] | self._defined[roots]).any()
             and (expanded != NO_ATOM).any(axis=1).all()
-            and not np.isin(roots, expanded).any()
+            and not any_common(roots, expanded)
         )
         if independent:
             self._set_definition(roots, expanded)
@@ -268,7 +272,7 @@ class AtomTable:
         if atoms.shape[1] == 0:
             return np.zeros((n, 0), np.int64)
         roots = self.roots(atoms)
-        if not self._defined[: self._size].any():
+        if not self._ever_defined:
             return roots
         valid = roots != NO_ATOM
         if not self._defined[roots[valid]].any():
@@ -308,7 +312,7 @@ class AtomTable:
         atoms = atoms[atoms != NO_ATOM]
         if not atoms.size:
             return
-        roots = np.unique(self._roots(atoms))
+        roots = distinct(self._roots(atoms))
         defined, frozen = self._defined, self.frozen
         for root in roots.tolist():  # as freeze(root) each, without a call per plain class
             if defined[root]:
@@ -319,7 +323,7 @@ class AtomTable:
 
     def mark_mixing(self, atoms: np.ndarray, reason: str) -> None:
         """Record that these classes pass through an op that mixes channels (e.g. LayerNorm)."""
-        for atom in np.unique(self.expand_rows(np.asarray(atoms).reshape(-1, 1))):
+        for atom in distinct(self.expand_rows(np.asarray(atoms).reshape(-1, 1))):
             if atom != NO_ATOM:
                 self._mark(int(atom), reason)
 

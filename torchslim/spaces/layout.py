@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from torchslim.spaces.atoms import NO_ATOM, AtomTable
+from torchslim.spaces.integers import distinct, distinct_rows, first_occurrences
 
 
 class DimLayout:
@@ -93,7 +94,7 @@ def _varying_axes(grid: np.ndarray) -> list[int]:
 def _coordinate_classes(sub: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
     """Classes of coordinates along ``axis`` that must share an atom because a value repeats."""
     n = sub.shape[axis]
-    if np.unique(sub).size == sub.size:
+    if distinct(sub).size == sub.size:
         return np.arange(n), n
     parent = list(range(n))
 
@@ -110,8 +111,8 @@ def _coordinate_classes(sub: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
         ra, rb = find(other), find(int(coord))
         parent[max(ra, rb)] = min(ra, rb)
     roots = np.array([find(i) for i in range(n)])
-    _, labels = np.unique(roots, return_inverse=True)
-    return labels, int(labels.max()) + 1
+    classes = distinct(roots)
+    return np.searchsorted(classes, roots), classes.size
 
 
 def split(table: AtomTable, dim: DimLayout, sizes: Sequence[int], where: str) -> list[DimLayout]:
@@ -153,12 +154,12 @@ def split(table: AtomTable, dim: DimLayout, sizes: Sequence[int], where: str) ->
     ]
 
 
-def _signature(cols: np.ndarray) -> bytes:
-    """Canonical partition of positions induced by one or more columns."""
-    _, first, inverse = np.unique(cols, axis=0, return_index=True, return_inverse=True)
+def _signature(col: np.ndarray) -> bytes:
+    """Canonical partition of positions induced by a column."""
+    values, first = first_occurrences(col)
     rank = np.empty_like(first)
     rank[np.argsort(first)] = np.arange(first.size)
-    return rank[inverse.reshape(-1)].tobytes()
+    return rank[np.searchsorted(values, col)].tobytes()
 
 
 def _live_columns(expanded: np.ndarray) -> list[np.ndarray]:
@@ -219,18 +220,19 @@ def unify(table: AtomTable, a: DimLayout, b: DimLayout, where: str) -> None:
 
 
 def _union_columns(table: AtomTable, x: np.ndarray, y: np.ndarray, where: str) -> None:
-    pairs = np.stack([x, y], axis=1)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    loose = (pairs[:, 0] == NO_ATOM) | (pairs[:, 1] == NO_ATOM)
+    differ = x != y
+    x, y = x[differ], y[differ]
+    loose = (x == NO_ATOM) | (y == NO_ATOM)
     if loose.any():
         table.freeze_many(
-            pairs[loose].max(axis=1), f"coupled in {where} to positions of fixed size"
+            np.maximum(x[loose], y[loose]), f"coupled in {where} to positions of fixed size"
         )
-    table.union_many(pairs[~loose, 0], pairs[~loose, 1])
+        x, y = x[~loose], y[~loose]
+    table.union_many(x, y)
 
 
 def _define_column(table: AtomTable, col: np.ndarray, parts: np.ndarray, where: str) -> None:
-    rows = np.unique(np.concatenate([col[:, None], parts], axis=1), axis=0)
+    rows = distinct_rows(np.concatenate([col[:, None], parts], axis=1))
     reason = f"coupled in {where} to fixed positions"
     fixed = rows[:, 0] == NO_ATOM  # sorted first, as the rows below would be visited
     table.freeze_many(rows[fixed, 1:], reason)
