@@ -31,6 +31,20 @@ ANSWERED = [
     (torch.Tensor.__mul__, (X, 0.5), {}),
     (torch.Tensor.__add__, (meta(3, dtype=torch.long), 2), {}),
     (torch.Tensor.add_, (LAST, LAST), {}),
+    (torch.add, (X, meta(4, 1, 1)), {}),  # broadcasting, contiguous operands
+    (torch.Tensor.__mul__, (meta(2, 4, 1, 1), X), {}),  # the second operand has the shape
+    (torch.Tensor.mul_, (X, meta(2, 4, 1, 1)), {}),
+    (F.linear, (meta(2, 3, 8), meta(5, 8), meta(5)), {}),
+    (F.linear, (meta(8), meta(5, 8)), {}),
+    (F.linear, (meta(2, 8, 5, 6).permute(0, 2, 3, 1), meta(5, 8)), {"bias": None}),
+    (F.linear, (meta(3, 2, 8).transpose(0, 1), meta(5, 8, dtype=torch.float32)), {}),
+    (F.adaptive_avg_pool2d, (X, 1), {}),
+    (F.conv2d, (X, meta(6, 4, 3, 3), meta(6)), {}),
+    (F.conv2d, (X, meta(8, 2, 3, 3), None, 2, 1, 1, 2), {}),
+    (F.conv2d, (X, meta(4, 1, 3, 3)), {"padding": "same", "dilation": 2, "groups": 4}),
+    (F.conv2d, (X, meta(6, 4, 2, 3)), {"stride": (2, 1), "padding": (0, 1)}),
+    (F.conv2d, (X, meta(6, 4, 5, 5)), {"padding": "valid"}),
+    (F.adaptive_avg_pool2d, (meta(4, 5, 6), (2, None)), {}),
 ]
 
 
@@ -47,19 +61,36 @@ def test_a_shape_only_answer_is_what_the_meta_kernel_gives(func, args, kwargs):
     assert answer.is_meta and (answer is args[0]) == (kernel is args[0])
 
 
-LEFT_TO_THE_KERNEL = [
-    (F.batch_norm, (X, V8, V8), {}),  # statistics of another size: the kernel raises
+# calls the ops' own kernels refuse on ``meta``: a shortcut must not answer them
+REFUSED = [
+    (F.batch_norm, (X, V8, V8), {}),  # statistics of another size
     (F.batch_norm, (meta(1, 4, 1, 1), None, None), {"training": True}),  # 1 value per channel
     (F.batch_norm, (X, None, None), {"training": True, "eps": 0.0}),  # eps must be > 0
     (F.batch_norm, (X, V4, V4), {"eps": -1.0}),  # eps must be >= 0
     (F.batch_norm, (X, None, None), {}),  # eval mode needs running statistics
+    (F.linear, (meta(2, 3, 8), meta(5, 7)), {}),
+    (F.conv2d, (X, meta(6, 3, 3, 3)), {}),  # channels
+    (F.conv2d, (X, meta(6, 2, 3, 3)), {"groups": 3}),  # 6 channels in 3 groups of 2, not 4
+    (F.conv2d, (X, meta(6, 4, 7, 7)), {}),  # a kernel larger than the input
+    (F.conv2d, (X, meta(6, 4, 3, 3)), {"stride": 0}),
+    (F.conv2d, (X, meta(6, 4, 3, 3)), {"padding": "same", "stride": 2}),
+]
+LEFT_TO_THE_KERNEL = REFUSED + [
     (F.layer_norm, (meta(2, 3, 8), (4,)), {}),
     (F.group_norm, (X, 3), {}),
-    (torch.add, (X, meta(4, 1, 1)), {}),  # broadcasting
     (torch.add, (X, LAST), {}),  # other strides
+    (torch.Tensor.mul_, (meta(4, 1, 1), X), {}),  # the result would not fit in place
+    (torch.sub, (meta(3, dtype=torch.bool), meta(3, dtype=torch.bool)), {}),  # refused
+    (torch.mul, (meta(4, 1), meta(1, 5)), {}),  # neither operand has the broadcast shape
     (torch.Tensor.__mul__, (meta(3, dtype=torch.long), 0.5), {}),  # promotes to float
     (torch.relu, (torch.zeros(3),), {}),  # a real tensor
     (F.relu, (X,), {"out": X}),
+    (F.linear, (meta(2, 3, 8), meta(5, 8), meta(4)), {}),  # a bias of another size
+    (F.linear, (meta(2, 8, dtype=torch.float16), meta(5, 8)), {}),  # mixed dtypes
+    (F.adaptive_avg_pool2d, (LAST, 1), {}),  # channels last
+    (F.adaptive_avg_pool2d, (meta(2, 0, 5, 5), 1), {}),  # an empty channel dim
+    (F.conv2d, (LAST, meta(6, 4, 3, 3)), {}),
+    (F.conv2d, (X, meta(6, 4, 3, 3), meta(5)), {}),  # a bias of another size
 ]
 
 
@@ -68,9 +99,7 @@ def test_calls_the_table_cannot_answer_run_their_kernel(func, args, kwargs):
     assert shortcut(func, args, kwargs) is None
 
 
-@pytest.mark.parametrize(
-    ("func", "args", "kwargs"), [case for case in LEFT_TO_THE_KERNEL if case[0] is F.batch_norm]
-)
-def test_the_batch_norms_left_to_the_kernel_are_those_it_refuses(func, args, kwargs):
-    with pytest.raises((ValueError, RuntimeError)):
+@pytest.mark.parametrize(("func", "args", "kwargs"), REFUSED)
+def test_the_calls_left_to_the_kernel_for_their_errors_are_refused_by_it(func, args, kwargs):
+    with pytest.raises((ValueError, RuntimeError, ZeroDivisionError)):
         func(*args, **kwargs)

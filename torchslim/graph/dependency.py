@@ -26,7 +26,7 @@ from torchslim.graph.checkpoint import Checkpoint
 from torchslim.graph.forward_check import ForwardCheck, ForwardFailure
 from torchslim.graph.hooks import run_prune_hooks
 from torchslim.graph.record import model_history, model_record
-from torchslim.graph.state import PruningState, Removed
+from torchslim.graph.state import Positions, PruningState, Removed
 from torchslim.ops.experts import is_routed_experts
 from torchslim.pruning.functions import BasePruningFunc, ParameterHandler
 from torchslim.pruning.layers import get_pruner, is_linear_like, role_of
@@ -107,6 +107,7 @@ class Group:
         self.coupling = coupling
         self.root = root
         self._refused: Optional[tuple[Removed, int, tuple[int, ...], Optional[str]]] = None
+        self._positions: Optional[tuple[Removed, int, tuple[int, ...], Positions]] = None
         self.select(idxs)
 
     @property
@@ -122,8 +123,30 @@ class Group:
     @property
     def items(self) -> list[GroupItem]:
         if self._items is None:
-            self._items = self._graph.group_items(self.coupling, self.root, self.idxs)
+            self._items = self._graph.group_items(
+                self.coupling, self.root, self.idxs, self.positions(self.idxs)
+            )
         return self._items
+
+    def positions(self, idxs: Sequence[int]) -> Positions:
+        """For each member (by ``id``), the positions removing ``idxs`` deletes from it. The
+        last answer is kept while the graph's pruning state is the same: checking, listing and
+        removing a selection ask for the same positions."""
+        chosen = tuple(idxs)
+        state = self._graph._require_state()
+        known = self._positions
+        if (
+            known is not None
+            and known[0] is state.removed
+            and known[1] == len(state.history)
+            and known[2] == chosen
+        ):
+            return known[3]
+        live = self._graph.live_classes(self.coupling)
+        removed = np.array([live[i] for i in chosen if 0 <= i < len(live)], np.int64)
+        found = {id(m): m.positions_of(removed) for m in self.coupling.members}
+        self._positions = (state.removed, len(state.history), chosen, found)
+        return found
 
     def __iter__(self) -> Iterator[GroupItem]:
         return iter(self.items)
@@ -167,7 +190,7 @@ class Group:
             and known[2] == chosen
         ):
             return known[3]
-        reason = self._graph.refusal(self.coupling, chosen)
+        reason = self._graph.refusal(self.coupling, chosen, self.positions(chosen))
         self._refused = (state.removed, len(state.history), chosen, reason)
         return reason
 
@@ -708,8 +731,11 @@ class DependencyGraph:
                 return f"{member.label} has no pruning function"
         return None
 
-    def refusal(self, coupling: Coupling, idxs: Sequence[int]) -> Optional[str]:
-        """Why removing ``idxs`` of ``coupling`` is refused, or ``None`` (see :meth:`Group.refusal`)."""
+    def refusal(
+        self, coupling: Coupling, idxs: Sequence[int], positions: Optional[Positions] = None
+    ) -> Optional[str]:
+        """Why removing ``idxs`` of ``coupling`` is refused, or ``None`` (see
+        :meth:`Group.refusal`; ``positions``: :meth:`Group.positions` of ``idxs``)."""
         live = self.live_classes(coupling)
         for i in idxs:
             if not 0 <= i < len(live):
@@ -722,7 +748,8 @@ class DependencyGraph:
         removed = np.array([live[i] for i in idxs], np.int64)
         for member in coupling.members:
             n = member.terms.shape[0]
-            if n and member.positions_of(removed).size >= n:
+            gone = member.positions_of(removed) if positions is None else positions[id(member)]
+            if n and gone.size >= n:
                 return f"pruning would remove every channel of {member.label}"
         return self.analysis.size_violation(
             coupling.id, self._require_state().removed_with(coupling, removed)
@@ -744,12 +771,18 @@ class DependencyGraph:
     # -------------------------------------------------------------------------- pruning
 
     def group_items(
-        self, coupling: Coupling, root: ParamDim, idxs: Sequence[int]
+        self,
+        coupling: Coupling,
+        root: ParamDim,
+        idxs: Sequence[int],
+        positions: Optional[Positions] = None,
     ) -> list[GroupItem]:
-        """The ``(dep, idxs)`` items removing ``idxs`` of ``coupling`` from ``root`` takes."""
+        """The ``(dep, idxs)`` items removing ``idxs`` of ``coupling`` from ``root`` takes
+        (``positions``: :meth:`Group.positions` of ``idxs``)."""
         live = self.live_classes(coupling)
         removed = np.array([live[i] for i in idxs if 0 <= i < len(live)], np.int64)
-        index_of = {c: i for i, c in enumerate(live)}
+        live_array = np.asarray(live, np.int64)
+        order = np.argsort(live_array)
         by_dep: dict[Dependency, GroupItem] = {}
         source = Node(root.ref.module, root.ref.module_name)
         root_handler, _ = self.pruning_function(root)
@@ -759,9 +792,9 @@ class DependencyGraph:
             if handler is None:
                 continue
             target_name, target_module, name, dim = self.pruned_through(member)
-            gone = member.positions_of(removed)
-            positions = _role_positions(target_module, name, dim, gone)
-            if positions.size == 0 and member is not root:
+            gone = member.positions_of(removed) if positions is None else positions[id(member)]
+            pruned = _role_positions(target_module, name, dim, gone)
+            if pruned.size == 0 and member is not root:
                 continue
             target = Node(target_module, target_name)
             dep = Dependency(root_handler or handler, handler, source, target)
@@ -769,8 +802,12 @@ class DependencyGraph:
                 continue
             rows = member.terms[gone]
             firsts = rows[np.arange(len(rows)), np.argmax(rows >= 0, axis=1)] if rows.size else rows
-            root_idxs = [index_of.get(c, -1) for c in np.reshape(firsts, -1).tolist()]
-            by_dep[dep] = GroupItem(dep, [int(p) for p in positions], root_idxs)
+            firsts = np.reshape(firsts, -1)
+            root_idxs = np.full(firsts.size, -1, np.int64)
+            if live_array.size and firsts.size:
+                slot, hit = lookup(live_array[order], firsts)
+                root_idxs[hit] = order[slot[hit]]
+            by_dep[dep] = GroupItem(dep, pruned.tolist(), root_idxs.tolist())
         return list(by_dep.values())
 
     def prune_group(self, group: Group, record_history: bool = True) -> None:
@@ -799,6 +836,7 @@ class DependencyGraph:
     def _apply(self, group: Group, record_history: bool) -> None:
         live = self.live_classes(group.coupling)
         removed = np.array([live[i] for i in group.idxs], np.int64)
+        positions = group.positions(group.idxs)
         operations = []
         for item in group.items:
             if item.idxs:
@@ -806,7 +844,7 @@ class DependencyGraph:
                 operations.append(_operation(item))
         state = self._require_state()
         state.ties.retie()
-        state.remove(group.coupling, removed)
+        state.remove(group.coupling, removed, positions)
         for slot, value in self.analysis.attribute_values(group.coupling.id, state.removed):
             if get_attribute(slot.module, slot.name) != value:
                 set_attribute(slot.module, slot.name, value)

@@ -8,7 +8,7 @@ channels are live; :class:`~torchslim.graph.checkpoint.Checkpoint` saves and res
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from torch import nn
@@ -17,6 +17,8 @@ from torchslim.pruning.tied import TiedParameters
 from torchslim.spaces.analysis import Analysis, Coupling, ParamDim
 
 Removed = dict[int, set[int]]
+#: positions of each parameter dim (by ``id``) that removing some channels deletes
+Positions = dict[int, np.ndarray]
 
 
 class PruningState:
@@ -48,11 +50,17 @@ class PruningState:
         removed[coupling.id] = removed.get(coupling.id, set()) | {int(c) for c in classes}
         return removed
 
-    def remove(self, coupling: Coupling, classes: np.ndarray) -> None:
+    def remove(
+        self,
+        coupling: Coupling,
+        classes: np.ndarray,
+        positions: Optional[Positions] = None,
+    ) -> None:
         """Record ``classes`` of ``coupling`` as removed, and drop their positions from the
-        members' terms (only members of the coupling can hold its classes)."""
+        members' terms (only members of the coupling can hold its classes; ``positions``:
+        those positions per member ``id``, where known)."""
         for member in coupling.members:
-            gone = member.positions_of(classes)
+            gone = member.positions_of(classes) if positions is None else positions[id(member)]
             if gone.size:
                 member.terms = np.delete(member.terms, gone, axis=0)
         self.removed = self.removed_with(coupling, classes)

@@ -92,6 +92,8 @@ class GroupImportance(Importance):
 
 def _scatter(scores: torch.Tensor, index: np.ndarray, size: int) -> torch.Tensor:
     """Sum the scores of positions that belong to the same group index."""
+    if index.size == size and (not size or (index[0] == 0 and (np.diff(index) == 1).all())):
+        return scores  # position i is group index i (most layers): nothing to add up
     keep = torch.as_tensor(index >= 0)
     out = torch.zeros(size, dtype=scores.dtype)
     target = torch.as_tensor(index, dtype=torch.long)[keep]
@@ -154,8 +156,12 @@ def position_norms(tensor: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     if tensor.dtype not in BLOCKED or tensor.dim() == 0 or len(tensor) == 0:
         return per_position(lambda w: norms(w, p), dim, tensor)
     tensor = tensor.detach()
-    step = max(1, NORM_BLOCK // max(1, tensor[0].numel()))
     others = [d for d in range(tensor.dim()) if d != dim]
+    if tensor.numel() <= NORM_BLOCK:  # one block: no buffer to reuse
+        values = tensor.to(torch.float32, copy=True)
+        _power(values, values, p)
+        return (values.sum(others) if others else values).double()
+    step = max(1, NORM_BLOCK // max(1, tensor[0].numel()))
     work = torch.empty((min(step, len(tensor)), *tensor.shape[1:]), dtype=torch.float32)
     parts = []
     for block in tensor.split(step, 0):
