@@ -685,9 +685,14 @@ class DependencyGraph:
                     visited.add(coupling.id)
                     if self._touches_ignored_out(coupling, ignored):
                         continue
-                    group = Group(self, coupling, root, [])
-                    if group.prunable_idxs and self._structural_refusal(coupling) is None:
+                    if self._any_prunable(coupling) and self._structural_refusal(coupling) is None:
                         yield coupling, root
+
+    def _any_prunable(self, coupling: Coupling) -> bool:
+        """Whether some live channel of ``coupling`` is not frozen (``Group.prunable_idxs``
+        is not empty), answered at the first one."""
+        frozen = coupling.frozen
+        return any(c not in frozen for c in self.live_classes(coupling))
 
     def _touches_ignored_out(self, coupling: Coupling, ignored: set[int]) -> bool:
         for member in coupling.members:
