@@ -289,11 +289,22 @@ def test_blocked_norms_match_float64(dtype, shape, dim, p, monkeypatch):
 
 @pytest.mark.parametrize(("shape", "dim"), [((2048, 512, 1, 1), 1), ((512, 512, 3, 3), 0)])
 def test_float32_norms_in_whole_blocks_stay_within_the_documented_bound(shape, dim):
-    # one 4 MB block sums 2048 values of each input channel, or 4608 of each filter, in float32
+    # one 1 MB block sums 512 values of each input channel, or 4608 of each filter, in float32
     tensor = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     exact = rows(tensor, dim).double().square().sum(1)
     error = ((position_norms(tensor, dim, 2) - exact).abs() / exact).max()
     assert error < 1e-5
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [torch.randn(64, 32, 3, 3).to(memory_format=torch.channels_last), torch.randn(512, 500).t()],
+    ids=["channels-last", "transposed"],
+)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_norms_of_a_strided_tensor_are_those_of_its_contiguous_copy_bit_for_bit(tensor, dim):
+    # float32 sums in another order differ in the last bits: scores must not depend on strides
+    assert torch.equal(position_norms(tensor, dim, 2), position_norms(tensor.contiguous(), dim, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

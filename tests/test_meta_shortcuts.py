@@ -15,6 +15,8 @@ def meta(*shape, **kwargs):
 X = meta(2, 4, 5, 5)
 LAST = meta(2, 4, 5, 5).to(memory_format=torch.channels_last)
 V4, V8 = meta(4), meta(8)
+#: N x C x 1 x 1 with channels-last strides: ``is_contiguous`` yet the kernels keep the format
+SQUARE_LAST = torch.empty_strided((2, 4, 1, 1), (4, 1, 4, 4), device="meta")
 ANSWERED = [
     (F.batch_norm, (X, V4, V4, V4, V4), {}),
     (F.batch_norm, (LAST, V4, V4), {"training": False}),
@@ -74,6 +76,7 @@ REFUSED = [
     (F.conv2d, (X, meta(6, 4, 7, 7)), {}),  # a kernel larger than the input
     (F.conv2d, (X, meta(6, 4, 3, 3)), {"stride": 0}),
     (F.conv2d, (X, meta(6, 4, 3, 3)), {"padding": "same", "stride": 2}),
+    (torch.add, (meta(2, 3, dtype=torch.long), meta(3, dtype=torch.long)), {"alpha": 0.5}),
 ]
 LEFT_TO_THE_KERNEL = REFUSED + [
     (F.layer_norm, (meta(2, 3, 8), (4,)), {}),
@@ -88,6 +91,9 @@ LEFT_TO_THE_KERNEL = REFUSED + [
     (F.linear, (meta(2, 3, 8), meta(5, 8), meta(4)), {}),  # a bias of another size
     (F.linear, (meta(2, 8, dtype=torch.float16), meta(5, 8)), {}),  # mixed dtypes
     (F.adaptive_avg_pool2d, (LAST, 1), {}),  # channels last
+    (F.adaptive_avg_pool2d, (SQUARE_LAST, 2), {}),  # contiguous, but channels-last strides
+    (torch.mul, (SQUARE_LAST, meta(4, 1, 1)), {}),
+    (F.adaptive_avg_pool2d, (X, 2.5), {}),  # the kernel's own error
     (F.adaptive_avg_pool2d, (meta(2, 0, 5, 5), 1), {}),  # an empty channel dim
     (F.conv2d, (LAST, meta(6, 4, 3, 3)), {}),
     (F.conv2d, (X, meta(6, 4, 3, 3), meta(5)), {}),  # a bias of another size

@@ -168,17 +168,29 @@ def _adaptive_avg_pool2d(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     """``F.adaptive_avg_pool2d``'s output for a contiguous input with no empty dims but the
     batch: its leading dims and the output size (``None`` keeps the input's)."""
     x, size = args[0], _argument(args, kwargs, 1, "output_size")
-    if x.dim() not in (3, 4) or not x.is_contiguous() or not x.is_floating_point():
+    if x.dim() not in (3, 4) or not _row_major(x) or not x.is_floating_point():
         return None
     if any(n == 0 for n in x.shape[x.dim() - 3 :]):
         return None
-    pair = (size, size) if isinstance(size, int) else tuple(size) if size is not None else ()
+    pair = (size, size) if _is_int(size) else tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(pair) != 2:
         return None
     spatial = [x.shape[-2 + k] if s is None else s for k, s in enumerate(pair)]
     if not all(_is_int(s) and s >= 0 for s in spatial):
         return None
     return torch.empty((*x.shape[:-2], *map(int, spatial)), dtype=x.dtype, device=x.device)
+
+
+def _row_major(x: torch.Tensor) -> bool:
+    """Strides of a fresh row-major tensor, size-1 dims included (``is_contiguous`` ignores
+    those, but the kernels' choice of memory format does not: an N x C x 1 x 1 tensor with
+    channels-last strides gives channels-last results)."""
+    stride, expected = x.stride(), 1
+    for k in range(x.dim() - 1, -1, -1):
+        if stride[k] != expected:
+            return False
+        expected *= max(x.shape[k], 1)
+    return True
 
 
 def _is_int(value: Any) -> bool:
@@ -209,8 +221,8 @@ def _conv2d(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         and weight.dim() == 4
         and x.dtype == weight.dtype
         and x.is_floating_point()
-        and x.is_contiguous()
-        and weight.is_contiguous()
+        and _row_major(x)
+        and _row_major(weight)
         and isinstance(groups, int)
         and groups > 0
         and all(n > 0 for n in (*x.shape[1:], *weight.shape))
@@ -280,6 +292,8 @@ def shortcut(func: Callable, args: tuple, kwargs: dict) -> Any:
     if func in _ARITHMETIC or func in _ARITHMETIC_IN_PLACE:
         if len(args) != 2 or first.dtype == torch.bool:
             return None
+        if "alpha" in kwargs and not (first.is_floating_point() or _is_int(kwargs["alpha"])):
+            return None  # an integer tensor refuses a fractional alpha
         in_place = func in _ARITHMETIC_IN_PLACE
         if _same_layout(first, args[1]):
             return first if in_place else _like(first)
@@ -321,8 +335,8 @@ def _broadcast(first: torch.Tensor, other: Any, in_place: bool) -> Any:
         isinstance(other, torch.Tensor)
         and other.is_meta
         and other.dtype == first.dtype
-        and first.is_contiguous()
-        and other.is_contiguous()
+        and _row_major(first)
+        and _row_major(other)
     ):
         return None
     try:

@@ -158,8 +158,8 @@ def position_norms(tensor: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     tensor = tensor.detach()
     others = [d for d in range(tensor.dim()) if d != dim]
     if tensor.numel() <= NORM_BLOCK:  # one block: no buffer to reuse
-        values = tensor.to(torch.float32, copy=True)
-        _power(values, values, p)
+        values = torch.empty(tensor.shape, dtype=torch.float32)  # row-major, as the blocks are
+        _power(tensor, values, p)
         return (values.sum(others) if others else values).double()
     step = max(1, NORM_BLOCK // max(1, tensor[0].numel()))
     work = torch.empty((min(step, len(tensor)), *tensor.shape[1:]), dtype=torch.float32)

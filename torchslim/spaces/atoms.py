@@ -116,7 +116,7 @@ class AtomTable:
     def roots(self, atoms: np.ndarray) -> np.ndarray:
         """Vectorised ``find`` (with path compression) that keeps ``NO_ATOM`` entries."""
         atoms = np.asarray(atoms, dtype=np.int64)
-        if not atoms.size or atoms.min() != NO_ATOM:
+        if not atoms.size or atoms.min() >= 0:
             return self._roots(atoms)
         valid = atoms != NO_ATOM
         out = atoms.copy()
