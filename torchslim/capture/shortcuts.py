@@ -152,16 +152,20 @@ def _linear(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         and x.dtype.is_floating_point
         and x.dim() >= 1
         and x.shape[-1] == weight.shape[1]
-    ):
-        return None
-    if bias is not None and not (
-        isinstance(bias, torch.Tensor)
-        and bias.is_meta
-        and bias.dtype == x.dtype
-        and tuple(bias.shape) == (weight.shape[0],)
+        and _fits_bias(bias, x, weight.shape[0])
     ):
         return None
     return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+
+
+def _fits_bias(bias: Any, x: torch.Tensor, out: int) -> bool:
+    """No bias, or a ``meta`` vector of ``x``'s dtype with one value per output channel."""
+    return bias is None or (
+        isinstance(bias, torch.Tensor)
+        and bias.is_meta
+        and bias.dtype == x.dtype
+        and tuple(bias.shape) == (out,)
+    )
 
 
 def _adaptive_avg_pool2d(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -228,13 +232,7 @@ def _conv2d(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         and all(n > 0 for n in (*x.shape[1:], *weight.shape))
         and weight.shape[1] * groups == x.shape[1]
         and weight.shape[0] % groups == 0
-    ):
-        return None
-    if bias is not None and not (
-        isinstance(bias, torch.Tensor)
-        and bias.is_meta
-        and bias.dtype == x.dtype
-        and tuple(bias.shape) == (weight.shape[0],)
+        and _fits_bias(bias, x, weight.shape[0])
     ):
         return None
     stride = _pair(_argument(args, kwargs, 3, "stride", 1))

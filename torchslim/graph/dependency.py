@@ -132,21 +132,20 @@ class Group:
         """For each member (by ``id``), the positions removing ``idxs`` deletes from it. The
         last answer is kept while the graph's pruning state is the same: checking, listing and
         removing a selection ask for the same positions."""
-        chosen = tuple(idxs)
-        state = self._graph._require_state()
-        known = self._positions
-        if (
-            known is not None
-            and known[0] is state.removed
-            and known[1] == len(state.history)
-            and known[2] == chosen
-        ):
-            return known[3]
+        stamp = self._stamp(idxs)
+        if _current(self._positions, stamp):
+            return self._positions[3]
         live = self._graph.live_classes(self.coupling)
-        removed = np.array([live[i] for i in chosen if 0 <= i < len(live)], np.int64)
+        removed = np.array([live[i] for i in stamp[2] if 0 <= i < len(live)], np.int64)
         found = {id(m): m.positions_of(removed) for m in self.coupling.members}
-        self._positions = (state.removed, len(state.history), chosen, found)
+        self._positions = (*stamp, found)
         return found
+
+    def _stamp(self, idxs: Sequence[int]) -> tuple[Removed, int, tuple[int, ...]]:
+        """What an answer about ``idxs`` depends on: the pruning state (its removed classes,
+        replaced at every step, and its number of steps) and the indices."""
+        state = self._graph._require_state()
+        return state.removed, len(state.history), tuple(idxs)
 
     def __iter__(self) -> Iterator[GroupItem]:
         return iter(self.items)
@@ -180,18 +179,11 @@ class Group:
         """Why these indices cannot be removed, or ``None`` if they can. The last answer is
         kept while the graph's pruning state is the same (a pruner checks its selection, then
         pruning checks it again)."""
-        chosen = tuple(self.idxs if idxs is None else idxs)
-        state = self._graph._require_state()
-        known = self._refused
-        if (
-            known is not None
-            and known[0] is state.removed
-            and known[1] == len(state.history)
-            and known[2] == chosen
-        ):
-            return known[3]
-        reason = self._graph.refusal(self.coupling, chosen, self.positions(chosen))
-        self._refused = (state.removed, len(state.history), chosen, reason)
+        stamp = self._stamp(self.idxs if idxs is None else idxs)
+        if _current(self._refused, stamp):
+            return self._refused[3]
+        reason = self._graph.refusal(self.coupling, stamp[2], self.positions(stamp[2]))
+        self._refused = (*stamp, reason)
         return reason
 
     def select(self, idxs: Sequence[int]) -> Group:
@@ -267,6 +259,11 @@ class Group:
 
 
 PruningPlan = Group
+
+
+def _current(known: Optional[tuple[Any, ...]], stamp: tuple[Removed, int, tuple[int, ...]]) -> bool:
+    """Whether an answer kept with its :meth:`Group._stamp` still holds."""
+    return known is not None and known[0] is stamp[0] and known[1:3] == stamp[1:]
 
 
 @dataclass(frozen=True)

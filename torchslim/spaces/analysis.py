@@ -247,8 +247,9 @@ class Analysis:
         Computed over all (parameter dim, class) pairs at once: a coupling's classes are
         ordered by where they first appear (parameter dims in order, then position), and
         couplings by their first class."""
-        members, classes = _holdings(self.param_dims)
-        ordered_classes = _by_first_appearance(self.param_dims, len(self.table))
+        held, numbers = _all_terms(self.param_dims)
+        members, classes = _holdings(held, numbers)
+        ordered_classes = _by_first_appearance(held, len(self.table))
         ordered_couplings = self._coupling_of_family[self.table.family_of[ordered_classes]]
         by_coupling = np.argsort(ordered_couplings, kind="stable")  # each in first-seen order
         starts = np.flatnonzero(np.diff(ordered_couplings[by_coupling], prepend=-2))
@@ -294,18 +295,17 @@ def _all_terms(param_dims: list[ParamDim]) -> tuple[np.ndarray, np.ndarray]:
     return classes[present], numbers[present]
 
 
-def _holdings(param_dims: list[ParamDim]) -> tuple[np.ndarray, np.ndarray]:
-    """Every (parameter dim, class) pair once: the dim's number and the class."""
-    classes, numbers = _all_terms(param_dims)
+def _holdings(classes: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (parameter dim, class) pair of :func:`_all_terms` once: the dim's number and
+    the class."""
     stride = int(classes.max()) + 1 if classes.size else 1
     pairs = distinct(numbers * stride + classes)
     return pairs // stride, pairs % stride
 
 
-def _by_first_appearance(param_dims: list[ParamDim], bound: int) -> np.ndarray:
-    """Every class (all below ``bound``) once, in the order it first appears (dims in order,
-    then positions)."""
-    classes, _ = _all_terms(param_dims)
+def _by_first_appearance(classes: np.ndarray, bound: int) -> np.ndarray:
+    """Every class of :func:`_all_terms` (all below ``bound``) once, in the order it first
+    appears (dims in order, then positions)."""
     unique, first = first_occurrences(classes, bound)
     return unique[np.argsort(first)]
 
