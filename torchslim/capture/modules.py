@@ -129,7 +129,8 @@ def untouched(model: nn.Module, training: bool = False) -> Iterator[None]:
             yield
     finally:
         for module, mode in modes.items():
-            module.training = mode
+            if module.training != mode:
+                module.training = mode
         with torch.no_grad():
             for name, buffer in model.named_buffers() if saved else ():
                 if name in saved:

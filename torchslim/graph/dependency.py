@@ -296,6 +296,9 @@ class DependencyGraph:
         self.blocks: list[Block] = []
         self._handlers: dict[tuple[int, str, int], tuple[nn.Module, Handled]] = {}
         self._walks: dict[tuple[Any, ...], _Walk] = {}
+        #: Per walk key, the couplings met walking the model, each with the root it was met
+        #: at, before the pruning state filters out those with no prunable channel left.
+        self._rooted: dict[tuple[Any, ...], list[tuple[Coupling, ParamDim]]] = {}
         #: Run after each ``Group.prune`` outside a pruner's step (see :meth:`forward_failure`);
         #: set to ``None`` to skip.
         self.forward_check: Optional[ForwardCheck] = None
@@ -341,11 +344,12 @@ class DependencyGraph:
         self.customized_pruners = dict(customized_pruners or {})
         self._handlers = {}
         self._walks = {}
+        self._rooted = {}
         self.ignored_params = list(ignored_params or [])
         if not any(True for _ in iter_tensors(example_inputs)):
             raise ValueError("example_inputs must contain at least one tensor")
         _check_devices(model, example_inputs)
-        with _collection_paused():
+        with collection_paused():
             fallback = []
             tries = (True, False) if trace_on_meta is None else (trace_on_meta,)
             for on_meta in tries:
@@ -655,15 +659,19 @@ class DependencyGraph:
     ) -> Iterator[Group]:
         """Each prunable group once, rooted at the first layer of ``root_module_types``.
 
-        The walk over the model is done once per pruning state: a search, whose trials return
-        to the state they started from, finds the groups again without walking."""
+        The model is walked once per graph; the couplings it meets are filtered once per
+        pruning state (a search, whose trials return to the state they started from, finds the
+        groups again without filtering)."""
         self._require()
         state = self._require_state()
         ignored = frozenset(id(m) for m in ignored_layers)
         key = (ignored, tuple(root_module_types))
         walk = self._walks.get(key)
         if walk is None or walk.removed is not state.removed or walk.steps != len(state.history):
-            found = list(self._walk(ignored, tuple(root_module_types)))
+            rooted = self._rooted.get(key)
+            if rooted is None:
+                rooted = self._rooted[key] = list(self._walk(ignored, tuple(root_module_types)))
+            found = [(coupling, root) for coupling, root in rooted if self._any_prunable(coupling)]
             walk = self._walks[key] = _Walk(state.removed, len(state.history), found)
         for coupling, root in walk.groups:
             yield Group(self, coupling, root, range(self.live_count(coupling)))
@@ -682,7 +690,7 @@ class DependencyGraph:
                     visited.add(coupling.id)
                     if self._touches_ignored_out(coupling, ignored):
                         continue
-                    if self._any_prunable(coupling) and self._structural_refusal(coupling) is None:
+                    if self._structural_refusal(coupling) is None:
                         yield coupling, root
 
     def _any_prunable(self, coupling: Coupling) -> bool:
@@ -886,10 +894,11 @@ class DependencyGraph:
 
 
 @contextmanager
-def _collection_paused() -> Iterator[None]:
+def collection_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off inside the block (as it was before afterwards):
-    a trace allocates tens of thousands of short-lived objects, and the full collections they
-    trigger rescan every object of the process (5-25% of a graph build)."""
+    a trace or a pruning step allocates tens of thousands of short-lived objects, and the
+    collections they trigger rescan the objects of the process (5-25% of a graph build, more
+    in a process holding many objects)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

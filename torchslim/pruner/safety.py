@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Optional
 from torch import nn
 
 from torchslim.graph.checkpoint import Checkpoint, trial
-from torchslim.graph.dependency import DependencyGraph, Group
+from torchslim.graph.dependency import DependencyGraph, Group, collection_paused
 from torchslim.pruning.journal import journaled
 
 Selection = tuple[Group, list[int]]
@@ -87,7 +87,7 @@ def prune_merged(groups: Iterable[Group]) -> list[Selection]:
 def prune_checked(graph: DependencyGraph, groups: Iterable[Group]) -> SafePruning:
     """Prune the groups; if the pruned model fails its forward check, prune only those that
     keep it running (see the module docstring). Config listeners are notified once."""
-    with graph.deferred():
+    with collection_paused(), graph.deferred():
         with _undoable(graph) as checkpoint:
             try:
                 chosen = prune_merged(groups)

@@ -33,10 +33,13 @@ def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> No
     """
     reparametrised = find_reparametrised(module, name)
     if reparametrised is not None:
-        slice_weight(reparametrised, dim, list(keep))
+        slice_weight(reparametrised, dim, keep.tolist() if torch.is_tensor(keep) else list(keep))
         return
     tensor = getattr(module, name)
-    index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
+    if torch.is_tensor(keep):
+        index = keep.to(device=tensor.device, dtype=torch.long)
+    else:
+        index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
     replace_tensor(module, name, take(tensor, dim, index), dim, index)
     if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
         getattr(module, name).grad = take(tensor.grad, dim, index)
@@ -111,9 +114,10 @@ class BasePruningFunc:
         if total is None:
             return layer
         keep = keep_indices(total, normalise_indices(layer, idxs, total))
+        index = torch.tensor(keep, dtype=torch.long)  # one conversion for all the layer's tensors
         for (name, dim), r in self.param_roles(layer).items():
             if r == role:
-                slice_parameter(layer, name, dim, keep)
+                slice_parameter(layer, name, dim, index)
         self.sync(layer)
         return layer
 

@@ -51,7 +51,7 @@ class ParamDim:
 def lookup(ascending: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each of ``values``, its slot in the non-empty sorted array ``ascending`` and
     whether it is there (``ascending[slot] == value``)."""
-    slot = np.clip(np.searchsorted(ascending, values), 0, ascending.size - 1)
+    slot = np.minimum(ascending.searchsorted(values), ascending.size - 1)
     return slot, ascending[slot] == values
 
 
@@ -253,33 +253,47 @@ class Analysis:
         ordered_couplings = self._coupling_of_family[self.table.family_of[ordered_classes]]
         by_coupling = np.argsort(ordered_couplings, kind="stable")  # each in first-seen order
         starts = np.flatnonzero(np.diff(ordered_couplings[by_coupling], prepend=-2))
-        runs = np.split(ordered_classes[by_coupling], starts[1:])
-        members_of, signature_of = _signatures(classes, members, len(self.param_dims))
-        couplings: dict[int, Coupling] = {}
-        self._coupling_of_class = np.full(len(self.table), -1, np.int64)
-        self._by_module: Optional[dict[Any, list[ParamDim]]] = None
+        members_of, signature_of = _signatures(
+            classes, members, len(self.param_dims), len(self.table)
+        )
+        grouped = ordered_classes[by_coupling]
+        runs = np.split(grouped, starts[1:])
+        signature_runs = np.split(signature_of(grouped), starts[1:])
         table = self.table
+        root_runs = np.split(table.roots(grouped), starts[1:])
+        couplings: dict[int, Coupling] = {}
+        self._coupling_of_class = np.full(len(table), -1, np.int64)
+        self._by_module: Optional[dict[Any, list[ParamDim]]] = None
         marked = np.zeros(len(table), bool)
         marked[list(set(table.frozen) | set(table.mixing))] = True
         for start in np.argsort(by_coupling[starts], kind="stable").tolist():
-            mine_all = runs[start]
-            signatures = signature_of(mine_all)
-            _, first_sig, inverse = np.unique(signatures, return_index=True, return_inverse=True)
-            roots = table.roots(mine_all)
-            for k in np.argsort(first_sig, kind="stable").tolist():
+            for mine, mine_roots in _same_signature(
+                runs[start], root_runs[start], signature_runs[start]
+            ):
                 part = couplings[len(couplings)] = Coupling(len(couplings))
-                chosen = inverse.reshape(-1) == k
-                mine = mine_all[chosen]
                 part.members = [self.param_dims[m] for m in members_of(int(mine[0]))]
                 part.classes = mine.tolist()
                 self._coupling_of_class[mine] = part.id
-                mine_roots = roots[chosen]
                 hits = marked[mine_roots]
+                if not hits.any():
+                    continue
                 for cls, root in zip(mine[hits].tolist(), mine_roots[hits].tolist()):
                     if root in table.frozen:
                         part.frozen[cls] = table.frozen[root]
                     part.mixing.update(table.mixing.get(root, ()))
         return couplings
+
+
+def _same_signature(
+    classes: np.ndarray, roots: np.ndarray, signatures: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A connected run of classes (and their roots) split by the parameter dims holding them
+    (their signatures), the parts in the order their first class appears."""
+    if (signatures == signatures[0]).all():
+        return [(classes, roots)]
+    _, first, inverse = np.unique(signatures, return_index=True, return_inverse=True)
+    chosen = [inverse.reshape(-1) == k for k in np.argsort(first, kind="stable").tolist()]
+    return [(classes[c], roots[c]) for c in chosen]
 
 
 def _all_terms(param_dims: list[ParamDim]) -> tuple[np.ndarray, np.ndarray]:
@@ -311,25 +325,23 @@ def _by_first_appearance(classes: np.ndarray, bound: int) -> np.ndarray:
 
 
 def _signatures(
-    classes: np.ndarray, dims: np.ndarray, count: int
+    classes: np.ndarray, dims: np.ndarray, count: int, bound: int
 ) -> tuple[Callable[[int], list[int]], Callable[[np.ndarray], np.ndarray]]:
     """For a class, the parameter dims holding it (``members_of``); for classes, a 64-bit hash
     of that set each (random weight per dim, summed), so classes can be grouped by it.
-    ``classes[i]`` is held by dim ``dims[i]``, each pair once."""
+    ``classes[i]`` (below ``bound``) is held by dim ``dims[i]``, each pair once, the pairs in
+    ascending order of dim."""
     weights = np.random.default_rng(0).integers(1, 2**62, size=max(count, 1), dtype=np.int64)
-    unique = distinct(classes)
-    inverse = np.searchsorted(unique, classes)
-    sums = np.zeros(len(unique), np.uint64)
-    np.add.at(sums, inverse, weights[dims].astype(np.uint64))
-    order = np.argsort(classes, kind="stable")
-    sorted_classes, sorted_dims = classes[order], dims[order]
+    sums = np.zeros(bound, np.uint64)
+    np.add.at(sums, classes, weights[dims].astype(np.uint64))
+    sorted_dims = dims[np.argsort(classes, kind="stable")]  # by class, each class's dims ascending
+    ends = np.cumsum(np.bincount(classes, minlength=bound))
 
     def members_of(cls: int) -> list[int]:
-        lo, hi = np.searchsorted(sorted_classes, [cls, cls + 1])
-        return sorted(set(sorted_dims[lo:hi].tolist()))
+        return sorted_dims[ends[cls - 1] if cls else 0 : ends[cls]].tolist()
 
     def signature_of(of: np.ndarray) -> np.ndarray:
-        return sums[np.searchsorted(unique, of)]
+        return sums[of]
 
     return members_of, signature_of
 

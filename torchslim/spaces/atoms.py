@@ -134,30 +134,44 @@ class AtomTable:
         parent[atoms] = current
         return current
 
-    def union_many(self, xs: np.ndarray, ys: np.ndarray) -> None:
-        """Merge the classes of ``xs[i]`` and ``ys[i]`` for every ``i``.
+    def union_many(self, xs: np.ndarray, ys: np.ndarray, are_roots: bool = False) -> None:
+        """Merge the classes of ``xs[i]`` and ``ys[i]`` for every ``i`` (``are_roots``: the
+        caller knows both are class roots already).
 
         Pairs whose classes carry product definitions go one by one through :meth:`union`;
-        the rest are linked in bulk, then frozen and mixing marks move to the new roots.
+        the rest are linked in bulk, then frozen and mixing marks move to the new roots. A
+        root linked twice in one pass (its other pairs) waits for the next pass.
         """
         xs = np.asarray(xs, np.int64)
         ys = np.asarray(ys, np.int64)
         while xs.size:
-            rx, ry = self._roots(xs), self._roots(ys)
+            rx, ry = (xs, ys) if are_roots else (self._roots(xs), self._roots(ys))
+            are_roots = False
             differ = rx != ry
-            if not differ.any():
-                return
-            xs, ys, rx, ry = xs[differ], ys[differ], rx[differ], ry[differ]
-            defined = self._defined[rx] | self._defined[ry]
-            for a, b in zip(rx[defined], ry[defined]):
-                self.union(int(a), int(b))
-            hi, first = first_occurrences(np.maximum(rx[~defined], ry[~defined]))
-            self._parent[hi] = np.minimum(rx[~defined], ry[~defined])[first]
+            if not differ.all():
+                if not differ.any():
+                    return
+                xs, ys, rx, ry = xs[differ], ys[differ], rx[differ], ry[differ]
+            defined = (self._defined[rx] | self._defined[ry]) if self._ever_defined else None
+            any_defined = defined is not None and bool(defined.any())
+            if any_defined:
+                for a, b in zip(rx[defined], ry[defined]):
+                    self.union(int(a), int(b))
+                plain = ~defined
+                xs, ys, rx, ry = xs[plain], ys[plain], rx[plain], ry[plain]
+            linked, under = np.maximum(rx, ry), np.minimum(rx, ry)
+            if linked.size > 1 and not (linked[1:] > linked[:-1]).all():
+                linked_once, first = first_occurrences(linked)
+                hi, under = linked_once, under[first]
+            else:  # ascending already (positions of a family in order): each once
+                hi = linked
+            self._parent[hi] = under
             marked = hi[self._flag[hi]]
             if marked.size:
                 for old, new in zip(marked.tolist(), self._roots(marked).tolist()):
                     self._move_marks(old, new)
-            xs, ys = xs[~defined], ys[~defined]
+            if hi.size == linked.size and not any_defined:
+                return
 
     def _move_marks(self, old: int, new: int) -> None:
         self._flag[new] = True

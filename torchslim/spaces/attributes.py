@@ -70,7 +70,9 @@ def _tracked_value(
 ) -> Any:
     """The value to read while tracing: tracked ints, element by element for sequences."""
     if _is_int(value):
-        slot = slots.setdefault((id(module), name), AttributeSlot(module_name, module, name, value))
+        slot = slots.get((id(module), name))
+        if slot is None:
+            slot = slots[id(module), name] = AttributeSlot(module_name, module, name, value)
         return slot.tracked()
     return type(value)(
         _tracked_value(slots, module_name, module, f"{name}[{i}]", item)

@@ -79,7 +79,7 @@ def merge(dims: Sequence[DimLayout]) -> DimLayout:
 
 def _drop_redundant(atoms: np.ndarray) -> np.ndarray:
     """Remove all-``NO_ATOM`` columns."""
-    keep = [c for c in range(atoms.shape[1]) if np.any(atoms[:, c] != NO_ATOM)]
+    keep = [c for c in range(atoms.shape[1]) if (atoms[:, c] != NO_ATOM).any()]
     return atoms[:, keep] if len(keep) != atoms.shape[1] else atoms
 
 
@@ -166,7 +166,7 @@ def _live_columns(expanded: np.ndarray) -> list[np.ndarray]:
     return [
         expanded[:, c]
         for c in range(expanded.shape[1])
-        if not np.all(expanded[:, c] == expanded[0, c])
+        if not (expanded[:, c] == expanded[0, c]).all()
     ]
 
 
@@ -183,7 +183,7 @@ def unify(table: AtomTable, a: DimLayout, b: DimLayout, where: str) -> None:
     """Require two dims to have identical positions (same channels, same order)."""
     if a.atoms is b.atoms or a.size != b.size or a.size == 0:
         return
-    if a.atoms.shape == b.atoms.shape and np.array_equal(a.atoms, b.atoms):
+    if a.atoms.shape == b.atoms.shape and (a.atoms == b.atoms).all():
         return
     cols_a = _live_columns(table.expand_rows(a.atoms))
     cols_b = _live_columns(table.expand_rows(b.atoms))
@@ -196,7 +196,7 @@ def unify(table: AtomTable, a: DimLayout, b: DimLayout, where: str) -> None:
             table.freeze_many(col, reason)
         return
     if len(cols_a) == 1 and len(cols_b) == 1:
-        _union_columns(table, cols_a[0], cols_b[0], where)
+        _union_columns(table, cols_a[0], cols_b[0], where, are_roots=True)
         return
     left_a: list[np.ndarray] = []
     left_b = list(cols_b)
@@ -219,7 +219,10 @@ def unify(table: AtomTable, a: DimLayout, b: DimLayout, where: str) -> None:
             table.freeze_many(col, reason)
 
 
-def _union_columns(table: AtomTable, x: np.ndarray, y: np.ndarray, where: str) -> None:
+def _union_columns(
+    table: AtomTable, x: np.ndarray, y: np.ndarray, where: str, are_roots: bool = False
+) -> None:
+    """Unify two columns position by position (``are_roots``: both hold class roots)."""
     differ = x != y
     x, y = x[differ], y[differ]
     loose = (x == NO_ATOM) | (y == NO_ATOM)
@@ -228,7 +231,7 @@ def _union_columns(table: AtomTable, x: np.ndarray, y: np.ndarray, where: str) -
             np.maximum(x[loose], y[loose]), f"coupled in {where} to positions of fixed size"
         )
         x, y = x[~loose], y[~loose]
-    table.union_many(x, y)
+    table.union_many(x, y, are_roots)
 
 
 def _define_column(table: AtomTable, col: np.ndarray, parts: np.ndarray, where: str) -> None:
