@@ -40,6 +40,8 @@ from torchslim.spaces.trace import TraceState, Unsupported, iter_tensors
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 Handled = tuple[Optional[Callable], Optional[Role]]
+#: a member's layer name, layer, tensor name and dim (see :meth:`DependencyGraph.pruned_through`)
+Through = tuple[str, nn.Module, str, Optional[int]]
 LOG = logging.getLogger("torchslim")
 
 #: Layers whose outputs root the groups ``get_all_groups`` yields (torch-pruning's default:
@@ -226,7 +228,10 @@ class Group:
                 continue
             slot, hit = lookup(sorted_live, terms)
             index = np.where(hit, order[slot], -1)
-            first = np.where(hit.any(axis=1), index.max(axis=1, initial=-1), -1)
+            if terms.shape[1] == 1:
+                first = index[:, 0]
+            else:
+                first = np.where(hit.any(axis=1), index.max(axis=1, initial=-1), -1)
             if (first >= 0).any():
                 maps.append((member, first))
         return maps
@@ -294,7 +299,7 @@ class DependencyGraph:
         #: Children of ``ModuleList`` / ``Sequential`` containers, and whether each can be
         #: removed whole (see :mod:`torchslim.graph.blocks`).
         self.blocks: list[Block] = []
-        self._handlers: dict[tuple[int, str, int], tuple[nn.Module, Handled]] = {}
+        self._handlers: dict[tuple[int, str, int], tuple[nn.Module, Handled, Through]] = {}
         self._walks: dict[tuple[Any, ...], _Walk] = {}
         #: Per walk key, the couplings met walking the model, each with the root it was met
         #: at, before the pruning state filters out those with no prunable channel left.
@@ -525,14 +530,24 @@ class DependencyGraph:
         tensor that a weight norm or spectral norm slices along with the weight: ``COVERED``).
         Found once per layer tensor dim (the cache holds the layer, so a key is never reused
         by another module)."""
+        return self._handled(member)[1]
+
+    def pruned_through(self, member: ParamDim) -> Through:
+        """The layer, tensor name and dim a member's positions are pruned through: itself, or
+        for the tensors of a weight norm / spectral norm, the layer weight they compute."""
+        return self._handled(member)[2]
+
+    def _handled(self, member: ParamDim) -> tuple[nn.Module, Handled, Through]:
         key = (id(member.ref.module), member.ref.name, member.dim)
         cached = self._handlers.get(key)
         if cached is None or cached[0] is not member.ref.module:
-            cached = self._handlers[key] = (member.ref.module, self._find_function(member))
-        return cached[1]
+            through = self._through(member)
+            handled = self._find_function(through)
+            cached = self._handlers[key] = (member.ref.module, handled, through)
+        return cached
 
-    def _find_function(self, member: ParamDim) -> Handled:
-        _, module, name, dim = self.pruned_through(member)
+    def _find_function(self, through: Through) -> Handled:
+        _, module, name, dim = through
         if dim is None:
             return None, Role.COVERED
         pruner = self.get_pruner_of_module(module)
@@ -545,9 +560,7 @@ class DependencyGraph:
             return pruner.prune_in_channels, role
         return None, None
 
-    def pruned_through(self, member: ParamDim) -> tuple[str, nn.Module, str, Optional[int]]:
-        """The layer, tensor name and dim a member's positions are pruned through: itself, or
-        for the tensors of a weight norm / spectral norm, the layer weight they compute."""
+    def _through(self, member: ParamDim) -> Through:
         ref = member.ref
         found = resolve_reparametrised(
             self.model, ref.module_name, ref.module, ref.name, member.dim
@@ -793,6 +806,7 @@ class DependencyGraph:
         removed = np.array([live[i] for i in idxs if 0 <= i < len(live)], np.int64)
         live_array = np.asarray(live, np.int64)
         order = np.argsort(live_array)
+        sorted_live = live_array[order]
         by_dep: dict[Dependency, GroupItem] = {}
         source = Node(root.ref.module, root.ref.module_name)
         root_handler, _ = self.pruning_function(root)
@@ -811,11 +825,16 @@ class DependencyGraph:
             if dep in by_dep:
                 continue
             rows = member.terms[gone]
-            firsts = rows[np.arange(len(rows)), np.argmax(rows >= 0, axis=1)] if rows.size else rows
-            firsts = np.reshape(firsts, -1)
+            if rows.shape[1] == 1:
+                firsts = rows[:, 0]
+            else:
+                firsts = (
+                    rows[np.arange(len(rows)), np.argmax(rows >= 0, axis=1)] if rows.size else rows
+                )
+                firsts = np.reshape(firsts, -1)
             root_idxs = np.full(firsts.size, -1, np.int64)
             if live_array.size and firsts.size:
-                slot, hit = lookup(live_array[order], firsts)
+                slot, hit = lookup(sorted_live, firsts)
                 root_idxs[hit] = order[slot[hit]]
             by_dep[dep] = GroupItem(dep, pruned.tolist(), root_idxs.tolist())
         return list(by_dep.values())
