@@ -7,7 +7,6 @@ groups underneath come from the exact index-space analysis in :mod:`.analysis`.
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections import namedtuple
 from contextlib import contextmanager, nullcontext
@@ -23,6 +22,7 @@ from torchslim.capture.recorder import run_traced
 from torchslim.capture.twin import swapped_to_meta, to_meta
 from torchslim.graph.blocks import Block, residual_blocks
 from torchslim.graph.checkpoint import Checkpoint
+from torchslim.graph.collector import collection_paused
 from torchslim.graph.forward_check import ForwardCheck, ForwardFailure
 from torchslim.graph.hooks import run_prune_hooks
 from torchslim.graph.record import model_history, model_record
@@ -301,9 +301,9 @@ class DependencyGraph:
         self.blocks: list[Block] = []
         self._handlers: dict[tuple[int, str, int], tuple[nn.Module, Handled, Through]] = {}
         self._walks: dict[tuple[Any, ...], _Walk] = {}
-        #: Per walk key, the couplings met walking the model, each with the root it was met
-        #: at, before the pruning state filters out those with no prunable channel left.
-        self._rooted: dict[tuple[Any, ...], list[tuple[Coupling, ParamDim]]] = {}
+        #: Per walk key, the parameter dims groups may be rooted at (fixed for a graph; the
+        #: couplings they hold are found again in each pruning state).
+        self._rooted: dict[tuple[Any, ...], list[ParamDim]] = {}
         #: Run after each ``Group.prune`` outside a pruner's step (see :meth:`forward_failure`);
         #: set to ``None`` to skip.
         self.forward_check: Optional[ForwardCheck] = None
@@ -672,39 +672,45 @@ class DependencyGraph:
     ) -> Iterator[Group]:
         """Each prunable group once, rooted at the first layer of ``root_module_types``.
 
-        The model is walked once per graph; the couplings it meets are filtered once per
+        The layers that root groups are found once per graph, and their groups once per
         pruning state (a search, whose trials return to the state they started from, finds the
-        groups again without filtering)."""
+        groups again without walking)."""
         self._require()
         state = self._require_state()
         ignored = frozenset(id(m) for m in ignored_layers)
         key = (ignored, tuple(root_module_types))
         walk = self._walks.get(key)
         if walk is None or walk.removed is not state.removed or walk.steps != len(state.history):
-            rooted = self._rooted.get(key)
-            if rooted is None:
-                rooted = self._rooted[key] = list(self._walk(ignored, tuple(root_module_types)))
-            found = [(coupling, root) for coupling, root in rooted if self._any_prunable(coupling)]
+            roots = self._rooted.get(key)
+            if roots is None:
+                roots = self._rooted[key] = list(self._roots(ignored, tuple(root_module_types)))
+            found = list(self._walk(roots, ignored))
             walk = self._walks[key] = _Walk(state.removed, len(state.history), found)
         for coupling, root in walk.groups:
             yield Group(self, coupling, root, range(self.live_count(coupling)))
 
-    def _walk(
+    def _roots(
         self, ignored: frozenset[int], root_module_types: tuple[type, ...]
+    ) -> Iterator[ParamDim]:
+        """The parameter dims groups may be rooted at, in the model's order: the outputs (else
+        the parameters) of layers of ``root_module_types`` not ignored."""
+        for _, module in self.model.named_modules():
+            if _is_root(module, root_module_types) and id(module) not in ignored:
+                yield from self._members(module, Role.OUT) or self._members(module, Role.PARAM)
+
+    def _walk(
+        self, roots: list[ParamDim], ignored: frozenset[int]
     ) -> Iterator[tuple[Coupling, ParamDim]]:
         visited: set[int] = set()
-        for _, module in self.model.named_modules():
-            if not _is_root(module, root_module_types) or id(module) in ignored:
-                continue
-            for root in self._members(module, Role.OUT) or self._members(module, Role.PARAM):
-                for coupling in self._couplings_of(root):
-                    if coupling.id in visited:
-                        continue
-                    visited.add(coupling.id)
-                    if self._touches_ignored_out(coupling, ignored):
-                        continue
-                    if self._structural_refusal(coupling) is None:
-                        yield coupling, root
+        for root in roots:
+            for coupling in self._couplings_of(root):
+                if coupling.id in visited:
+                    continue
+                visited.add(coupling.id)
+                if self._touches_ignored_out(coupling, ignored):
+                    continue
+                if self._any_prunable(coupling) and self._structural_refusal(coupling) is None:
+                    yield coupling, root
 
     def _any_prunable(self, coupling: Coupling) -> bool:
         """Whether some live channel of ``coupling`` is not frozen (``Group.prunable_idxs``
@@ -910,21 +916,6 @@ class DependencyGraph:
         if self._pending:
             self._pending = False
             run_prune_hooks(self.model)
-
-
-@contextmanager
-def collection_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off inside the block (as it was before afterwards):
-    a trace or a pruning step allocates tens of thousands of short-lived objects, and the
-    collections they trigger rescan the objects of the process (5-25% of a graph build, more
-    in a process holding many objects)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _check_unwrapped(model: nn.Module, unwrapped: Any) -> None:

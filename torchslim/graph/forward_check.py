@@ -22,6 +22,7 @@ from torchslim.capture.experts import experts_as_ops
 from torchslim.capture.modules import call_forward, untouched
 from torchslim.capture.shortcuts import meta_shortcuts
 from torchslim.capture.twin import MetaTwins, swapped_to_meta, to_meta
+from torchslim.graph.collector import collection_paused
 
 
 @dataclass
@@ -87,6 +88,7 @@ class ForwardCheck:
             inputs = to_meta(inputs)
         try:
             with (
+                collection_paused(),
                 untouched(model),
                 experts_as_ops(model),
                 swapped_to_meta(model, self._twins) if self.on_meta else nullcontext(),

@@ -18,7 +18,8 @@ from typing import Iterable, Iterator, Optional
 from torch import nn
 
 from torchslim.graph.checkpoint import Checkpoint, trial
-from torchslim.graph.dependency import DependencyGraph, Group, collection_paused
+from torchslim.graph.collector import collection_paused
+from torchslim.graph.dependency import DependencyGraph, Group
 from torchslim.pruning.journal import journaled
 
 Selection = tuple[Group, list[int]]
@@ -80,14 +81,15 @@ def prune_merged(groups: Iterable[Group]) -> list[Selection]:
     for group in groups:
         _, classes = chosen.setdefault(group.coupling.id, (group, []))
         classes.extend(group.selected_classes())
-        group.prune()
+        with collection_paused():  # not while the next group is chosen: scores may take long
+            group.prune()
     return list(chosen.values())
 
 
 def prune_checked(graph: DependencyGraph, groups: Iterable[Group]) -> SafePruning:
     """Prune the groups; if the pruned model fails its forward check, prune only those that
     keep it running (see the module docstring). Config listeners are notified once."""
-    with collection_paused(), graph.deferred():
+    with graph.deferred():
         with _undoable(graph) as checkpoint:
             try:
                 chosen = prune_merged(groups)

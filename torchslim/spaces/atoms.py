@@ -139,8 +139,9 @@ class AtomTable:
         caller knows both are class roots already).
 
         Pairs whose classes carry product definitions go one by one through :meth:`union`;
-        the rest are linked in bulk, then frozen and mixing marks move to the new roots. A
-        root linked twice in one pass (its other pairs) waits for the next pass.
+        the rest are linked in bulk (after those, from their roots then), then frozen and
+        mixing marks move to the new roots. A root linked twice in one pass (its other pairs)
+        waits for the next pass.
         """
         xs = np.asarray(xs, np.int64)
         ys = np.asarray(ys, np.int64)
@@ -158,7 +159,8 @@ class AtomTable:
                 for a, b in zip(rx[defined], ry[defined]):
                     self.union(int(a), int(b))
                 plain = ~defined
-                xs, ys, rx, ry = xs[plain], ys[plain], rx[plain], ry[plain]
+                xs, ys = xs[plain], ys[plain]
+                continue  # those unions may have moved the other pairs' roots: look again
             linked, under = np.maximum(rx, ry), np.minimum(rx, ry)
             if linked.size > 1 and not (linked[1:] > linked[:-1]).all():
                 linked_once, first = first_occurrences(linked)
@@ -170,7 +172,7 @@ class AtomTable:
             if marked.size:
                 for old, new in zip(marked.tolist(), self._roots(marked).tolist()):
                     self._move_marks(old, new)
-            if hi.size == linked.size and not any_defined:
+            if hi.size == linked.size:
                 return
 
     def _move_marks(self, old: int, new: int) -> None:
@@ -192,6 +194,8 @@ class AtomTable:
             self._move_marks(rb, ra)
         def_b = self.definition(rb)
         if def_b is None:
+            if self._defined[ra]:
+                self._propagate(ra)  # marks rb brought reach ra's factors, as freeze() does
             return
         self._clear_definition(rb)
         def_a = self.definition(ra)
