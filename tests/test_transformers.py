@@ -394,6 +394,26 @@ def test_a_width_the_config_class_refuses_is_kept_as_a_plan_and_saves(tmp_path):
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+def test_config_fitting_builds_shapes_without_running_initialisers(monkeypatch):
+    """A config fit builds dozens of models on ``meta`` for their shapes alone: their
+    initialisers are skipped, and the shapes are those of a model built in full."""
+    from torchslim.hf.config import build_shapes, model_shapes
+
+    model = tiny_llama()
+    with torch.device("meta"):
+        full = model_shapes(type(model)(model.config))
+    calls = []
+    original = nn.init.kaiming_uniform_
+    monkeypatch.setattr(
+        nn.init, "kaiming_uniform_", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    assert build_shapes(type(model), model.config) == full
+    assert not calls
+    with torch.device("meta"):
+        type(model)(model.config)
+    assert calls  # the spy sees initialisers where they run
+
+
 def test_pruning_a_plain_model_loads_nothing_of_transformers_it_had_not_loaded():
     # transformers imports lazily: asking for its PreTrainedModel would load seconds of it
     script = (
