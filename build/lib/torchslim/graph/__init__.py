@@ -1,0 +1,1 @@
+"""Graph capture and the dependency analysis (see docs/architecture.md)."""

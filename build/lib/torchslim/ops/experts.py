@@ -1,0 +1,110 @@
+"""Routed experts (mixture-of-experts layers) traced as one op.
+
+A Hugging Face experts layer (``Qwen3MoeExperts``, ``MixtralExperts``, ... : any module built by
+transformers' ``use_experts_implementation``) keeps every expert in fused 3-D parameters
+(``gate_up_proj[E, 2I, H]``, ``down_proj[E, H, I]``) and runs only the experts that
+``top_k_index`` names, through data-dependent kernels (``torch._grouped_mm`` over tokens sorted
+by expert, or a Python loop over the experts hit). While tracing, the layer's forward is one
+call of :func:`routed_experts`, whose rule traces what every expert computes on every token
+(the same projections, gate and activation, on a leading expert dim), so the ordinary rules
+couple the hidden width and the experts' neurons; and the layer's expert dim is coupled with
+the positions ``top_k_index`` was chosen from (the router's rows): removing expert ``e``
+removes its slice of every fused tensor and the router row that selects it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
+
+from torchslim.ops.registry import OpContext, register_rule
+
+_FLAGS = ("num_experts", "has_gate", "has_bias", "is_transposed")
+
+
+def is_routed_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a fused experts layer in transformers' convention (the flags its
+    ``use_experts_implementation`` sets, 3-D expert weights)."""
+    if not all(hasattr(module, flag) for flag in _FLAGS):
+        return False
+    first = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in (first, down))
+
+
+def _weight(module: nn.Module, name: str) -> torch.Tensor:
+    """Expert weights as ``[experts, out, in]``."""
+    weight = getattr(module, name)
+    return weight.transpose(1, 2) if module.is_transposed else weight
+
+
+def _check_width(module: nn.Module, hidden_states: torch.Tensor) -> None:
+    first = _weight(module, "gate_up_proj" if module.has_gate else "up_proj")
+    if hidden_states.shape[-1] != first.shape[-1]:
+        raise RuntimeError(
+            f"routed experts: hidden states of width {hidden_states.shape[-1]}, "
+            f"expert weights of input width {first.shape[-1]}"
+        )
+
+
+def routed_experts(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The experts layer's own forward, as one call a ``TorchFunctionMode`` sees (on ``meta``
+    tensors, a shape-only answer: the real kernels need real routing)."""
+    tensors = (hidden_states, top_k_index, top_k_weights)
+    if has_torch_function(tensors):
+        return handle_torch_function(routed_experts, tensors, module, *tensors)
+    if hidden_states.is_meta:
+        _check_width(module, hidden_states)
+        return torch.empty_like(hidden_states)
+    return type(module).forward(module, hidden_states, top_k_index, top_k_weights)
+
+
+def expert_outputs(
+    module: nn.Module, hidden_states: torch.Tensor, experts: Optional[slice] = None
+) -> torch.Tensor:
+    """What each expert (of ``experts``, all by default) computes on each token,
+    ``[experts, tokens, hidden]``: the layer's projections, biases, gate and norm, with the
+    expert dim leading. Routing weights are not applied."""
+
+    def weight(name: str) -> torch.Tensor:
+        return _weight(module, name)[experts or slice(None)]
+
+    def bias(name: str) -> torch.Tensor:
+        return getattr(module, f"{name}_bias")[experts or slice(None)].unsqueeze(1)
+
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    out = torch.matmul(hidden_states, weight(first).transpose(1, 2))
+    if module.has_bias:
+        out = out + bias(first)
+    out = module._apply_gate(out) if module.has_gate else module.act_fn(out)
+    out = torch.matmul(out, weight("down_proj").transpose(1, 2))
+    if module.has_bias:
+        out = out + bias("down_proj")
+    if getattr(module, "has_post_expert_norm", False):
+        out = module.post_expert_norm(out)
+    return out
+
+
+def routed_experts_rule(ctx: OpContext) -> None:
+    """Hidden width and expert neurons as the experts' layers use them; the expert dim
+    follows the router's positions that ``top_k_index`` selects, and ``num_experts``."""
+    module, hidden_states, top_k_index = ctx.args[:3]
+    if hidden_states.dim() != 2:
+        raise ValueError("hidden states of rank other than 2")
+    every: Any = ctx.retrace(lambda: expert_outputs(module, hidden_states))
+    experts, _, width = ctx.layout(every)
+    if not ctx.claim_selection(top_k_index, experts):
+        ctx.freeze(experts, "experts chosen by indices that were not traced from a topk")
+    ctx.require_size(module.num_experts, experts)
+    ctx.set_out(ctx.out, [ctx.layout(hidden_states)[0], width])
+
+
+register_rule([routed_experts], routed_experts_rule)

@@ -1,0 +1,372 @@
+"""Reconstruction: refit the layers that consume removed channels, on calibration inputs.
+
+Removing channels takes their contribution out of every layer that reads them (``down_proj`` for
+MLP neurons, ``o_proj`` for heads, the next conv for conv channels). For each such *consumer*
+(linear, ``Conv1D``, 1-d and 2-d convolutions, grouped ones per group, read through im2col), the
+second moments of its inputs are accumulated in float64 over calibration batches and the kept
+input columns are refit so that the layer's outputs match what it computed before (ridge-
+regularised least squares), with the removed channels' mean contribution moved into the bias
+(bias compensation). The refit weights are written with the removed columns zeroed: the model
+then computes what the pruned model will compute, so ``verify`` still checks the structural prune
+exactly, and reconstruction is reported as the deliberate weight change it is.
+
+Statistics are recorded for as many consumers per calibration pass as ``max_memory`` allows;
+layers of a later pass see the inputs of the layers refit before them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from torchslim.capture.modules import call_forward
+from torchslim.graph.dependency import Group
+from torchslim.graph.record import model_history
+from torchslim.importance import moments
+from torchslim.pruning.functions import add_bias
+from torchslim.pruning.roles import Role
+from torchslim.pruning.tied import TiedParameters
+
+
+@dataclass
+class Reconstruction:
+    """How to reconstruct: ``pruner.step(reconstruct=Reconstruction(batches, ...))``.
+
+    ``batches``: calibration inputs, each in the form the pruner's forward takes (a tensor, a
+    tuple, a dict of keyword arguments, or whatever ``forward_fn`` accepts). ``weights``: refit
+    the kept input columns by least squares; ``bias``: move the removed channels' mean
+    contribution into the bias; ``add_bias``: give a linear or conv layer without a bias one
+    when compensating (recorded in the pruning plan, so ``tp.load_pruned`` and
+    ``tp.hf.from_pretrained`` rebuild it); by default (``None``) only where the model allows
+    it: not in a model that saves itself through its config (``save_pretrained``), whose
+    config has no field for one layer's new bias (the report counts the layers left without
+    compensation). ``ridge``: damping of the least squares, relative to
+    the mean variance of the kept inputs. ``max_memory``: bytes of float64 statistics held per
+    calibration pass."""
+
+    batches: Iterable[Any]
+    weights: bool = True
+    bias: bool = True
+    add_bias: Optional[bool] = None
+    ridge: float = 0.1
+    max_memory: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        if not (self.weights or self.bias):
+            raise ValueError("Reconstruction needs weights=True, bias=True or both")
+        if not isinstance(self.ridge, (int, float)) or self.ridge < 0:
+            raise ValueError(f"ridge must be a number >= 0, got {self.ridge!r}")
+        if not isinstance(self.max_memory, int) or self.max_memory < 1:
+            raise ValueError(f"max_memory must be a positive int (bytes), got {self.max_memory!r}")
+
+
+@dataclass
+class LayerResult:
+    """One refit layer: its output error on the calibration inputs, relative to the energy of
+    its outputs, with the removed columns dropped (``before``) and after the refit (``after``)."""
+
+    name: str
+    removed: int
+    kept: int
+    before: float
+    after: float
+    added_bias: bool = False
+    compensated: bool = False
+
+
+@dataclass
+class ReconstructionReport:
+    """What reconstruction changed, and which consumers it left alone (and why)."""
+
+    layers: list[LayerResult] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    tokens: int = 0
+
+    def __str__(self) -> str:
+        if not self.layers:
+            lines = ["reconstruction: no layer refit"]
+        else:
+            before = sum(r.before for r in self.layers) / len(self.layers)
+            after = sum(r.after for r in self.layers) / len(self.layers)
+            added = sum(r.added_bias for r in self.layers)
+            without = sum(not r.compensated for r in self.layers)
+            lines = [
+                f"reconstruction (deliberate weight change): {len(self.layers)} layers refit on "
+                f"{self.tokens} calibration positions; mean relative output error "
+                f"{before:.4f} -> {after:.4f}"
+                + (f"; biases added to {added}" if added else "")
+                + (f"; {without} without bias compensation" if without else "")
+            ]
+        lines += [f"  not refit: {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+class ReconstructionError(ValueError):
+    """Calibration batches that do not fit the model, or a system that cannot be solved."""
+
+
+def consumers(groups: Iterable[Group]) -> dict[nn.Module, tuple[str, set[int]]]:
+    """Every layer that reads channels the groups remove: its name and the positions removed
+    from its input dim (within one group of a grouped convolution)."""
+    found: dict[nn.Module, tuple[str, set[int]]] = {}
+    for group in groups:
+        for member, positions in group.removed_positions(group.idxs):
+            module = member.ref.module
+            if member.ref.name != "weight" or group.handler_role(member) != Role.IN:
+                continue
+            _, removed = found.setdefault(module, (member.ref.module_name, set()))
+            removed.update(int(p) for p in positions)
+    return found
+
+
+def reconstruct(
+    model: nn.Module,
+    groups: list[Group],
+    config: Reconstruction,
+    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+) -> ReconstructionReport:
+    """Refit every consumer of the channels ``groups`` remove (see the module docstring).
+
+    Nothing is pruned here; the caller prunes the groups afterwards. On any error every layer
+    is put back as it was."""
+    batches = list(config.batches)
+    if not batches:
+        raise ReconstructionError("reconstruction needs at least one calibration batch")
+    report = ReconstructionReport()
+    tied = {id(tensor) for tensor, _ in TiedParameters(model).groups}
+    layers = []
+    for module, (name, removed) in consumers(groups).items():
+        reason = _unsupported(module, tied)
+        if reason is not None:
+            report.skipped[name] = reason
+        else:
+            layers.append(_Layer(module, name, sorted(removed)))
+    add_biases = config.add_bias
+    if add_biases is None:
+        add_biases = not (hasattr(model, "config") and hasattr(model, "save_pretrained"))
+    order = {id(m): k for k, m in enumerate(model.modules())}
+    layers.sort(key=lambda layer: order.get(id(layer.module), 0))
+    originals = {id(layer.module): dict(layer.module._parameters) for layer in layers}
+    try:
+        for chunk in _chunks(layers, config.max_memory):
+            report.tokens = _record(model, chunk, batches, forward_fn)
+            for layer in chunk:
+                report.layers.append(layer.solve(config, add_biases))
+    except BaseException:
+        for layer in layers:
+            layer.module._parameters.clear()
+            layer.module._parameters.update(originals[id(layer.module)])
+        raise
+    added = [
+        {"module": layer.name, "role": Role.BIAS.value} for layer in layers if layer.added_bias
+    ]
+    if added:
+        model_history(model).append(
+            {"group": "reconstruction: bias added", "idxs": [], "ops": added}
+        )
+    return report
+
+
+def _unsupported(module: nn.Module, tied: set[int]) -> Optional[str]:
+    reason = moments.unsupported(module)
+    if reason is None and id(module.weight) in tied:
+        return "its weight is tied to another layer's (refitting it would change both)"
+    return reason
+
+
+def _chunks(layers: list[_Layer], budget: int) -> Iterable[list[_Layer]]:
+    chunk: list[_Layer] = []
+    used = 0
+    for layer in layers:
+        size = layer.nbytes()
+        if chunk and used + size > budget:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(layer)
+        used += size
+    if chunk:
+        yield chunk
+
+
+class _Enough(BaseException):
+    """Every layer of a pass has seen the batch: the rest of the forward is not needed (a
+    ``BaseException``, so that a model's ``except Exception`` does not swallow it)."""
+
+
+class _Pass:
+    """The layers of one calibration pass, and when a batch may stop: once each has seen it,
+    if each ran exactly once on the first batch and the model has no forward hooks (the end of
+    a forward they wait for would never come)."""
+
+    def __init__(self, model: nn.Module, layers: list[_Layer]) -> None:
+        self.layers = layers
+        self.may_stop = False
+        self.hooked = _has_forward_hooks(model)
+        self.start()
+
+    def start(self) -> None:
+        self.calls = dict.fromkeys(map(id, self.layers), 0)
+        self.unseen = len(self.layers)
+        self.stopped = False
+
+    def hook(self, layer: _Layer) -> Callable[..., None]:
+        def observe(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if self.stopped:
+                raise _Enough  # the model went on after the stop: record nothing more
+            layer.observe(module, inputs)
+            if not self.calls[id(layer)]:
+                self.unseen -= 1
+            self.calls[id(layer)] += 1
+            if self.may_stop and not self.unseen:
+                self.stopped = True
+                raise _Enough
+
+        return observe
+
+    def end(self, number: int, completed: bool) -> None:
+        if number == 0:
+            self.may_stop = not self.hooked and all(n == 1 for n in self.calls.values())
+        elif completed and self.stopped:
+            self.may_stop = False
+
+
+def _has_forward_hooks(model: nn.Module) -> bool:
+    return bool(torch_module._global_forward_hooks) or any(
+        m._forward_hooks or hasattr(m, "_hf_hook") for m in model.modules()
+    )
+
+
+@torch.no_grad()
+def _record(
+    model: nn.Module,
+    layers: list[_Layer],
+    batches: list[Any],
+    forward_fn: Optional[Callable[[nn.Module, Any], Any]],
+) -> int:
+    """Run the calibration batches once with every layer of ``layers`` accumulating its input
+    statistics; returns the number of positions (tokens, pixels) the last layer saw.
+
+    Later batches stop as soon as every layer has seen its input, where that is safe (see
+    :class:`_Pass`): a pass for the first layers of a deep model costs only the forward up to
+    them."""
+    run = _Pass(model, layers)
+    handles = [layer.module.register_forward_pre_hook(run.hook(layer)) for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for number, batch in enumerate(batches):
+            run.start()
+            try:
+                call_forward(model, batch, forward_fn)
+            except _Enough:
+                run.end(number, completed=False)
+            except ReconstructionError:
+                raise
+            except Exception as error:
+                raise ReconstructionError(
+                    f"calibration batch {number} failed in the model's forward "
+                    f"({type(error).__name__}: {error}); batches must be inputs of the form "
+                    "the pruner's example_inputs (or forward_fn) take"
+                ) from error
+            else:
+                run.end(number, completed=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    for layer in layers:
+        if layer.count == 0:
+            raise ReconstructionError(
+                f"{layer.name} received no calibration input: the batches never reach it"
+            )
+    return layers[-1].count
+
+
+class _Layer(moments.InputMoments):
+    """One consumer: its input moments and the features its removed channels take away."""
+
+    def __init__(self, module: nn.Module, name: str, removed: list[int]) -> None:
+        super().__init__(module, name)
+        self.added_bias = False
+        self.channels = moments.input_channels(module)
+        self.removed_channels = removed
+        per_channel = moments.kernel_size(module)
+        removed_features = np.concatenate(
+            [np.arange(c * per_channel, (c + 1) * per_channel) for c in removed]
+        )
+        mask = np.ones(self.features, bool)
+        mask[removed_features] = False
+        self.kept = torch.as_tensor(np.nonzero(mask)[0])
+        self.gone = torch.as_tensor(removed_features)
+
+    def solve(self, config: Reconstruction, add_bias_allowed: bool) -> LayerResult:
+        weight = moments.weight_rows(self.module)
+        kept, gone = self.kept, self.gone
+        mean, second = self.mean(), self.second()
+        bias_allowed = self.module.bias is not None or (
+            add_bias_allowed and isinstance(self.module, (nn.Linear, nn.modules.conv._ConvNd))
+        )
+        with_bias = config.bias and bias_allowed
+        fitted = self.covariance() if with_bias else second
+        before = _relative_error(weight, weight.clone().index_fill_(2, gone, 0.0), second, second)
+        new_weight = weight.clone()
+        new_weight[:, :, gone] = 0.0
+        if config.weights and kept.numel():
+            new_weight[:, :, kept] = self._refit(weight, fitted, config.ridge)
+        shift = None
+        if with_bias:
+            shift = torch.einsum("goi,gi->go", weight - new_weight, mean).reshape(-1)
+        after = _relative_error(weight, new_weight, fitted, second)
+        self._write(new_weight, shift)
+        removed = len(self.removed_channels)
+        return LayerResult(
+            self.name, removed, self.channels - removed, before, after, self.added_bias, with_bias
+        )
+
+    def _refit(self, weight: torch.Tensor, fitted: torch.Tensor, ridge: float) -> torch.Tensor:
+        """Kept columns minimising ``E||W x - W'_K x_K||^2 + lambda ||W'_K - W_K||^2``: the
+        damping pulls towards the unrefit weights, so a large ``ridge`` means plain pruning."""
+        kept = self.kept
+        kk = fitted[:, kept][:, :, kept]
+        damping = ridge * kk.diagonal(dim1=1, dim2=2).mean(1).clamp(min=0)
+        system = kk + damping.view(-1, 1, 1) * torch.eye(kept.numel(), dtype=kk.dtype)
+        rhs = torch.einsum("goi,gik->gok", weight, fitted[:, :, kept])
+        rhs = rhs + damping.view(-1, 1, 1) * weight[:, :, kept]
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info.max()) != 0:
+            raise ReconstructionError(
+                f"{self.name}: the least-squares system is singular (inputs of the kept "
+                "channels are constant or linearly dependent on the calibration batches); "
+                "use more calibration data or a larger ridge"
+            )
+        return torch.cholesky_solve(rhs.transpose(1, 2), factor).transpose(1, 2)
+
+    def _write(self, weight: torch.Tensor, shift: Optional[torch.Tensor]) -> None:
+        module = self.module
+        moments.write_weight_rows(module, weight)
+        if shift is None:
+            return
+        if module.bias is None:
+            add_bias(module)
+            self.added_bias = True
+        bias = module.bias
+        module.bias = nn.Parameter(
+            (bias.detach().double() + shift.to(bias.device)).to(bias.dtype),
+            requires_grad=bias.requires_grad,
+        )
+
+
+def _relative_error(
+    weight: torch.Tensor, new: torch.Tensor, moments: torch.Tensor, second: torch.Tensor
+) -> float:
+    """``E||(W - W') x||^2 / E||W x||^2`` from the input moments (centred when the bias absorbs
+    the mean)."""
+    delta = weight - new
+    error = torch.einsum("goi,gij,goj->", delta, moments, delta)
+    energy = torch.einsum("goi,gij,goj->", weight, second, weight)
+    return float(error / energy.clamp(min=1e-300))
