@@ -1,1 +1,0 @@
-"""The ``torchslim`` command-line interface."""

@@ -1,1 +1,0 @@
-"""Graph capture and the dependency analysis (see docs/architecture.md)."""
