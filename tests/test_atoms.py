@@ -68,3 +68,23 @@ def test_union_of_root_columns_matches_the_general_path(order, ascending):
     known.union_many(xs, ys, are_roots=True)
     general.union_many(xs, ys)
     assert _partition(known) == _partition(general)
+
+
+terms = st.lists(st.lists(st.integers(-1, 13), min_size=0, max_size=6), min_size=1, max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(terms, st.integers(1, 3), st.lists(st.integers(0, 11), max_size=3), st.booleans())
+def test_expand_many_equals_one_expansion_per_array(sizes_and_atoms, width, defined, nested):
+    table = _table(12, defined, [])
+    if nested and defined:  # a factor that is itself a product
+        inner = table.new_family(2, "fresh", "inner")
+        table.define(12, (int(inner[0]), int(inner[1])))
+    arrays = [  # widths 1..width: arrays of equal width are expanded together
+        np.resize(np.array(atoms or [0], np.int64), (len(atoms), 1 + i % width))
+        for i, atoms in enumerate(sizes_and_atoms)
+    ]
+    joint = table.expand_many(arrays)
+    for atoms, got in zip(arrays, joint):
+        expected = table.expand_rows(atoms)
+        assert got.shape == expected.shape and (got == expected).all()

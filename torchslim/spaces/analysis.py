@@ -17,7 +17,7 @@ import numpy as np
 
 from torchslim.spaces.atoms import NO_ATOM, AtomTable
 from torchslim.spaces.attributes import AttributeSlot
-from torchslim.spaces.integers import distinct, first_occurrences
+from torchslim.spaces.integers import distinct, distinct_rows, first_occurrences
 from torchslim.spaces.layout import DimLayout
 from torchslim.spaces.sizes import SizeModel, surviving, unknown_in
 from torchslim.spaces.symbolic import describe
@@ -104,11 +104,17 @@ class Analysis:
             [links.find(f) for f in range(len(table.families))], np.int64
         )
         self._expanded: dict[int, np.ndarray] = {}
-        self.param_dims: list[ParamDim] = []
-        for tensor_id, layout in state.param_layouts.items():
-            ref = state.refs[tensor_id]
-            for d, dim in enumerate(layout):
-                self.param_dims.append(ParamDim(ref, d, self.expand(dim)))
+        dims = [
+            (state.refs[tensor_id], d, dim)
+            for tensor_id, layout in state.param_layouts.items()
+            for d, dim in enumerate(layout)
+        ]
+        distinct_dims = list({id(dim): dim for _, _, dim in dims}.values())
+        for dim, terms in zip(
+            distinct_dims, table.expand_many([dim.atoms for dim in distinct_dims])
+        ):
+            self._expanded[id(dim)] = terms
+        self.param_dims = [ParamDim(ref, d, self.expand(dim)) for ref, d, dim in dims]
         self._evaluate_checks(state)
         self.couplings = self._collect()
         self.cofactors = self._cofactors()
@@ -128,10 +134,12 @@ class Analysis:
         """For each coupling, the couplings whose classes multiply its own in some parameter
         dim (attention heads and the offsets inside a head: one width, two groups)."""
         partners: dict[int, set[int]] = {}
+        products: dict[int, list[np.ndarray]] = {}  # by width: one pass over all their rows
         for member in self.param_dims:
-            if member.terms.shape[1] < 2 or member.terms.shape[0] == 0:
-                continue
-            for row in set(map(tuple, self.couplings_of(member.terms).tolist())):
+            if member.terms.shape[1] >= 2 and member.terms.shape[0]:
+                products.setdefault(member.terms.shape[1], []).append(member.terms)
+        for terms in products.values():
+            for row in distinct_rows(self.couplings_of(np.concatenate(terms))).tolist():
                 factors = set(row) - {-1}
                 for coupling in factors:
                     partners.setdefault(coupling, set()).update(factors - {coupling})
@@ -257,19 +265,18 @@ class Analysis:
             classes, members, len(self.param_dims), len(self.table)
         )
         grouped = ordered_classes[by_coupling]
-        runs = np.split(grouped, starts[1:])
-        signature_runs = np.split(signature_of(grouped), starts[1:])
+        bounds = [*starts.tolist(), grouped.size]  # coupling k: grouped[bounds[k]:bounds[k + 1]]
+        signatures = signature_of(grouped)
         table = self.table
-        root_runs = np.split(table.roots(grouped), starts[1:])
+        roots = table.roots(grouped)
         couplings: dict[int, Coupling] = {}
         self._coupling_of_class = np.full(len(table), -1, np.int64)
         self._by_module: Optional[dict[Any, list[ParamDim]]] = None
         marked = np.zeros(len(table), bool)
         marked[list(set(table.frozen) | set(table.mixing))] = True
         for start in np.argsort(by_coupling[starts], kind="stable").tolist():
-            for mine, mine_roots in _same_signature(
-                runs[start], root_runs[start], signature_runs[start]
-            ):
+            run = slice(bounds[start], bounds[start + 1])
+            for mine, mine_roots in _same_signature(grouped[run], roots[run], signatures[run]):
                 part = couplings[len(couplings)] = Coupling(len(couplings))
                 part.members = [self.param_dims[m] for m in members_of(int(mine[0]))]
                 part.classes = mine.tolist()

@@ -298,6 +298,44 @@ class AtomTable:
         columns = [self._expand_column(column) for column in roots.T]
         return _left_aligned(np.concatenate(columns, axis=1))
 
+    def expand_many(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """``[self.expand_rows(a) for a in arrays]``, batched by width: one root lookup for all
+        the arrays, which are their own expansion unless they hold a defined class or
+        ``NO_ATOM``; those are expanded together (a row's expansion does not depend on the other
+        rows), each then trimmed to its own widest row."""
+        out: list[np.ndarray] = [np.zeros((0, 0), np.int64)] * len(arrays)
+        by_width: dict[int, list[int]] = {}
+        for i, atoms in enumerate(arrays):
+            if atoms.shape[0] and atoms.shape[1]:
+                by_width.setdefault(atoms.shape[1], []).append(i)
+            else:
+                out[i] = self.expand_rows(atoms)
+        for indices in by_width.values():
+            roots = self.roots(np.concatenate([arrays[i] for i in indices]))
+            ends = np.cumsum([arrays[i].shape[0] for i in indices])
+            starts = np.concatenate([[0], ends[:-1]])
+            if self._ever_defined:
+                valid = roots != NO_ATOM
+                special = ~valid
+                special[valid] = self._defined[roots[valid]]
+                expand = np.logical_or.reduceat(special.any(axis=1), starts)
+            else:  # every array is its roots, NO_ATOM in place
+                expand = np.zeros(len(indices), bool)
+            for k in np.flatnonzero(~expand).tolist():
+                out[indices[k]] = roots[starts[k] : ends[k]].copy()
+            chosen = np.flatnonzero(expand).tolist()
+            if not chosen:
+                continue
+            pieces = [roots[starts[k] : ends[k]] for k in chosen]
+            joint = self.expand_rows(np.concatenate(pieces))
+            widths = (joint != NO_ATOM).sum(axis=1)
+            lo = 0
+            for k, piece in zip(chosen, pieces):
+                hi = lo + len(piece)
+                out[indices[k]] = joint[lo:hi, : max(int(widths[lo:hi].max()), 1)].copy()
+                lo = hi
+        return out
+
     def _expand_column(self, column: np.ndarray) -> np.ndarray:
         """Expand one column of class roots: each defined class into its factors' columns."""
         valid = column != NO_ATOM
