@@ -17,6 +17,7 @@ from helpers import WORDS, tiny_llama_folder
 from torch import nn
 
 from torchslim.cli.main import main
+from torchslim.cli.models import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -184,3 +185,79 @@ def test_prune_removes_whole_decoder_layers_calibrated_on_a_text(folder, tmp_pat
         pruned.model.layers[0].mlp.up_proj.weight, dense.model.layers[kept].mlp.up_proj.weight
     )
     assert main(["prune", str(folder), "--blocks", "3"]) == 2
+
+
+@pytest.fixture(scope="module")
+def pruned_folder(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pruned")
+    assert main(["prune", str(folder), "--kinds", "neurons=0.25", "--out", str(out)]) == 0
+    return out / "tiny-llama"
+
+
+def test_finetune_heals_a_pruned_folder_on_a_text(pruned_folder, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text(WORDS)
+    argv = ["finetune", str(pruned_folder), "--text", str(text), "--steps", "20", "--lr", "1e-2"]
+    argv += ["--block-size", "16", "--eval-text", str(text), "--loss-plot", str(tmp_path / "l.png")]
+    argv += ["--checkpoint", str(tmp_path / "ck.safetensors"), "--out", str(tmp_path / "tuned")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "45 blocks of 16 tokens" in out and "next-token loss" in out
+    first, last = (float(v) for v in re.search(r"loss (\S+) -> (\S+)", out).groups())
+    before, after = (float(v) for v in re.search(r"perplexity on .*: (\S+) -> (\S+)", out).groups())
+    assert last < first / 2 and after < before / 4
+    assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned" / "tiny-llama")
+    start = transformers.AutoModelForCausalLM.from_pretrained(pruned_folder)
+    assert [layer.mlp.down_proj.in_features for layer in tuned.model.layers] == [48, 48]
+    assert not torch.equal(
+        tuned.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight
+    )
+    assert (tmp_path / "tuned" / "tiny-llama" / "tokenizer.json").is_file()
+    resumed = load_model(f"{pruned_folder}@{tmp_path / 'ck.safetensors'}")
+    assert torch.equal(
+        resumed.model.layers[1].mlp.down_proj.weight, tuned.model.layers[1].mlp.down_proj.weight
+    )
+
+
+def test_finetune_distils_from_the_dense_folder_under_torchrun(folder, pruned_folder, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text(WORDS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "torchslim", "finetune", str(pruned_folder), "--text", str(text)]
+    command += ["--teacher", str(folder), "--steps", "4", "--block-size", "16", "--lr", "1e-3"]
+    command += ["--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert (
+        f"world size 2; 45 blocks of 16 tokens from {text}, distilling from {folder}" in done.stdout
+    )
+    assert "4 steps in" in done.stdout
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")
+    start = transformers.AutoModelForCausalLM.from_pretrained(pruned_folder)
+    assert not torch.equal(
+        tuned.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give --text FILE"),
+        (["--text", "notes.txt"], "give --steps N or --minutes M"),
+        (["x.safetensors", "--text", "notes.txt", "--steps", "1"], "drop x.safetensors"),
+        (["--text", "missing.txt", "--steps", "1"], "--text missing.txt: no such text file"),
+    ],
+)
+def test_finetune_errors_for_language_models(pruned_folder, argv, message, capsys):
+    assert main(["finetune", str(pruned_folder), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_finetune_of_an_image_model_refuses_text_options(capsys):
+    argv = ["finetune", "torchslim.cli.demo:DigitsNet", "--text", "notes.txt", "--steps", "3"]
+    assert main(argv) == 2
+    assert "--text, --steps: for a Hugging Face language model" in capsys.readouterr().err
+    assert main(["finetune", "torchslim.cli.demo:DigitsNet"]) == 2
+    assert "give PRUNED" in capsys.readouterr().err

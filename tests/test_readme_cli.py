@@ -43,7 +43,7 @@ def test_the_readme_cli_block_runs_top_to_bottom(tmp_path):
     bin_dir = str(Path(sys.executable).parent) + "/"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     lines = cli_block()
-    assert len(lines) == 15
+    assert len(lines) == 16
     for line in lines:
         command = line.replace(".venv/bin/", bin_dir)
         done = subprocess.run(
@@ -60,6 +60,8 @@ def test_the_readme_cli_block_runs_top_to_bottom(tmp_path):
         "tuned.safetensors",
         "pruned/my-llama/config.json",
         "pruned/my-llama/tokenizer.json",
+        "healed/my-llama/model.safetensors",
+        "healing.png",
         "shallow/my-llama/config.json",
         "streamed/model.safetensors",
         "streamed/tokenizer.json",

@@ -123,24 +123,31 @@ def calibration_batches(
     return list(zip(images[:size].split(CALIBRATION_BATCH), labels[:size].split(CALIBRATION_BATCH)))
 
 
-def text_blocks(folder: Optional[Path], calibration: str, tokens: int, length: int) -> torch.Tensor:
-    """The calibration text file as blocks of ``length`` tokens (about ``tokens`` in all), by
-    the tokenizer of the Hugging Face ``folder``."""
-    text = Path(calibration)
+def text_blocks(
+    folder: Optional[Path],
+    path: str,
+    tokens: Optional[int],
+    length: int,
+    option: str = "--calibration",
+) -> torch.Tensor:
+    """The text file ``path`` (given as ``option``) as blocks of ``length`` tokens (about
+    ``tokens`` in all; ``None``: the whole text), by the tokenizer of the Hugging Face
+    ``folder``."""
+    text = Path(path)
     if folder is None:
         raise ValueError(
-            "--calibration with a text file needs MODEL to be a Hugging Face folder with its "
-            "tokenizer"
+            f"{option} with a text file needs MODEL to be a Hugging Face folder with its tokenizer"
         )
     if not text.is_file():
-        raise ValueError(f"--calibration {text}: no such text file")
+        raise ValueError(f"{option} {text}: no such text file")
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{folder} has no tokenizer to read --calibration with: {error}") from None
-    return tp.hf.token_blocks(tokenizer, text, length, max(1, tokens // length))
+        raise ValueError(f"{folder} has no tokenizer to read {option} with: {error}") from None
+    count = None if tokens is None else max(1, tokens // length)
+    return tp.hf.token_blocks(tokenizer, text, length, count)
 
 
 def calibrate(model: nn.Module, importance: Any, batches: list) -> None:
