@@ -203,6 +203,7 @@ def test_finetune_heals_a_pruned_folder_on_a_text(pruned_folder, tmp_path, capsy
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "45 blocks of 16 tokens" in out and "next-token loss" in out
+    assert "(save_pretrained; plain from_pretrained loads it)" in out
     first, last = (float(v) for v in re.search(r"loss (\S+) -> (\S+)", out).groups())
     before, after = (float(v) for v in re.search(r"perplexity on .*: (\S+) -> (\S+)", out).groups())
     assert last < first / 2 and after < before / 4

@@ -43,6 +43,29 @@ def test_the_plan_is_written_on_one_line_with_the_values_save_pretrained_writes(
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+def test_a_reloaded_model_saves_again_with_its_plan_and_prunes_further(tmp_path):
+    model, ids = _planned_model()
+    tp.hf.save_pretrained(model, tmp_path / "first")
+    reloaded = tp.hf.from_pretrained(tmp_path / "first").eval()
+    with torch.no_grad():  # as a fine-tune would change them: the plan must travel anyway
+        reloaded.model.layers[0].mlp.down_proj.weight.mul_(2)
+    tp.hf.save_pretrained(reloaded, tmp_path / "second")
+    again = tp.hf.from_pretrained(tmp_path / "second").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, reloaded(ids).logits)
+    with pytest.warns(UserWarning):
+        tp.pruner.MagnitudePruner(
+            again, ids, pruning_ratio=0.0, pruning_ratio_dict={"neurons": 0.25}
+        ).step()
+    tp.hf.save_pretrained(again, tmp_path / "third")
+    third = tp.hf.from_pretrained(tmp_path / "third").eval()
+    widths = [layer.mlp.down_proj.in_features for layer in third.model.layers]
+    assert widths == [layer.mlp.down_proj.in_features for layer in again.model.layers]
+    assert widths != [layer.mlp.down_proj.in_features for layer in reloaded.model.layers]
+    with torch.no_grad():
+        assert torch.equal(third(ids).logits, again(ids).logits)
+
+
 def test_a_config_without_a_plan_is_written_byte_for_byte_as_save_pretrained_writes_it(
     tmp_path,
 ):

@@ -62,6 +62,7 @@ def from_pretrained(
             buffer.copy_(torch.tensor(values, dtype=buffer.dtype))
     for name, value in pruned_depth.items():
         setattr(model.config, name, value)
+    setattr(model.config, RECORD_KEY, record)  # as after pruning: saving it again keeps the plan
     return model
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import torchslim as tp
-from torchslim.cli.commands.prune import save_hf_folder, text_blocks
+from torchslim.cli.commands.prune import hf_loader, save_hf_folder, text_blocks
 from torchslim.cli.common import DATASETS, add_command, model_of, output_name
 from torchslim.cli.datasets import accuracy, load_dataset
 from torchslim.cli.models import hf_folder_of, load_model
@@ -233,4 +233,4 @@ def _heal(args: argparse.Namespace, model: nn.Module, rank: int, world: int) -> 
         print(f"wrote {args.checkpoint}")
     if args.out:
         written = save_hf_folder(model, args.out / output_name(spec), folder)
-        print(f"wrote {written}/ (save_pretrained)")
+        print(f"wrote {written}/ (save_pretrained; {hf_loader(model)} loads it)")

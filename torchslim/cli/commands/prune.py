@@ -238,12 +238,7 @@ def run(args: argparse.Namespace) -> int:
     if tp.hf.is_hf_model(model):
         folder = save_hf_folder(model, args.out / name, hf_folder_of(args.model))
         write_recipe(args, recipe)
-        loader = (
-            "tp.hf.from_pretrained (per-layer widths)"
-            if hasattr(model.config, tp.hf.RECORD_KEY)
-            else "plain from_pretrained"
-        )
-        print(f"wrote {folder}/ (save_pretrained; {loader} loads it) and {recipe}")
+        print(f"wrote {folder}/ (save_pretrained; {hf_loader(model)} loads it) and {recipe}")
         return 0
     path = tp.save_pruned(model, args.out / f"{name}.safetensors")
     write_recipe(args, recipe)
@@ -328,6 +323,13 @@ def kinds_table(summary: list[tp.pruner.KindSummary]) -> str:
         for row in summary
     ]
     return table(rows, ("kind", "asked", "groups pruned", "channels", "groups kept whole"))
+
+
+def hf_loader(model: nn.Module) -> str:
+    """What loads the folder a pruned Hugging Face model saves into."""
+    if hasattr(model.config, tp.hf.RECORD_KEY):
+        return "tp.hf.from_pretrained (per-layer widths)"
+    return "plain from_pretrained"
 
 
 def save_hf_folder(model: nn.Module, folder: Path, source: Optional[Path]) -> Path:
