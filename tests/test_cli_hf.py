@@ -216,6 +216,8 @@ def test_finetune_heals_a_pruned_folder_on_a_text(pruned_folder, tmp_path, capsy
         tuned.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight
     )
     assert (tmp_path / "tuned" / "tiny-llama" / "tokenizer.json").is_file()
+    assert main(["finetune", str(pruned_folder), "--text", str(text), "--steps", "1"]) == 0
+    assert "nothing written: give --out DIR" in capsys.readouterr().out
     resumed = load_model(f"{pruned_folder}@{tmp_path / 'ck.safetensors'}")
     assert torch.equal(
         resumed.model.layers[1].mlp.down_proj.weight, tuned.model.layers[1].mlp.down_proj.weight
@@ -234,7 +236,7 @@ def test_finetune_distils_from_the_dense_folder_under_torchrun(folder, pruned_fo
     assert (
         f"world size 2; 45 blocks of 16 tokens from {text}, distilling from {folder}" in done.stdout
     )
-    assert "4 steps in" in done.stdout
+    assert "4 steps in" in done.stdout and "nothing written" not in done.stdout
     tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")
     start = transformers.AutoModelForCausalLM.from_pretrained(pruned_folder)
     assert not torch.equal(

@@ -183,6 +183,8 @@ def _train_images(args: argparse.Namespace, model: nn.Module, rank: int, world: 
         if args.out:
             tp.save_pruned(model, args.out)
             print(f"wrote {args.out}")
+        else:
+            print("nothing written: give --out FILE.safetensors to save the fine-tuned weights")
 
 
 def _heal(args: argparse.Namespace, model: nn.Module, rank: int, world: int) -> None:
@@ -234,3 +236,5 @@ def _heal(args: argparse.Namespace, model: nn.Module, rank: int, world: int) -> 
     if args.out:
         written = save_hf_folder(model, args.out / output_name(spec), folder)
         print(f"wrote {written}/ (save_pretrained; {hf_loader(model)} loads it)")
+    else:
+        print("nothing written: give --out DIR to save the healed model")
