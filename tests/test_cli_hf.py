@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, tiny_llama_folder
+from helpers import TINY_LM, WORDS, tiny_llama_folder
 from torch import nn
 
 from torchslim.cli.main import main
@@ -256,6 +256,18 @@ def test_finetune_distils_from_the_dense_folder_under_torchrun(folder, pruned_fo
 def test_finetune_errors_for_language_models(pruned_folder, argv, message, capsys):
     assert main(["finetune", str(pruned_folder), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_finetune_refuses_a_teacher_of_another_vocabulary(pruned_folder, tmp_path, capsys):
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LM, "vocab_size": 50}))
+    other.save_pretrained(tmp_path / "other")
+    text = tmp_path / "notes.txt"
+    text.write_text(WORDS)
+    argv = ["finetune", str(pruned_folder), "--text", str(text), "--steps", "1"]
+    assert main([*argv, "--teacher", str(tmp_path / "other")]) == 2
+    assert "predicts 50 tokens, MODEL 97: distillation needs the dense model" in (
+        capsys.readouterr().err
+    )
 
 
 def test_finetune_of_an_image_model_refuses_text_options(capsys):

@@ -195,6 +195,11 @@ def _heal(args: argparse.Namespace, model: nn.Module, rank: int, world: int) -> 
     if args.eval_text is not None:
         evaluation = text_blocks(folder, str(args.eval_text), None, args.block_size, "--eval-text")
     teacher = load_model(args.teacher) if args.teacher else None
+    if teacher is not None and _vocabulary(teacher) != _vocabulary(model):
+        raise ValueError(
+            f"--teacher {args.teacher} predicts {_vocabulary(teacher)} tokens, MODEL "
+            f"{_vocabulary(model)}: distillation needs the dense model MODEL was pruned from"
+        )
     before = None
     if rank == 0 and evaluation is not None:
         before = tp.hf.perplexity(model, evaluation.split(8))
@@ -238,3 +243,8 @@ def _heal(args: argparse.Namespace, model: nn.Module, rank: int, world: int) -> 
         print(f"wrote {written}/ (save_pretrained; {hf_loader(model)} loads it)")
     else:
         print("nothing written: give --out DIR to save the healed model")
+
+
+def _vocabulary(model: nn.Module) -> int:
+    """How many tokens a causal language model's head scores."""
+    return model.get_output_embeddings().weight.shape[0]
