@@ -318,6 +318,9 @@ def test_per_layer_widths_stream_into_a_plan_and_bfloat16_stays(tmp_path):
     recipe = {"pruning_ratio_dict": {"neurons": 0.3}, "global_pruning": True}
     report = tp.hf.prune_checkpoint(tmp_path / "src", tmp_path / "out", recipe)
     assert not report.plain_config
+    with pytest.raises(tp.CheckpointError, match="was pruned to per-layer widths"):
+        tp.hf.prune_checkpoint(tmp_path / "out", tmp_path / "again", {"neurons": 0.1})
+    assert not (tmp_path / "again").exists()
     loaded = tp.hf.from_pretrained(tmp_path / "out").eval()
     source = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
     expected = _in_memory(source, recipe)  # as loaded: rotary frequencies in float32

@@ -204,8 +204,14 @@ def prune_checkpoint(
         )
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json")
-    reader = ShardReader(src, trust_pickle=trust_pickle)
     config = transformers.AutoConfig.from_pretrained(src)
+    if getattr(config, RECORD_KEY, None) is not None:
+        raise CheckpointError(
+            f"{src} was pruned to per-layer widths (its config.json records a {RECORD_KEY}), "
+            "which streaming does not replay: prune it further in memory "
+            "(tp.hf.from_pretrained, `torchslim prune`), or stream from the dense checkpoint"
+        )
+    reader = ShardReader(src, trust_pickle=trust_pickle)
     model_class = model_class or model_class_of(config)
     with Readahead(reader.files, lambda: reader.bytes_read):  # the disk works meanwhile
         with torch.device("meta"):
