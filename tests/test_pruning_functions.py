@@ -1,10 +1,12 @@
 """Layer pruning functions: each pruned layer computes the original on the kept channels."""
 
+import copy
 import mmap
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -272,6 +274,24 @@ def test_gradients_are_sliced_with_their_parameters():
     tp.prune_linear_out_channels(layer, [1, 2])
     assert torch.equal(layer.weight.grad, grad[[0, 3]])
     assert layer.bias.grad.shape == (2,)
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["index_select", "numpy"])
+def test_a_channels_last_model_stays_channels_last_once_pruned(small, monkeypatch):
+    from torchslim.pruning import take as module
+
+    if not small:
+        monkeypatch.setattr(module, "_SMALL_ELEMENTS", 0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    for net in (model, last):
+        tp.pruner.MagnitudePruner(net, x, pruning_ratio=0.5, ignored_layers=[net.fc]).step()
+    convs = [m.weight for m in last.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # the 3x3 kernels are not also plain
+    with torch.no_grad():
+        torch.testing.assert_close(last(x), model(x))
 
 
 @pytest.mark.parametrize(

@@ -38,9 +38,23 @@ _SMALL_ELEMENTS = 1 << 16
 _HUGE_BYTES = 1 << 25
 
 
+#: memory formats a sliced tensor keeps (``index_select`` and the gather below answer in the
+#: default one): a model converted to ``channels_last`` stays so once pruned
+_KEPT_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``tensor.detach().index_select(dim, index)``, contiguous, without autograd history."""
+    """``tensor.detach().index_select(dim, index)`` without autograd history: contiguous, or
+    channels-last where ``tensor`` is (and is not also contiguous)."""
     tensor = tensor.detach()
+    result = _gather(tensor, dim, index)
+    kept = _KEPT_FORMATS.get(tensor.dim())
+    if kept is not None and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=kept):
+        return result.contiguous(memory_format=kept)
+    return result
+
+
+def _gather(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     if tensor.numel() < _SMALL_ELEMENTS or not _plain(tensor, dim, index):
         # index_select's own answer (or its own error)
         return tensor.index_select(dim, index)
