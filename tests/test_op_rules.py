@@ -7,6 +7,7 @@ against the zero-masked original (float64, relative error < 1e-6), group by grou
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -57,6 +58,26 @@ def test_elementwise_broadcast_and_bare_parameter_follow_the_residual_stream():
     deps = {dep.target.name: idxs for dep, idxs in group}
     assert deps == {name: [1, 4] for name in ("stem.0", "stem.1", "a.0", "b", "", "head")}
     assert isinstance(graph.model.scale, nn.Parameter), "the bare layer scale is pruned in place"
+
+
+class InstanceNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(8)  # no weights, no statistics: nothing of its own to slice
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.stem(x))))
+
+
+def test_an_instance_norm_without_tensors_keeps_num_features_true():
+    model = assert_exact(randomized(InstanceNormed()), IMG).model
+    tp.pruner.MagnitudePruner(model, IMG, pruning_ratio=0.5, ignored_layers=[model.head]).step()
+    assert model.stem.out_channels < 8 and model.norm.num_features == model.stem.out_channels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when num_features disagrees with the input
+        model(IMG)
 
 
 class Concat(nn.Module):

@@ -32,9 +32,7 @@ def trace_composition(ctx: OpContext, composition: Callable[..., Any], *args: An
 
 
 def _attention_module(ctx: OpContext) -> nn.MultiheadAttention:
-    module = (
-        ctx.state.model if ctx.module == "<model>" else ctx.state.model.get_submodule(ctx.module)
-    )
+    module = ctx.running_module()
     if not isinstance(module, nn.MultiheadAttention):
         raise ValueError("F.multi_head_attention_forward called outside nn.MultiheadAttention")
     return module

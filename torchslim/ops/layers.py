@@ -106,7 +106,16 @@ def batch_norm_rule(ctx: OpContext) -> None:
 @rule_for("instance_norm")
 def instance_norm_rule(ctx: OpContext) -> None:
     names = ["running_mean", "running_var", "weight", "bias"]
-    _per_channel_norm(ctx, [ctx.arg(i + 1, n, None) for i, n in enumerate(names)])
+    vectors = [ctx.arg(i + 1, n, None) for i, n in enumerate(names)]
+    _per_channel_norm(ctx, vectors)
+    module = ctx.running_module()
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and all(
+        v is None for v in vectors
+    ):
+        # no tensor of its own to prune, so no pruning function sets ``num_features``: it
+        # follows the channels as an attribute that counts them
+        x = ctx.args[0]
+        ctx.require_size(module.num_features, ctx.layout(x)[1 if x.dim() > 1 else 0])
 
 
 def _trailing_norm(ctx: OpContext, shape_arg: str, weight_index: int, label: str) -> None:

@@ -115,6 +115,11 @@ class OpContext:
             raise TypeError(f"{self.name}: missing argument {name!r}")
         return default
 
+    def running_module(self) -> torch.nn.Module:
+        """The innermost module whose forward is running this op (the model at the top)."""
+        model = self.state.model
+        return model if self.module == "<model>" else model.get_submodule(self.module)
+
     def owner(self, tensor: Optional[torch.Tensor]) -> Optional[torch.nn.Module]:
         """The module a parameter or buffer belongs to, if it is one of the model's."""
         if tensor is None:
