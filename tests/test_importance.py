@@ -132,6 +132,24 @@ def test_hessian_averages_squared_gradients_over_batches(group):
     assert imp(group) is None
 
 
+def test_hessian_follows_a_parameter_an_earlier_group_sliced():
+    model = nn.Sequential(*(nn.Conv2d(a, b, 1, bias=False) for a, b in ((1, 4), (4, 3), (3, 2))))
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    graph = tp.DependencyGraph().build_dependency(model.eval(), x)
+    imp = tp.importance.HessianImportance(normalizer=None, group_reduction="first")
+    model(x).square().sum().backward()
+    imp.accumulate_grad(model)
+    square = model[1].weight.grad.detach().double() ** 2
+    before = model[1].weight
+    graph.get_pruning_group(model[0], tp.prune_conv_out_channels, [1, 2]).prune()
+    assert model[1].weight is not before  # sliced: a new parameter of 2 input channels
+    weight = model[1].weight.detach().double()
+    expected = (0.5 * weight**2 * square[:, [0, 3]]).sum((1, 2, 3))
+    close(
+        imp(graph.get_pruning_group(model[1], tp.prune_conv_out_channels, [0])), expected.tolist()
+    )
+
+
 def recorded_on_two_batches(group, imp) -> torch.Tensor:
     """The group's scores by ``imp`` recorded on an all-1 and an all-(-3) image."""
     model = group._graph.model

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from torchslim.graph.dependency import Group
 from torchslim.graph.record import model_history
@@ -24,8 +25,10 @@ from torchslim.importance.base import (
     slices,
 )
 from torchslim.importance.registry import register_importance
+from torchslim.pruning.functions import SLICE_FOLLOWERS
 from torchslim.pruning.layers import layer_kind
 from torchslim.pruning.roles import Role
+from torchslim.pruning.take import take
 from torchslim.spaces.analysis import ParamDim
 
 
@@ -148,8 +151,9 @@ class HessianImportance(GroupImportance):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._sum: dict[int, torch.Tensor] = {}
+        self._sum = WeakIdKeyDictionary()  # squared gradients, by parameter
         self._batches = 0
+        SLICE_FOLLOWERS.add(self)
 
     def accumulate_grad(self, model: nn.Module) -> None:
         with torch.no_grad():
@@ -157,19 +161,26 @@ class HessianImportance(GroupImportance):
                 if param.grad is None:
                     continue
                 square = param.grad.detach().pow(2)
-                previous = self._sum.get(id(param))
+                previous = self._sum.get(param)
                 if previous is not None and previous.shape == square.shape:
                     previous.add_(square)
                 else:
-                    self._sum[id(param)] = square.clone()
+                    self._sum[param] = square.clone()
         self._batches += 1
+
+    def sliced(self, old: torch.Tensor, new: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """A parameter was sliced (a group pruned before this one was scored): its squared
+        gradients follow, the old ones stay for an undo that puts the old parameter back."""
+        square = self._sum.get(old)
+        if square is not None and square.shape == old.shape:
+            self._sum[new] = take(square, dim, index)
 
     def zero_grad(self) -> None:
         self._sum.clear()
         self._batches = 0
 
     def position_scores(self, member: ParamDim, tensor: torch.Tensor) -> Optional[torch.Tensor]:
-        hessian = self._sum.get(id(tensor))
+        hessian = self._sum.get(tensor)
         if hessian is None or hessian.shape != tensor.shape or not self._batches:
             return None
         batches = self._batches

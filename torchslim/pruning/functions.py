@@ -9,6 +9,7 @@ users know (``tp.prune_conv_out_channels(model.conv1, idxs=[2, 6, 9])``).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -22,12 +23,17 @@ from torchslim.pruning.take import take
 
 Indices = Union[Sequence[int], np.ndarray, torch.Tensor, range]
 
+#: what else follows a parameter when it is sliced, as its ``.grad`` does: objects with a
+#: ``sliced(old, new, dim, index)`` method (statistics kept per parameter), held weakly
+SLICE_FOLLOWERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
 
 def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> None:
     """Replace parameter or buffer ``name`` of ``module`` by its slice along ``dim``.
 
     Parameters become new ``nn.Parameter`` objects with the same ``requires_grad`` and their
-    gradient sliced alike (gradient-based importance keeps working between groups); buffers stay
+    gradient sliced alike (gradient-based importance keeps working between groups), and so
+    is what :data:`SLICE_FOLLOWERS` keep for them; buffers stay
     buffers with the same persistence. A weight computed by weight norm or spectral norm is
     sliced through the tensors it is computed from.
     """
@@ -41,8 +47,11 @@ def slice_parameter(module: nn.Module, name: str, dim: int, keep: Indices) -> No
     else:
         index = torch.as_tensor(list(keep), dtype=torch.long, device=tensor.device)
     replace_tensor(module, name, take(tensor, dim, index), dim, index)
+    sliced = getattr(module, name)
     if isinstance(tensor, nn.Parameter) and tensor.grad is not None:
-        getattr(module, name).grad = take(tensor.grad, dim, index)
+        sliced.grad = take(tensor.grad, dim, index)
+    for follower in list(SLICE_FOLLOWERS):
+        follower.sliced(tensor, sliced, dim, index)
 
 
 def add_bias(layer: nn.Module) -> None:
