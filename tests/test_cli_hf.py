@@ -251,6 +251,10 @@ def test_finetune_distils_from_the_dense_folder_under_torchrun(folder, pruned_fo
         (["--text", "notes.txt"], "give --steps N or --minutes M"),
         (["x.safetensors", "--text", "notes.txt", "--steps", "1"], "drop x.safetensors"),
         (["--text", "missing.txt", "--steps", "1"], "--text missing.txt: no such text file"),
+        (
+            ["--text", "t.txt", "--epochs", "2", "--bn-l1", "1e-4"],
+            "--epochs, --bn-l1: for an image classifier",
+        ),
     ],
 )
 def test_finetune_errors_for_language_models(pruned_folder, argv, message, capsys):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,8 +29,22 @@ from torchslim.cli.datasets import accuracy, load_dataset
 from torchslim.cli.models import hf_folder_of, load_model
 from torchslim.cli.training import train_epoch
 
+#: defaults of the options both kinds of model take, which differ between them
 IMAGES = {"lr": 0.01, "batch_size": 64}
 TEXT = {"lr": 5e-5, "batch_size": 2}
+#: defaults of the options only an image classifier takes (``None``: not given)
+IMAGE_ONLY = {"dataset": "digits", "data_dir": None, "epochs": 3, "bn_l1": 0.0}
+#: the options only a language model takes
+TEXT_ONLY = (
+    "text",
+    "teacher",
+    "steps",
+    "minutes",
+    "autocast",
+    "eval_text",
+    "loss_plot",
+    "checkpoint",
+)
 
 
 def register(commands: Any) -> None:
@@ -68,10 +82,10 @@ def register(commands: Any) -> None:
         "<model>/ by save_pretrained (a Hugging Face model)",
     )
     images = sub.add_argument_group("an image classifier")
-    images.add_argument("--dataset", choices=DATASETS, default="digits")
+    images.add_argument("--dataset", choices=DATASETS, help="training images (default: digits)")
     images.add_argument("--data-dir", type=Path, help="folder with the IDX files")
-    images.add_argument("--epochs", type=int, default=3)
-    images.add_argument("--bn-l1", type=float, default=0.0, help="BN-scale L1 strength (0: off)")
+    images.add_argument("--epochs", type=int, help="passes over the training set (default: 3)")
+    images.add_argument("--bn-l1", type=float, help="BN-scale L1 strength (default: 0, off)")
     text = sub.add_argument_group("a Hugging Face causal language model")
     text.add_argument("--text", type=Path, help="UTF-8 text to train on (the folder's tokenizer)")
     text.add_argument(
@@ -105,9 +119,10 @@ def run(args: argparse.Namespace) -> int:
     model = model_of(args)
     language = tp.hf.is_hf_model(model)
     _check_arguments(args, model, language)
-    defaults = TEXT if language else IMAGES
-    args.lr = defaults["lr"] if args.lr is None else args.lr
-    args.batch_size = defaults["batch_size"] if args.batch_size is None else args.batch_size
+    defaults = TEXT if language else {**IMAGES, **IMAGE_ONLY}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
     if distributed:
@@ -132,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
 def _check_arguments(args: argparse.Namespace, model: nn.Module, language: bool) -> None:
     """What each kind of model needs, and what it does not take, as errors naming the flag."""
     if language:
+        _refuse_given(
+            args, IMAGE_ONLY, "for an image classifier; a language model trains on --text"
+        )
         if args.pruned is not None:
             raise ValueError(
                 f"MODEL is a Hugging Face folder, which holds its own pruned weights: drop "
@@ -147,15 +165,21 @@ def _check_arguments(args: argparse.Namespace, model: nn.Module, language: bool)
                 f"{type(model).__name__}"
             )
         return
-    text_only = ("text", "teacher", "steps", "minutes", "eval_text", "loss_plot", "checkpoint")
-    given = [f"--{name.replace('_', '-')}" for name in text_only if getattr(args, name)]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)}: for a Hugging Face language model (MODEL a folder); an image "
-            "classifier trains on --dataset"
-        )
+    _refuse_given(
+        args,
+        TEXT_ONLY,
+        "for a Hugging Face language model (MODEL a folder); an image classifier trains on "
+        "--dataset",
+    )
     if args.pruned is None:
         raise ValueError("give PRUNED: the .safetensors that `torchslim prune` wrote for MODEL")
+
+
+def _refuse_given(args: argparse.Namespace, names: Iterable[str], why: str) -> None:
+    """An error naming those of the options ``names`` that were given, and ``why`` not."""
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: {why}")
 
 
 def _train_images(args: argparse.Namespace, model: nn.Module, rank: int, world: int) -> None:
