@@ -4,6 +4,9 @@ Channel k of the group owns conv0's filter k (one weight), BN scale k, and conv2
 column k (two weights). Every expected number below is worked out by hand from those values.
 """
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -128,6 +131,8 @@ def test_hessian_averages_squared_gradients_over_batches(group):
     imp.accumulate_grad(model)  # a third batch equal to the second changes the mean
     fisher3 = (grads[0] ** 2 + 2 * grads[1] ** 2) / 3
     close(imp(group), (0.5 * torch.tensor(CONV0) ** 2 * fisher3).tolist())
+    for copied in (copy.deepcopy(imp), pickle.loads(pickle.dumps(imp))):
+        assert copied(group) is None  # statistics are kept per parameter object: not copied
     imp.zero_grad()
     assert imp(group) is None
 

@@ -168,6 +168,15 @@ class HessianImportance(GroupImportance):
                     self._sum[param] = square.clone()
         self._batches += 1
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles start without squared gradients (kept per parameter object)."""
+        return {**vars(self), "_sum": None, "_batches": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._sum = WeakIdKeyDictionary()
+        SLICE_FOLLOWERS.add(self)
+
     def sliced(self, old: torch.Tensor, new: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         """A parameter was sliced (a group pruned before this one was scored): its squared
         gradients follow, the old ones stay for an undo that puts the old parameter back."""
