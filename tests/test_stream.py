@@ -318,9 +318,6 @@ def test_per_layer_widths_stream_into_a_plan_and_bfloat16_stays(tmp_path):
     recipe = {"pruning_ratio_dict": {"neurons": 0.3}, "global_pruning": True}
     report = tp.hf.prune_checkpoint(tmp_path / "src", tmp_path / "out", recipe)
     assert not report.plain_config
-    with pytest.raises(tp.CheckpointError, match="was pruned to per-layer widths"):
-        tp.hf.prune_checkpoint(tmp_path / "out", tmp_path / "again", {"neurons": 0.1})
-    assert not (tmp_path / "again").exists()
     loaded = tp.hf.from_pretrained(tmp_path / "out").eval()
     source = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
     expected = _in_memory(source, recipe)  # as loaded: rotary frequencies in float32
@@ -333,6 +330,42 @@ def test_per_layer_widths_stream_into_a_plan_and_bfloat16_stays(tmp_path):
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, expected(IDS).logits)
+
+
+@pytest.mark.parametrize(
+    "recipe, wanda",
+    [({"neurons": 0.25}, False), ({"heads": 0.5, "width": 0.25}, False), ({"neurons": 0.25}, True)],
+)
+def test_a_checkpoint_pruned_to_per_layer_widths_streams_further(tmp_path, recipe, wanda):
+    dense = tiny_llama(3)
+    with torch.no_grad():
+        dense.model.layers[0].mlp.down_proj.weight.mul_(4)
+    dense.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    first = {"pruning_ratio_dict": {"neurons": 0.3}, "global_pruning": True}
+    assert not tp.hf.prune_checkpoint(tmp_path / "src", tmp_path / "once", first).plain_config
+    calibration = IDS if wanda else None
+    options = {"importance": "wanda", "calibration": calibration} if wanda else {}
+    tp.hf.prune_checkpoint(tmp_path / "once", tmp_path / "twice", recipe, **options)
+    source = tp.hf.from_pretrained(tmp_path / "once").eval()
+    expected = _in_memory(source, recipe, calibration)
+    loaded = tp.hf.from_pretrained(tmp_path / "twice").eval()
+    widths = [layer.mlp.down_proj.in_features for layer in loaded.model.layers]
+    assert widths == [layer.mlp.down_proj.in_features for layer in expected.model.layers]
+    mine, theirs = loaded.state_dict(), expected.state_dict()
+    assert set(mine) == set(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, expected(IDS).logits)
+
+
+def test_a_source_whose_plan_changed_computed_buffers_is_refused(tmp_path):
+    model = tiny_llama(3)
+    recipe = {"pruning_ratio_dict": {"head_dim": 0.25, "neurons": 0.3}, "global_pruning": True}
+    pruned = _in_memory(model, recipe)
+    tp.hf.save_pretrained(pruned, tmp_path / "src")
+    with pytest.raises(tp.CheckpointError, match=r"change computed buffers \(model.rotary_emb"):
+        tp.hf.prune_checkpoint(tmp_path / "src", tmp_path / "out", {"neurons": 0.1})
+    assert not (tmp_path / "out").exists()
 
 
 def test_refused_inputs_and_failed_runs_write_nothing(tmp_path, monkeypatch):

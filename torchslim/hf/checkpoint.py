@@ -10,6 +10,7 @@ replays the plan and assigns the saved weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -34,18 +35,9 @@ def from_pretrained(
     path = Path(path)
     config = transformers.AutoConfig.from_pretrained(path)
     model_class = model_class or model_class_of(config)
-    record = getattr(config, RECORD_KEY, None)
+    config, record, pruned_depth = _planned(config, path / "config.json")
     if record is None:
         return model_class.from_pretrained(path, **kwargs)
-    if not isinstance(record, dict):
-        raise CheckpointError(
-            f"{path / 'config.json'}: {RECORD_KEY} is {str(record)[:60]!r}, not a pruning plan "
-            "(a save interrupted before its plan was written?): save the pruned model again"
-        )
-    delattr(config, RECORD_KEY)
-    pruned_depth = {name: getattr(config, name) for name in record.get(DENSE_DEPTH, {})}
-    for name, value in record.get(DENSE_DEPTH, {}).items():
-        setattr(config, name, value)  # built at the dense depth, then the plan removes blocks
     pruned_class = _replaying(model_class, record)
     kwargs.setdefault("config", config)
     try:
@@ -60,10 +52,48 @@ def from_pretrained(
         for name, values in record.get("buffers", {}).items():
             buffer = model.get_buffer(name)
             buffer.copy_(torch.tensor(values, dtype=buffer.dtype))
+    _as_saved(model, record, pruned_depth)
+    return model
+
+
+def built(model_class: type, config: Any, where: Union[str, os.PathLike]) -> nn.Module:
+    """The model a folder's ``config`` (read from ``where``) describes, built without loading
+    weights (on the current device: ``meta`` for streaming), with the pruning plan the config
+    records replayed, as :func:`from_pretrained` builds it; computed buffers keep the values
+    the dense model's construction gives them."""
+    config, record, pruned_depth = _planned(copy.deepcopy(config), where)
+    if record is None:
+        return model_class(config).eval()
+    model = _replaying(model_class, record)(config).eval()
+    _as_saved(model, record, pruned_depth)
+    return model
+
+
+def _planned(config: Any, where: Union[str, os.PathLike]) -> tuple[Any, Optional[dict], dict]:
+    """``config`` made ready to build the model its recorded plan starts from (the plan taken
+    out, the dense depth back), the plan (``None``: a plain config), and the pruned depth to
+    put back once the model is built."""
+    record = getattr(config, RECORD_KEY, None)
+    if record is None:
+        return config, None, {}
+    if not isinstance(record, dict):
+        raise CheckpointError(
+            f"{where}: {RECORD_KEY} is {str(record)[:60]!r}, not a pruning plan "
+            "(a save interrupted before its plan was written?): save the pruned model again"
+        )
+    delattr(config, RECORD_KEY)
+    pruned_depth = {name: getattr(config, name) for name in record.get(DENSE_DEPTH, {})}
+    for name, value in record.get(DENSE_DEPTH, {}).items():
+        setattr(config, name, value)  # built at the dense depth, then the plan removes blocks
+    return config, record, pruned_depth
+
+
+def _as_saved(model: nn.Module, record: dict, pruned_depth: dict) -> None:
+    """The built model's config as it was saved: the pruned depth, and the plan (as after
+    pruning: saving the model again keeps it)."""
     for name, value in pruned_depth.items():
         setattr(model.config, name, value)
-    setattr(model.config, RECORD_KEY, record)  # as after pruning: saving it again keeps the plan
-    return model
+    setattr(model.config, RECORD_KEY, record)
 
 
 def _replaying(model_class: type, plan: dict[str, Any]) -> type:

@@ -36,6 +36,9 @@ class CheckpointTensors:
     so far on the pruned model replayed on them (what the in-memory model holds by then)."""
 
     def __init__(self, dense: nn.Module, pruned: nn.Module, reader: ConvertedReader) -> None:
+        """``dense``: the model the checkpoint holds (with the plan a checkpoint pruned to
+        per-layer widths records, replayed), and ``pruned`` a copy of it that pruning changes;
+        the steps of its plan from now on are what is replayed on the checkpoint's tensors."""
         self.dense = dense
         self.pruned = pruned
         self.reader = reader
@@ -44,7 +47,8 @@ class CheckpointTensors:
         for ref, key in self.keys.items():
             self.owners.setdefault(key, []).append(ref)
         self.ops: dict[str, list[dict[str, Any]]] = {}  # the plan so far, by module
-        self.indexed: list[dict[str, Any]] = []  # the plan's steps indexed in ``ops``
+        self.held = list(model_history(pruned))  # steps the checkpoint's tensors already hold
+        self.indexed: list[dict[str, Any]] = list(self.held)  # the steps indexed in ``ops``
         #: layer copies whose tensor is real, with the operations replayed on it and its
         #: bytes, newest last, kept for the next request (see :data:`KEEP_BYTES`)
         self.kept: OrderedDict[Ref, tuple[nn.Module, list[dict[str, Any]], int]] = OrderedDict()
@@ -60,7 +64,7 @@ class CheckpointTensors:
         history = model_history(self.pruned)
         done = len(self.indexed)
         if done > len(history) or (done and history[done - 1] is not self.indexed[-1]):
-            self.ops, self.indexed, done = {}, [], 0
+            self.ops, self.indexed, done = {}, list(self.held), len(self.held)
         for step in history[done:]:
             for op in step["ops"]:
                 self.ops.setdefault(op["module"], []).append(op)

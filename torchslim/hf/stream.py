@@ -21,7 +21,6 @@ output.
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from contextlib import ExitStack
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from torchslim.graph.kinds import KINDS
-from torchslim.hf.checkpoint import model_class_of
+from torchslim.hf.checkpoint import built, model_class_of
 from torchslim.hf.conversion import ConvertedReader
 from torchslim.hf.folder import copy_companions, save_pretrained
 from torchslim.hf.onload import computed_buffers, onloaded
@@ -178,6 +177,8 @@ def prune_checkpoint(
     calibration_dtype: Optional[torch.dtype] = None,
 ) -> StreamReport:
     """Prune the checkpoint folder ``src`` into ``dst`` by ``recipe`` without loading it.
+    ``src`` may be a checkpoint already pruned to per-layer widths: the plan its config records
+    is replayed on ``meta`` first, and ``dst`` records the whole plan from the dense model.
 
     ``recipe``: keyword arguments of :class:`~torchslim.pruner.MetaPruner`
     (``pruning_ratio_dict``, ``pruning_ratio``, ``global_pruning``, ``round_to``, ...), or
@@ -205,18 +206,19 @@ def prune_checkpoint(
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json")
     config = transformers.AutoConfig.from_pretrained(src)
-    if getattr(config, RECORD_KEY, None) is not None:
+    buffers = getattr(config, RECORD_KEY, None) or {}
+    if isinstance(buffers, dict) and buffers.get("buffers"):
         raise CheckpointError(
-            f"{src} was pruned to per-layer widths (its config.json records a {RECORD_KEY}), "
-            "which streaming does not replay: prune it further in memory "
-            "(tp.hf.from_pretrained, `torchslim prune`), or stream from the dense checkpoint"
+            f"{src} was pruned to per-layer widths that change computed buffers "
+            f"({', '.join(list(buffers['buffers'])[:3])}): their values cannot be streamed; "
+            "prune it further in memory (tp.hf.from_pretrained, `torchslim prune`)"
         )
     reader = ShardReader(src, trust_pickle=trust_pickle)
     model_class = model_class or model_class_of(config)
     with Readahead(reader.files, lambda: reader.bytes_read):  # the disk works meanwhile
-        with torch.device("meta"):
-            model = model_class(copy.deepcopy(config)).eval()
-            dense = model_class(copy.deepcopy(config)).eval()
+        with torch.device("meta"):  # a plan the source records (per-layer widths) replayed
+            model = built(model_class, config, src / "config.json")
+            dense = built(model_class, config, src / "config.json")
         layers = CheckpointTensors(dense, model, ConvertedReader(reader, dense))
         criterion = STREAMED[importance](**({"p": p} if importance == "magnitude" else {}))
         criterion.layers = layers
