@@ -4,6 +4,8 @@ transformers loads, and ``bench`` on the two folders. Tiny random Llama, nothing
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import json
 import os
 import re
@@ -222,6 +224,19 @@ def test_finetune_heals_a_pruned_folder_on_a_text(pruned_folder, tmp_path, capsy
     assert torch.equal(
         resumed.model.layers[1].mlp.down_proj.weight, tuned.model.layers[1].mlp.down_proj.weight
     )
+
+
+def test_finetune_whose_minutes_end_before_a_step_says_so(
+    pruned_folder, tmp_path, monkeypatch, capsys
+):
+    healing = importlib.import_module("torchslim.hf.heal")  # the module, not tp.hf.heal
+    clock = itertools.count()  # a second passes between any two readings
+    monkeypatch.setattr(healing.time, "monotonic", lambda: float(next(clock)))
+    text = tmp_path / "notes.txt"
+    text.write_text(WORDS)
+    assert main(["finetune", str(pruned_folder), "--text", str(text), "--minutes", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^0 steps in \d+ s \(stopped by minutes\), 0 tokens$", out, re.M)
 
 
 def test_finetune_distils_from_the_dense_folder_under_torchrun(folder, pruned_folder, tmp_path):

@@ -34,6 +34,8 @@ IMAGES = {"lr": 0.01, "batch_size": 64}
 TEXT = {"lr": 5e-5, "batch_size": 2}
 #: defaults of the options only an image classifier takes (``None``: not given)
 IMAGE_ONLY = {"dataset": "digits", "data_dir": None, "epochs": 3, "bn_l1": 0.0}
+#: token blocks per forward when the perplexity on --eval-text is measured
+EVAL_BATCH = 8
 #: the options only a language model takes
 TEXT_ONLY = (
     "text",
@@ -226,7 +228,7 @@ def _heal(args: argparse.Namespace, model: nn.Module, rank: int, world: int) -> 
         )
     before = None
     if rank == 0 and evaluation is not None:
-        before = tp.hf.perplexity(model, evaluation.split(8))
+        before = tp.hf.perplexity(model, evaluation.split(EVAL_BATCH))
     if rank == 0:
         source = f"distilling from {args.teacher}" if teacher is not None else "next-token loss"
         print(
@@ -250,12 +252,13 @@ def _heal(args: argparse.Namespace, model: nn.Module, rank: int, world: int) -> 
     )
     if rank != 0:
         return
+    losses = f"; loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}" if log.losses else ""
     print(
         f"{len(log.losses)} steps in {log.seconds:.0f} s (stopped by {log.stopped_by}), "
-        f"{log.tokens} tokens; loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}"
+        f"{log.tokens} tokens{losses}"
     )
     if evaluation is not None:
-        after = tp.hf.perplexity(model, evaluation.split(8))
+        after = tp.hf.perplexity(model, evaluation.split(EVAL_BATCH))
         print(f"perplexity on {args.eval_text}: {before:.2f} -> {after:.2f}")
     if args.loss_plot is not None:
         log.plot(args.loss_plot)
