@@ -37,6 +37,14 @@ def folder(tmp_path_factory) -> Path:
     return tiny_llama_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
 
 
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    """A UTF-8 text the tiny folder's tokenizer reads (its words, 720 tokens)."""
+    path = tmp_path_factory.mktemp("text") / "notes.txt"
+    path.write_text(WORDS)
+    return path
+
+
 def test_inspect_a_folder_traces_token_ids_and_names_each_kind(folder):
     out = torchslim("inspect", str(folder))
     kinds = set(re.findall(r"\]\s+(\w+)\s+\d+", out))
@@ -72,9 +80,7 @@ def test_prune_writes_a_folder_plain_transformers_loads(folder, tmp_path):
         torch.testing.assert_close(pruned(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_calibrated_global_prune_of_a_folder_and_bench_of_the_two(folder, tmp_path):
-    text = tmp_path / "calibration.txt"
-    text.write_text(WORDS)
+def test_calibrated_global_prune_of_a_folder_and_bench_of_the_two(folder, tmp_path, text):
     argv = ["--kinds", "neurons=0.3", "--global", "--importance", "fisher"]
     out = torchslim("prune", str(folder), *argv, "--calibration", str(text), "--out", str(tmp_path))
     saved = tmp_path / "tiny-llama"
@@ -162,9 +168,7 @@ def test_warnings_are_one_line_on_standard_error(folder):
     assert "UserWarning" not in done.stderr and "pruner = " not in done.stderr
 
 
-def test_prune_removes_whole_decoder_layers_calibrated_on_a_text(folder, tmp_path):
-    text = tmp_path / "notes.txt"
-    text.write_text(WORDS)
+def test_prune_removes_whole_decoder_layers_calibrated_on_a_text(folder, tmp_path, text):
     out = torchslim(
         "prune",
         str(folder),
@@ -196,9 +200,7 @@ def pruned_folder(folder, tmp_path_factory) -> Path:
     return out / "tiny-llama"
 
 
-def test_finetune_heals_a_pruned_folder_on_a_text(pruned_folder, tmp_path, capsys):
-    text = tmp_path / "notes.txt"
-    text.write_text(WORDS)
+def test_finetune_heals_a_pruned_folder_on_a_text(pruned_folder, tmp_path, capsys, text):
     argv = ["finetune", str(pruned_folder), "--text", str(text), "--steps", "20", "--lr", "1e-2"]
     argv += ["--block-size", "16", "--eval-text", str(text), "--loss-plot", str(tmp_path / "l.png")]
     argv += ["--checkpoint", str(tmp_path / "ck.safetensors"), "--out", str(tmp_path / "tuned")]
@@ -226,22 +228,18 @@ def test_finetune_heals_a_pruned_folder_on_a_text(pruned_folder, tmp_path, capsy
     )
 
 
-def test_finetune_whose_minutes_end_before_a_step_says_so(
-    pruned_folder, tmp_path, monkeypatch, capsys
-):
+def test_finetune_whose_minutes_end_before_a_step_says_so(pruned_folder, text, monkeypatch, capsys):
     healing = importlib.import_module("torchslim.hf.heal")  # the module, not tp.hf.heal
     clock = itertools.count()  # a second passes between any two readings
     monkeypatch.setattr(healing.time, "monotonic", lambda: float(next(clock)))
-    text = tmp_path / "notes.txt"
-    text.write_text(WORDS)
     assert main(["finetune", str(pruned_folder), "--text", str(text), "--minutes", "0.01"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^0 steps in \d+ s \(stopped by minutes\), 0 tokens$", out, re.M)
 
 
-def test_finetune_distils_from_the_dense_folder_under_torchrun(folder, pruned_folder, tmp_path):
-    text = tmp_path / "notes.txt"
-    text.write_text(WORDS)
+def test_finetune_distils_from_the_dense_folder_under_torchrun(
+    folder, pruned_folder, tmp_path, text
+):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "torchslim", "finetune", str(pruned_folder), "--text", str(text)]
     command += ["--teacher", str(folder), "--steps", "4", "--block-size", "16", "--lr", "1e-3"]
@@ -277,11 +275,9 @@ def test_finetune_errors_for_language_models(pruned_folder, argv, message, capsy
     assert message in capsys.readouterr().err
 
 
-def test_finetune_refuses_a_teacher_of_another_vocabulary(pruned_folder, tmp_path, capsys):
+def test_finetune_refuses_a_teacher_of_another_vocabulary(pruned_folder, tmp_path, capsys, text):
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LM, "vocab_size": 50}))
     other.save_pretrained(tmp_path / "other")
-    text = tmp_path / "notes.txt"
-    text.write_text(WORDS)
     argv = ["finetune", str(pruned_folder), "--text", str(text), "--steps", "1"]
     assert main([*argv, "--teacher", str(tmp_path / "other")]) == 2
     assert "predicts 50 tokens, MODEL 97: distillation needs the dense model" in (

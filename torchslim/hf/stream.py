@@ -206,11 +206,11 @@ def prune_checkpoint(
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json")
     config = transformers.AutoConfig.from_pretrained(src)
-    buffers = getattr(config, RECORD_KEY, None) or {}
-    if isinstance(buffers, dict) and buffers.get("buffers"):
+    record = getattr(config, RECORD_KEY, None)
+    if isinstance(record, dict) and record.get("buffers"):
         raise CheckpointError(
             f"{src} was pruned to per-layer widths that change computed buffers "
-            f"({', '.join(list(buffers['buffers'])[:3])}): their values cannot be streamed; "
+            f"({', '.join(list(record['buffers'])[:3])}): their values cannot be streamed; "
             "prune it further in memory (tp.hf.from_pretrained, `torchslim prune`)"
         )
     reader = ShardReader(src, trust_pickle=trust_pickle)

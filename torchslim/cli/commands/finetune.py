@@ -227,9 +227,9 @@ def _heal(args: argparse.Namespace, model: nn.Module, rank: int, world: int) -> 
             f"{_vocabulary(model)}: distillation needs the dense model MODEL was pruned from"
         )
     before = None
-    if rank == 0 and evaluation is not None:
-        before = tp.hf.perplexity(model, evaluation.split(EVAL_BATCH))
     if rank == 0:
+        if evaluation is not None:
+            before = tp.hf.perplexity(model, evaluation.split(EVAL_BATCH))
         source = f"distilling from {args.teacher}" if teacher is not None else "next-token loss"
         print(
             f"world size {world}; {len(blocks)} blocks of {args.block_size} tokens from "
