@@ -40,14 +40,18 @@ def _checkpoint(path: Path, **extra: Any) -> tuple[nn.Module, Path]:
     return model, path
 
 
-def _in_memory(model: nn.Module, recipe: dict, calibration: Any = None) -> nn.Module:
+def _in_memory(
+    model: nn.Module, recipe: dict, calibration: Any = None, criterion: str = "wanda"
+) -> nn.Module:
+    """``model`` pruned in memory by L2 magnitude, or by ``criterion`` recorded on
+    ``calibration``."""
     model = copy.deepcopy(model)
     arguments = recipe if "pruning_ratio_dict" in recipe else {"pruning_ratio_dict": recipe}
     if calibration is None:
         importance = tp.importance.MagnitudeImportance(p=2)
         expected_warning = pytest.warns(UserWarning, match="without calibration data")
     else:
-        importance = tp.importance.WandaImportance()
+        importance = tp.importance.make_importance(criterion)
         with importance.record(model), torch.no_grad():
             model(calibration)
         expected_warning = contextlib.nullcontext()
@@ -140,13 +144,13 @@ def test_a_layer_is_written_from_the_copy_its_scores_were_read_into(tmp_path, mo
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("importance", ["magnitude", "wanda"])
+@pytest.mark.parametrize("importance", ["magnitude", "wanda", "fluctuation"])
 def test_a_tensor_the_kept_copies_cannot_hold_is_scored_a_block_of_rows_at_a_time(
     importance, tied, tmp_path, monkeypatch
 ):
     dense, src = _checkpoint(tmp_path / "src", tie_word_embeddings=tied)
     calibration = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
-    wanda = {"importance": "wanda", "calibration": calibration}
+    calibrated = importance != "magnitude"
     recipe = {"heads": 0.5, "neurons": 0.25, "width": 0.25}
     monkeypatch.setattr(replay, "KEEP_BYTES", 0)
     monkeypatch.setattr(replay.CheckpointTensors, "keep_at_least", lambda self, size: None)
@@ -159,16 +163,16 @@ def test_a_tensor_the_kept_copies_cannot_hold_is_scored_a_block_of_rows_at_a_tim
         "get",
         lambda self, name, rows=slice(None): reads.append((name, rows)) or get(self, name, rows),
     )
-    arguments = wanda if importance == "wanda" else {}
+    arguments = {"importance": importance, "calibration": calibration} if calibrated else {}
     tp.hf.prune_checkpoint(src, tmp_path / "out", recipe, **arguments)
     embeddings = [r for r in reads if r[0] in ("model.embed_tokens.weight", "lm_head.weight")]
-    if importance == "wanda":  # the calibration forward looks rows up in the whole table
+    if calibrated:  # the calibration forward looks rows up in the whole table
         assert embeddings[0] == ("model.embed_tokens.weight", slice(None))
         embeddings = embeddings[1:]
     stored = {"model.embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})
     assert {name for name, _ in embeddings} == stored
     assert all(rows.stop - rows.start <= 31 for _, rows in embeddings)
-    expected = _in_memory(dense, recipe, calibration if importance == "wanda" else None)
+    expected = _in_memory(dense, recipe, calibration if calibrated else None, importance)
     _same_model(
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
     )
@@ -240,7 +244,7 @@ def test_wanda_records_one_module_at_a_time_and_chooses_what_wanda_in_memory_cho
     )
     for bad, match in [
         ({"importance": "wanda"}, "needs calibration token ids"),
-        ({"importance": "taylor"}, "cannot be streamed: choose one of magnitude, wanda"),
+        ({"importance": "taylor"}, "cannot be streamed: choose one of magnitude, wanda, fluc"),
         ({"calibration": calibration}, "magnitude needs no calibration"),
         ({"importance": "wanda", "calibration": calibration.float()}, r"token ids \[sequences"),
         ({"importance": "wanda", "calibration": []}, "needs calibration token ids, got none"),
@@ -441,7 +445,10 @@ def test_the_command_line_streams_a_folder_and_prints_what_changed(tmp_path, cap
     assert "give --kinds, --ratio or both" in capsys.readouterr().err
 
 
-def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("criterion", ["wanda", "fluctuation"])
+def test_the_command_line_streams_a_criterion_calibrated_on_a_text_file(
+    criterion, tmp_path, capsys, monkeypatch
+):
     from torchslim.cli.main import main
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # progress bars, as on a terminal
@@ -449,24 +456,30 @@ def test_the_command_line_streams_wanda_calibrated_on_a_text_file(tmp_path, caps
     text = tmp_path / "calibration.txt"
     text.write_text(WORDS)
     out = tmp_path / "out"
-    wanda = ["--importance", "wanda", "--calibration", str(text)]
+    calibrated = ["--importance", criterion, "--calibration", str(text)]
     sizes = ["--calibration-size", "64", "--calibration-length", "16"]
-    command = ["prune-hf", str(src), "--out", str(out), "--kinds", "neurons=0.25"]
-    assert main([*command, *wanda, *sizes]) == 0
+    recipe = {"neurons": 0.25, "heads": 0.5}
+    kinds = ",".join(f"{kind}={ratio}" for kind, ratio in recipe.items())
+    command = ["prune-hf", str(src), "--out", str(out), "--kinds", kinds]
+    assert main([*command, *calibrated, *sizes]) == 0
     tokenizer = transformers.AutoTokenizer.from_pretrained(src)
     blocks = tp.hf.token_blocks(tokenizer, WORDS, 16, 4)
     dense = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
-    expected = _in_memory(dense, {"neurons": 0.25}, blocks)
+    expected = _in_memory(dense, recipe, blocks, criterion)
+    other = _in_memory(dense, recipe, blocks, {"wanda": "fluctuation"}.get(criterion, "wanda"))
+    assert not torch.equal(  # the two criteria choose differently here
+        expected.model.layers[0].mlp.down_proj.weight, other.model.layers[0].mlp.down_proj.weight
+    )
     _same_model(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), expected)
     bars = capsys.readouterr().err
     for bar in ("calibrating (read)", "scoring (read)", "writing"):
         assert re.search(rf"{re.escape(bar)}: .*B/s", bars), bar
-    assert main([*command, "--importance", "wanda"]) == 2
-    assert "--importance wanda needs --calibration TEXT_FILE" in capsys.readouterr().err
+    assert main([*command, "--importance", criterion]) == 2
+    assert f"--importance {criterion} needs --calibration TEXT_FILE" in capsys.readouterr().err
     assert main([*command, "--calibration", str(text)]) == 2
     assert "magnitude needs no data" in capsys.readouterr().err
     assert main([*command, "--calibration-dtype", "float32"]) == 2
-    assert "sets the dtype of --importance wanda's calibration" in capsys.readouterr().err
+    assert "of --importance wanda or fluctuation" in capsys.readouterr().err
 
 
 def test_fused_projections_stream_as_they_prune_in_memory(tmp_path):

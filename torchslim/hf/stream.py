@@ -2,8 +2,8 @@
 
 :func:`prune_checkpoint` builds the model from ``config.json`` on ``meta`` (no memory), traces
 it and lets :class:`~torchslim.pruner.MetaPruner` choose and prune there. Calibrated criteria
-(Wanda) first record their statistics in a forward that holds one module's weights at a time
-(:mod:`torchslim.hf.onload`). Each tensor a group scores is read from its shard when it is
+(Wanda, FLAP's fluctuation) first record their statistics in a forward that holds one module's
+weights at a time (:mod:`torchslim.hf.onload`). Each tensor a group scores is read from its shard when it is
 scored, with the plan recorded so far replayed on it, so the choice is the one made in memory.
 The output's shapes are known before the step (the same step with placeholder scores,
 undone), so each tensor is written into its shard as soon as the plan for it is final, from
@@ -46,7 +46,11 @@ from torchslim.hf.output import (
 from torchslim.hf.replay import CheckpointTensors
 from torchslim.hf.shards import ShardReader
 from torchslim.hf.sync import RECORD_KEY
-from torchslim.importance.criteria import MagnitudeImportance, WandaImportance
+from torchslim.importance.criteria import (
+    FluctuationImportance,
+    MagnitudeImportance,
+    WandaImportance,
+)
 from torchslim.persistence import CheckpointError, atomic_folder
 from torchslim.pruner.meta import MetaPruner
 from torchslim.pruning.take import recycling
@@ -123,8 +127,18 @@ class _StreamedWanda(_Streamed, WandaImportance):
     pass
 
 
+class _StreamedFluctuation(_Streamed, FluctuationImportance):
+    pass
+
+
 #: the criteria ``prune_checkpoint`` streams, by name (calibrated ones record first)
-STREAMED: dict[str, type] = {"magnitude": _StreamedMagnitude, "wanda": _StreamedWanda}
+STREAMED: dict[str, type] = {
+    "magnitude": _StreamedMagnitude,
+    "wanda": _StreamedWanda,
+    "fluctuation": _StreamedFluctuation,
+}
+#: the streamed criteria that need calibration token ids
+CALIBRATED = tuple(name for name in STREAMED if name != "magnitude")
 
 
 def _record(
@@ -184,9 +198,10 @@ def prune_checkpoint(
     (``pruning_ratio_dict``, ``pruning_ratio``, ``global_pruning``, ``round_to``, ...), or
     kinds and ratios alone (``{"neurons": 0.2}``). ``importance``: ``"magnitude"`` ranks
     channels by the L``p`` norm of their coupled slices, as ``MagnitudeImportance(p)`` does in
-    memory; ``"wanda"`` as ``WandaImportance`` recorded on ``calibration`` (token ids
-    ``[sequences, length]``, or a list of such batches), which runs through the model one
-    module's weights at a time first. ``model_class`` defaults to the class
+    memory; ``"wanda"`` as ``WandaImportance`` and ``"fluctuation"`` as FLAP's
+    ``FluctuationImportance``, recorded on ``calibration`` (token ids ``[sequences, length]``,
+    or a list of such batches), which runs through the model one module's weights at a time
+    first. ``model_class`` defaults to the class
     ``config.architectures`` names. ``trust_pickle`` lets pickle (``.bin``) shards be read
     (mapped by ``torch.load(weights_only=True, mmap=True)``); the output is safetensors.
     ``calibration_dtype`` (``torch.float32``): the calibration forward runs in it instead of
@@ -201,7 +216,7 @@ def prune_checkpoint(
     if calibration_dtype is not None and (not batches or not calibration_dtype.is_floating_point):
         raise ValueError(
             f"calibration_dtype={calibration_dtype}: a floating-point dtype for the calibration "
-            "forward of a calibrated criterion (importance='wanda')"
+            f"forward of a calibrated criterion (importance={_calibrated()})"
         )
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json")
@@ -275,7 +290,9 @@ def _calibration_batches(
         )
     if importance == "magnitude":
         if calibration is not None:
-            raise ValueError("magnitude needs no calibration: give importance='wanda' to use it")
+            raise ValueError(
+                f"magnitude needs no calibration: give importance={_calibrated()} to use it"
+            )
         return []
     if calibration is None:
         raise ValueError(f"importance {importance!r} needs calibration token ids")
@@ -291,6 +308,10 @@ def _calibration_batches(
         if not ids.numel():
             raise ValueError(f"calibration: an empty batch of token ids {list(ids.shape)}")
     return batches
+
+
+def _calibrated() -> str:
+    return " or ".join(map(repr, CALIBRATED))
 
 
 def _pruner_arguments(recipe: Mapping[str, Any]) -> dict[str, Any]:

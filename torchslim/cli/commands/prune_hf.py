@@ -13,7 +13,7 @@ import torch
 import torchslim as tp
 from torchslim.cli.commands.prune import check_ratio, kind_ratios, text_blocks
 from torchslim.cli.common import add_command, table
-from torchslim.hf.stream import STREAMED
+from torchslim.hf.stream import CALIBRATED, STREAMED
 from torchslim.utils.ops_counter import count
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,8 +23,8 @@ def register(commands: Any) -> None:
     sub = add_command(
         commands,
         "prune-hf",
-        "Prune a Hugging Face checkpoint folder shard by shard (L2 magnitude or Wanda), without "
-        "loading it.",
+        "Prune a Hugging Face checkpoint folder shard by shard (L2 magnitude, Wanda or FLAP's "
+        "fluctuation), without loading it.",
         run,
         model=False,
     )
@@ -48,13 +48,13 @@ def register(commands: Any) -> None:
         "--importance",
         choices=sorted(STREAMED),
         default="magnitude",
-        help="L2 magnitude (one pass, no data), or Wanda recorded on --calibration one module's "
-        "weights at a time",
+        help="L2 magnitude (one pass, no data), or Wanda or FLAP's fluctuation recorded on "
+        "--calibration one module's weights at a time",
     )
-    sub.add_argument("--calibration", help="a UTF-8 text file, read with SRC's tokenizer (wanda)")
     sub.add_argument(
-        "--calibration-size", type=int, default=4096, help="calibration tokens (wanda)"
+        "--calibration", help="a UTF-8 text file, read with SRC's tokenizer (wanda, fluctuation)"
     )
+    sub.add_argument("--calibration-size", type=int, default=4096, help="calibration tokens")
     sub.add_argument(
         "--calibration-length", type=int, default=128, help="tokens per calibration sequence"
     )
@@ -72,10 +72,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --kinds, --ratio or both")
     check_ratio(args.ratio)
     calibration = None
+    calibrated = " or ".join(CALIBRATED)
     if args.importance == "magnitude" and args.calibration is not None:
-        raise ValueError("--calibration calibrates --importance wanda; magnitude needs no data")
+        raise ValueError(
+            f"--calibration calibrates --importance {calibrated}; magnitude needs no data"
+        )
     if args.importance == "magnitude" and args.calibration_dtype is not None:
-        raise ValueError("--calibration-dtype sets the dtype of --importance wanda's calibration")
+        raise ValueError(
+            f"--calibration-dtype sets the dtype of the calibration of --importance {calibrated}"
+        )
     if args.importance != "magnitude":
         if args.calibration is None:
             raise ValueError(f"--importance {args.importance} needs --calibration TEXT_FILE")
