@@ -6,7 +6,8 @@ shards, kept under ``.cache/stream/`` for reruns): a Llama-3-8B-shaped model (32
 heads / 8 KV), whose per-layer cost is extrapolated to 80 layers. Each is pruned by
 ``tp.hf.prune_checkpoint`` in its own process (peak RSS from ``wait4``): 20% of the heads, MLP
 neurons and hidden size by L2 magnitude, and the 8B by Wanda too (recorded on 32 x 128 random
-tokens, one module's weights in memory at a time). ``cat`` of the shards to ``/dev/null`` is timed in the
+tokens, one module's weights in memory at a time), and by Wanda with reconstruction (the layers
+reading removed channels refit on the same tokens, a decoder layer at a time). ``cat`` of the shards to ``/dev/null`` is timed in the
 same run, just before each prune: with ``--cold`` (root) the page cache is emptied before each,
 so both read from the disk, as they must for a checkpoint larger than memory; without it they
 find whatever the cache holds. The output is reloaded with ``from_pretrained`` in another
@@ -14,7 +15,7 @@ process, which generates a few tokens.
 
     .venv/bin/python benchmarks/stream_checkpoint.py --markdown benchmarks/results/stream_checkpoint.md
     .venv/bin/python benchmarks/stream_checkpoint.py --sizes 8b --wanda --cold   # from the disk
-    .venv/bin/python benchmarks/stream_checkpoint.py --sizes tiny --wanda tiny   # a smoke run
+    .venv/bin/python benchmarks/stream_checkpoint.py --sizes tiny --wanda tiny --reconstruct tiny
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from torchslim.utils.hardware import native_bfloat16  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "stream"
 SHARD = 5 * 10**9
-CALIBRATION = (32, 128)  # sequences x tokens that calibrate Wanda
+CALIBRATION = (32, 128)  # sequences x tokens that calibrate Wanda and reconstruction
+RECONSTRUCTED = "wanda + reconstruction"
 LLAMA_70B = dict(
     vocab_size=128256,
     hidden_size=8192,
@@ -116,6 +118,9 @@ def worker(src: str, dst: str, ratio: float, importance: str) -> None:
 
     recipe = {"heads": ratio, "neurons": ratio, "width": ratio}
     calibration = None
+    reconstruct = importance == RECONSTRUCTED
+    if reconstruct:
+        importance = "wanda"
     if importance == "wanda":  # random weights: random tokens calibrate them as well as text
         vocab = json.loads((Path(src) / "config.json").read_text())["vocab_size"]
         calibration = torch.randint(
@@ -128,8 +133,11 @@ def worker(src: str, dst: str, ratio: float, importance: str) -> None:
         importance=importance,
         calibration=calibration,
         **(calibrated_in() if importance == "wanda" else {}),
+        reconstruct=reconstruct,
     )
-    print(json.dumps({**vars(report), "changed": {k: list(v) for k, v in report.changed.items()}}))
+    result = {**vars(report), "changed": {k: list(v) for k, v in report.changed.items()}}
+    result["reconstruction"] = None if reconstruct is False else str(report.reconstruction)
+    print(json.dumps(result))
 
 
 def check_reload(dst: str) -> None:
@@ -197,14 +205,15 @@ def markdown(
         for r in results
         if r["name"].startswith("70b") and r["importance"] == "magnitude" and "error" not in r
     }
-    wanda = any(r["importance"] == "wanda" for r in results)
+    wanda = any(r["importance"] != "magnitude" for r in results)
     footer = (
         f"{ratio:.0%} of heads, MLP neurons and hidden size, by L2 magnitude"
         + (
             f" or by Wanda recorded on {CALIBRATION[0]} x {CALIBRATION[1]} random tokens (one "
             "module's weights in memory at a time, "
             + ("in float32" if calibrated_in() else "in bf16")
-            + ")"
+            + "; with reconstruction, the layers reading removed channels refit on them, a "
+            "decoder layer at a time)"
             if wanda
             else ""
         )
@@ -234,6 +243,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument(
         "--wanda", nargs="*", default=["8b"], choices=SHAPES, help="sizes pruned by Wanda too"
     )
+    parser.add_argument(
+        "--reconstruct",
+        nargs="*",
+        default=["8b"],
+        choices=SHAPES,
+        help="sizes pruned by Wanda with reconstruction too",
+    )
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--markdown", type=Path)
@@ -255,6 +271,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     results = []
     runs = [(name, "magnitude") for name in args.sizes] + [(name, "wanda") for name in args.wanda]
+    runs += [(name, RECONSTRUCTED) for name in args.reconstruct]
     for name, importance in runs:
         results.append(measure(name, args.ratio, args.timeout, importance, args.cold))
         print(results[-1], flush=True)

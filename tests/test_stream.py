@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -19,8 +19,9 @@ from helpers import TINY_LM, WORDS, tiny_llama, tiny_llama_folder
 from torch import nn
 
 import torchslim as tp
-from torchslim.hf import output, replay, stream
+from torchslim.hf import output, refit, replay, stream
 from torchslim.hf.shards import ShardWriter
+from torchslim.pruner.reconstruct import Reconstruction
 
 transformers = pytest.importorskip("transformers")
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -41,10 +42,14 @@ def _checkpoint(path: Path, **extra: Any) -> tuple[nn.Module, Path]:
 
 
 def _in_memory(
-    model: nn.Module, recipe: dict, calibration: Any = None, criterion: str = "wanda"
+    model: nn.Module,
+    recipe: dict,
+    calibration: Any = None,
+    criterion: str = "wanda",
+    reconstruct: Optional[Reconstruction] = None,
 ) -> nn.Module:
     """``model`` pruned in memory by L2 magnitude, or by ``criterion`` recorded on
-    ``calibration``."""
+    ``calibration``; ``reconstruct``: refit as it says."""
     model = copy.deepcopy(model)
     arguments = recipe if "pruning_ratio_dict" in recipe else {"pruning_ratio_dict": recipe}
     if calibration is None:
@@ -58,7 +63,7 @@ def _in_memory(
     with expected_warning:
         tp.pruner.MetaPruner(
             model, IDS[:1], importance=importance, **{"pruning_ratio": 0.0, **arguments}
-        ).step()
+        ).step(reconstruct=reconstruct)
     return model
 
 
@@ -250,6 +255,10 @@ def test_wanda_records_one_module_at_a_time_and_chooses_what_wanda_in_memory_cho
         ({"importance": "wanda", "calibration": []}, "needs calibration token ids, got none"),
         ({"importance": "wanda", "calibration": calibration[:0]}, "an empty batch"),
         ({"calibration_dtype": torch.float32}, "forward of a calibrated criterion"),
+        ({"reconstruct": True}, "reconstruct=True refits on the calibration token ids"),
+        ({"reconstruct": "yes"}, "reconstruct: True, False or a Reconstruction, got 'yes'"),
+        ({"reconstruct": Reconstruction([calibration], add_bias=True)}, "adds no bias"),
+        ({"reconstruct": Reconstruction([calibration.float()])}, r"token ids \[sequences"),
         (
             {"importance": "wanda", "calibration": calibration, "calibration_dtype": torch.int8},
             "calibration_dtype=torch.int8: a floating-point dtype",
@@ -258,6 +267,70 @@ def test_wanda_records_one_module_at_a_time_and_chooses_what_wanda_in_memory_cho
         with pytest.raises(ValueError, match=match):
             tp.hf.prune_checkpoint(src, tmp_path / "never", recipe, **bad)
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe, criterion, max_memory, layer_runs",
+    [  # Wanda's calibration, then the one statistics run over all layers
+        ({"neurons": 0.25}, "wanda", 2 << 30, 2),
+        # four statistics runs in each layer (the budget holds two of its seven inputs' moments
+        # at a time), then one carrying the refit layer's outputs on
+        ({"heads": 0.5, "neurons": 0.25, "width": 0.25}, "magnitude", 20_000, 5),
+    ],
+    ids=["one-run", "runs-within-layers"],
+)
+def test_reconstruction_streams_a_decoder_layer_at_a_time_and_refits_as_in_memory(
+    recipe, criterion, max_memory, layer_runs, tmp_path, monkeypatch
+):
+    dense, src = _checkpoint(tmp_path / "src")
+    calibration = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
+    config = Reconstruction([calibration], max_memory=max_memory)
+    calibrated = calibration if criterion != "magnitude" else None
+    expected = _in_memory(dense, recipe, calibrated, criterion, config)
+    unrefit = _in_memory(dense, recipe, calibrated, criterion)
+    layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    runs, forward = Counter(), layer.forward
+
+    def counted(self, hidden, *args, **kwargs):
+        runs[self.self_attn.layer_idx] += hidden.device.type != "meta"
+        return forward(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", counted)
+    report = tp.hf.prune_checkpoint(
+        src,
+        tmp_path / "out",
+        recipe,
+        importance=criterion,
+        calibration=calibrated,  # magnitude: the batches are the refit's own
+        reconstruct=config,
+    )
+    monkeypatch.undo()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    _same_model(loaded, expected)
+    assert not torch.equal(
+        expected.model.layers[2].mlp.down_proj.weight, unrefit.model.layers[2].mlp.down_proj.weight
+    )
+    refit = report.reconstruction.layers
+    assert len(refit) == (22 if "width" in recipe else 3)  # 7 a layer and the LM head
+    assert refit[0].after < refit[0].before
+    assert "reconstruction (deliberate weight change)" in str(report)
+    assert runs == {0: layer_runs, 1: layer_runs, 2: layer_runs}  # not more for early layers
+
+
+def test_a_streamed_reconstruction_refits_layers_in_or_after_the_decoder_layers():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.heads = nn.ModuleList([nn.Linear(4, 4), nn.Conv1d(4, 4, 1)])
+
+    net = Net()
+    assert refit.decoder_layers(net, [net.layers[1], net.heads[0]]) is net.layers
+    with pytest.raises(tp.CheckpointError, match="proj is refit but comes before the decoder"):
+        refit.decoder_layers(net, [net.proj, net.layers[1]])
+    with pytest.raises(tp.CheckpointError, match="no list of decoder layers holding the layers"):
+        refit.decoder_layers(net, [net.proj])
 
 
 def test_a_bfloat16_checkpoint_calibrates_in_float32_as_its_float32_copy_does(
@@ -480,6 +553,16 @@ def test_the_command_line_streams_a_criterion_calibrated_on_a_text_file(
     assert "magnitude needs no data" in capsys.readouterr().err
     assert main([*command, "--calibration-dtype", "float32"]) == 2
     assert "of --importance wanda or fluctuation" in capsys.readouterr().err
+    assert main([*command, "--reconstruct"]) == 2
+    assert "--reconstruct needs --calibration TEXT_FILE" in capsys.readouterr().err
+    refitting = ["prune-hf", str(src), "--out", str(tmp_path / "refit"), "--kinds", kinds]
+    assert main([*refitting, *calibrated, *sizes, "--reconstruct"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"reconstruction \(deliberate weight change\): \d+ layers refit", printed)
+    expected = _in_memory(dense, recipe, blocks, criterion, Reconstruction([blocks]))
+    _same_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "refit").eval(), expected
+    )
 
 
 def test_fused_projections_stream_as_they_prune_in_memory(tmp_path):

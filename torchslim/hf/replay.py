@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -53,6 +53,8 @@ class CheckpointTensors:
         #: bytes, newest last, kept for the next request (see :data:`KEEP_BYTES`)
         self.kept: OrderedDict[Ref, tuple[nn.Module, list[dict[str, Any]], int]] = OrderedDict()
         self.keep_bytes = KEEP_BYTES
+        #: tensors to read from elsewhere than the checkpoint (refit ones), ``None`` otherwise
+        self.replaced: Optional[Callable[[Ref, slice], Optional[torch.Tensor]]] = None
 
     def keep_at_least(self, size: int) -> None:
         """Keep copies up to ``size`` bytes, if that is more than :data:`KEEP_BYTES`."""
@@ -144,8 +146,12 @@ class CheckpointTensors:
         return [(saved, tuple(piece.shape), dtype) for saved, piece in pieces.items()]
 
     def read(self, name: str, attr: str, rows: slice = slice(None)) -> Optional[torch.Tensor]:
-        """``name.attr`` (its ``rows``) as the checkpoint holds it, dense; ``None`` where the
-        checkpoint has no such tensor (one the model computes)."""
+        """``name.attr`` (its ``rows``) as the checkpoint holds it (or as :attr:`replaced`
+        gives it), dense; ``None`` where the checkpoint has no such tensor (one the model
+        computes)."""
+        replaced = None if self.replaced is None else self.replaced((name, attr), rows)
+        if replaced is not None:
+            return replaced
         key = self.keys.get((name, attr))
         return None if key is None else self.reader.get(key, rows)
 

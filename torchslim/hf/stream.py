@@ -21,6 +21,8 @@ output.
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
 import warnings
 from contextlib import ExitStack
@@ -43,6 +45,7 @@ from torchslim.hf.output import (
     refuse_computed_buffers,
     stored_refs,
 )
+from torchslim.hf.refit import RefitStore, StreamedReconstruction
 from torchslim.hf.replay import CheckpointTensors
 from torchslim.hf.shards import ShardReader
 from torchslim.hf.sync import RECORD_KEY
@@ -53,6 +56,7 @@ from torchslim.importance.criteria import (
 )
 from torchslim.persistence import CheckpointError, atomic_folder
 from torchslim.pruner.meta import MetaPruner
+from torchslim.pruner.reconstruct import Reconstruction, ReconstructionReport
 from torchslim.pruning.take import recycling
 from torchslim.spaces.analysis import ParamDim
 from torchslim.utils import heap
@@ -79,6 +83,8 @@ class StreamReport:
     plain_config: bool
     #: config fields the pruning changed: ``{"intermediate_size": (14336, 11469)}``
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    #: what reconstruction refit (``None`` without it)
+    reconstruction: Optional[ReconstructionReport] = None
 
     def __str__(self) -> str:
         return (
@@ -86,6 +92,7 @@ class StreamReport:
             f"{self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in "
             f"{self.seconds:.1f} s; "
             + ("plain config" if self.plain_config else "per-layer plan (tp.hf.from_pretrained)")
+            + ("" if self.reconstruction is None else f"\n{self.reconstruction}")
         )
 
 
@@ -151,17 +158,6 @@ def _record(
     """Record a calibrated criterion on the dense model, one module's weights in memory at a
     time (cast to ``dtype`` when given): what recording in memory records, for a checkpoint
     that does not fit."""
-    if dtype is None and not native_bfloat16():
-        stored = {layers.reader.dtype(key) for key in set(layers.keys.values())}
-        if torch.bfloat16 in stored:
-            warnings.warn(
-                "calibrating a bfloat16 checkpoint on a CPU without bfloat16 matrix units (AMX "
-                "or AVX512-BF16) runs many times slower than float32 (an 8B model on 32 x 128 "
-                "tokens: over 20 minutes on an AVX2-only CPU); pass "
-                "calibration_dtype=torch.float32 (--calibration-dtype float32), which holds one "
-                "module's weights in float32",
-                stacklevel=3,
-            )
     head = model.get_output_embeddings()
     with ExitStack() as stack:
         for context in (
@@ -174,6 +170,22 @@ def _record(
         for ids in batches:
             model(ids, use_cache=False)
     heap.trim()  # the module copies and activations freed, not kept resident for the step
+
+
+def _warn_if_slow(layers: CheckpointTensors, dtype: Optional[torch.dtype]) -> None:
+    """A calibration forward in bfloat16 on a CPU without bfloat16 matrix units is slow: say
+    so, and what to do."""
+    if dtype is None and not native_bfloat16():
+        stored = {layers.reader.dtype(key) for key in set(layers.keys.values())}
+        if torch.bfloat16 in stored:
+            warnings.warn(
+                "calibrating a bfloat16 checkpoint on a CPU without bfloat16 matrix units (AMX "
+                "or AVX512-BF16) runs many times slower than float32 (an 8B model on 32 x 128 "
+                "tokens: over 20 minutes on an AVX2-only CPU); pass "
+                "calibration_dtype=torch.float32 (--calibration-dtype float32), which holds one "
+                "module's weights in float32",
+                stacklevel=3,
+            )
 
 
 def prune_checkpoint(
@@ -189,6 +201,7 @@ def prune_checkpoint(
     example_length: int = 16,
     trust_pickle: bool = False,
     calibration_dtype: Optional[torch.dtype] = None,
+    reconstruct: Union[bool, Reconstruction] = False,
 ) -> StreamReport:
     """Prune the checkpoint folder ``src`` into ``dst`` by ``recipe`` without loading it.
     ``src`` may be a checkpoint already pruned to per-layer widths: the plan its config records
@@ -207,16 +220,23 @@ def prune_checkpoint(
     ``calibration_dtype`` (``torch.float32``): the calibration forward runs in it instead of
     the checkpoint's dtype, which on a CPU without bfloat16 matrix units is many times faster
     for a bfloat16 checkpoint (warned there), at twice one module's memory; the statistics are
-    then a float32 forward's, as recording on the model cast to float32 in memory."""
+    then a float32 forward's, as recording on the model cast to float32 in memory.
+    ``reconstruct`` (``True``, or a :class:`~torchslim.pruner.Reconstruction` for its options;
+    its batches are token ids as ``calibration`` takes them, ``calibration`` itself with
+    ``True``): the layers reading removed channels are refit as ``step(reconstruct=...)``
+    refits them in memory, a decoder layer at a time (:mod:`torchslim.hf.refit`); no bias is
+    added (a config has no field for one layer's bias)."""
     import transformers
 
     start = time.time()
     src, dst = Path(src), Path(dst)
-    batches = _calibration_batches(importance, calibration)
-    if calibration_dtype is not None and (not batches or not calibration_dtype.is_floating_point):
+    refit = _reconstruction(reconstruct, calibration)
+    batches = _calibration_batches(importance, calibration, refit is not None)
+    calibrating = bool(batches) or refit is not None
+    if calibration_dtype is not None and not (calibrating and calibration_dtype.is_floating_point):
         raise ValueError(
             f"calibration_dtype={calibration_dtype}: a floating-point dtype for the calibration "
-            f"forward of a calibrated criterion (importance={_calibrated()})"
+            f"forward of a calibrated criterion (importance={_calibrated()}) or of reconstruct"
         )
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json")
@@ -237,6 +257,8 @@ def prune_checkpoint(
         layers = CheckpointTensors(dense, model, ConvertedReader(reader, dense))
         criterion = STREAMED[importance](**({"p": p} if importance == "magnitude" else {}))
         criterion.layers = layers
+        if calibrating:
+            _warn_if_slow(layers, calibration_dtype)
         if batches:
             with meter("calibrating (read)") as reader.observer:
                 _record(model, layers, criterion, batches, calibration_dtype)
@@ -257,9 +279,17 @@ def prune_checkpoint(
         layers.keep_at_least(ahead.largest_group if ahead is not None else 0)
 
         def write(folder: Path) -> None:
-            criterion.output = output = StreamedOutput(folder, layers, max_shard_bytes, ahead)
+            step = None
+            if refit is not None:  # refit tensors wait beside the output until written
+                scratch = scratches.enter_context(tempfile.TemporaryDirectory(dir=folder.parent))
+                store = RefitStore(Path(scratch), layers.drop)
+                layers.replaced = store.get
+                step = StreamedReconstruction(refit, layers.read, store, calibration_dtype)
+            planned = ahead if refit is None else None
+            criterion.output = output = StreamedOutput(folder, layers, max_shard_bytes, planned)
             with meter("scoring (read)") as reader.observer, recycling(RECYCLED_BYTES):
-                pruner.step()
+                pruner.step(reconstruct=step)
+            report.reconstruction = pruner.reconstruction
             refuse_computed_buffers(dense, model)
             reader.observer = lambda _: None  # the writing bar counts from here
             report.bytes_written = output.finish(stored_refs(layers))
@@ -274,31 +304,64 @@ def prune_checkpoint(
             report.params_after = _count(model)
             report.plain_config = not hasattr(model.config, RECORD_KEY)
 
-        atomic_folder(dst, write)
+        with ExitStack() as scratches:
+            atomic_folder(dst, write)
     report.bytes_read = reader.bytes_read
     report.seconds = time.time() - start
     return report
 
 
+def _reconstruction(
+    reconstruct: Union[bool, Reconstruction],
+    calibration: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]],
+) -> Optional[Reconstruction]:
+    """What to refit with (``None``: nothing), its batches checked as calibration."""
+    if isinstance(reconstruct, Reconstruction):
+        if reconstruct.add_bias:
+            raise ValueError(
+                "a streamed reconstruction adds no bias: the output's config has no field for "
+                "one layer's bias (add_bias=False or None)"
+            )
+        return dataclasses.replace(reconstruct, batches=_token_batches(reconstruct.batches))
+    if reconstruct is not True and reconstruct is not False:
+        raise ValueError(f"reconstruct: True, False or a Reconstruction, got {reconstruct!r}")
+    if not reconstruct:
+        return None
+    if calibration is None:
+        raise ValueError("reconstruct=True refits on the calibration token ids: give calibration")
+    return Reconstruction(_token_batches(calibration))
+
+
 def _calibration_batches(
-    importance: str, calibration: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
+    importance: str,
+    calibration: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]],
+    reconstructing: bool = False,
 ) -> list[torch.Tensor]:
-    """The calibration batches a criterion needs (none for magnitude), checked."""
+    """The calibration batches a criterion needs (none for magnitude), checked; calibration
+    for magnitude only when ``reconstructing`` (it refits on it)."""
     if importance not in STREAMED:
         raise ValueError(
             f"importance {importance!r} cannot be streamed: choose one of {', '.join(STREAMED)}"
         )
     if importance == "magnitude":
-        if calibration is not None:
+        if calibration is not None and not reconstructing:
             raise ValueError(
-                f"magnitude needs no calibration: give importance={_calibrated()} to use it"
+                f"magnitude needs no calibration: give importance={_calibrated()} (or "
+                "reconstruct=True) to use it"
             )
         return []
     if calibration is None:
         raise ValueError(f"importance {importance!r} needs calibration token ids")
+    return _token_batches(calibration)
+
+
+def _token_batches(
+    calibration: Union[torch.Tensor, Sequence[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Token id batches ``[sequences, length]``, checked."""
     batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     if not batches:
-        raise ValueError(f"importance {importance!r} needs calibration token ids, got none")
+        raise ValueError("calibration: needs calibration token ids, got none")
     for ids in batches:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise ValueError(

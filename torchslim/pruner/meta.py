@@ -33,7 +33,7 @@ from torchslim.pruner.compat import (
     head_ratios,
     isomorphic_pools,
 )
-from torchslim.pruner.reconstruct import Reconstruction, ReconstructionReport, reconstruct
+from torchslim.pruner.reconstruct import Reconstruction, ReconstructionReport
 from torchslim.pruner.safety import SafePruning, StepReport, prune_checked, prune_merged
 from torchslim.pruner.schedule import linear_scheduler
 from torchslim.pruner.summary import KindSummary, summarise, unmet_requests
@@ -370,7 +370,7 @@ class MetaPruner:
         with trial(self.DG), self.DG.deferred(notify=False):
             chosen = prune_merged(selections)
         groups = [self.DG.group_of(g.coupling, g.root, classes) for g, classes in chosen]
-        self.reconstruction = reconstruct(self.model, groups, config, self.forward_fn)
+        self.reconstruction = config.run(self.model, groups, self.forward_fn)
         return groups
 
     def _ratio_step(self, ratio: float) -> Iterator[Group]:

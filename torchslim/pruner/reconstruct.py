@@ -64,6 +64,16 @@ class Reconstruction:
         if not isinstance(self.max_memory, int) or self.max_memory < 1:
             raise ValueError(f"max_memory must be a positive int (bytes), got {self.max_memory!r}")
 
+    def run(
+        self,
+        model: nn.Module,
+        groups: list[Group],
+        forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+    ) -> ReconstructionReport:
+        """Refit the consumers of what ``groups`` remove (:func:`reconstruct`); a pruner calls
+        this before it prunes them."""
+        return reconstruct(model, groups, self, forward_fn)
+
 
 @dataclass
 class LayerResult:
@@ -138,22 +148,13 @@ def reconstruct(
     if not batches:
         raise ReconstructionError("reconstruction needs at least one calibration batch")
     report = ReconstructionReport()
-    tied = {id(tensor) for tensor, _ in TiedParameters(model).groups}
-    layers = []
-    for module, (name, removed) in consumers(groups).items():
-        reason = _unsupported(module, tied)
-        if reason is not None:
-            report.skipped[name] = reason
-        else:
-            layers.append(_Layer(module, name, sorted(removed)))
+    layers = refit_layers(model, groups, report)
     add_biases = config.add_bias
     if add_biases is None:
         add_biases = not (hasattr(model, "config") and hasattr(model, "save_pretrained"))
-    order = {id(m): k for k, m in enumerate(model.modules())}
-    layers.sort(key=lambda layer: order.get(id(layer.module), 0))
     originals = {id(layer.module): dict(layer.module._parameters) for layer in layers}
     try:
-        for chunk in _chunks(layers, config.max_memory):
+        for chunk in chunks(layers, config.max_memory):
             report.tokens = _record(model, chunk, batches, forward_fn)
             for layer in chunk:
                 report.layers.append(layer.solve(config, add_biases))
@@ -172,6 +173,24 @@ def reconstruct(
     return report
 
 
+def refit_layers(
+    model: nn.Module, groups: list[Group], report: ReconstructionReport
+) -> list[RefitLayer]:
+    """The consumers of what ``groups`` remove that can be refit, in the model's module order;
+    the others go into ``report.skipped`` with the reason."""
+    tied = {id(tensor) for tensor, _ in TiedParameters(model).groups}
+    layers = []
+    for module, (name, removed) in consumers(groups).items():
+        reason = _unsupported(module, tied)
+        if reason is not None:
+            report.skipped[name] = reason
+        else:
+            layers.append(RefitLayer(module, name, sorted(removed)))
+    order = {id(m): k for k, m in enumerate(model.modules())}
+    layers.sort(key=lambda layer: order.get(id(layer.module), 0))
+    return layers
+
+
 def _unsupported(module: nn.Module, tied: set[int]) -> Optional[str]:
     reason = moments.unsupported(module)
     if reason is None and id(module.weight) in tied:
@@ -179,8 +198,9 @@ def _unsupported(module: nn.Module, tied: set[int]) -> Optional[str]:
     return reason
 
 
-def _chunks(layers: list[_Layer], budget: int) -> Iterable[list[_Layer]]:
-    chunk: list[_Layer] = []
+def chunks(layers: list[RefitLayer], budget: int) -> Iterable[list[RefitLayer]]:
+    """``layers`` in runs whose statistics fit ``budget`` bytes (one calibration pass each)."""
+    chunk: list[RefitLayer] = []
     used = 0
     for layer in layers:
         size = layer.nbytes()
@@ -203,7 +223,7 @@ class _Pass:
     if each ran exactly once on the first batch and the model has no forward hooks (the end of
     a forward they wait for would never come)."""
 
-    def __init__(self, model: nn.Module, layers: list[_Layer]) -> None:
+    def __init__(self, model: nn.Module, layers: list[RefitLayer]) -> None:
         self.layers = layers
         self.may_stop = False
         self.hooked = _has_forward_hooks(model)
@@ -214,7 +234,7 @@ class _Pass:
         self.unseen = len(self.layers)
         self.stopped = False
 
-    def hook(self, layer: _Layer) -> Callable[..., None]:
+    def hook(self, layer: RefitLayer) -> Callable[..., None]:
         def observe(module: nn.Module, inputs: tuple[Any, ...]) -> None:
             if self.stopped:
                 raise _Enough  # the model went on after the stop: record nothing more
@@ -244,7 +264,7 @@ def _has_forward_hooks(model: nn.Module) -> bool:
 @torch.no_grad()
 def _record(
     model: nn.Module,
-    layers: list[_Layer],
+    layers: list[RefitLayer],
     batches: list[Any],
     forward_fn: Optional[Callable[[nn.Module, Any], Any]],
 ) -> int:
@@ -279,6 +299,11 @@ def _record(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    return require_inputs(layers)
+
+
+def require_inputs(layers: list[RefitLayer]) -> int:
+    """Refuses a layer the calibration batches never reached; the positions the last saw."""
     for layer in layers:
         if layer.count == 0:
             raise ReconstructionError(
@@ -287,7 +312,7 @@ def _record(
     return layers[-1].count
 
 
-class _Layer(moments.InputMoments):
+class RefitLayer(moments.InputMoments):
     """One consumer: its input moments and the features its removed channels take away."""
 
     def __init__(self, module: nn.Module, name: str, removed: list[int]) -> None:

@@ -59,6 +59,12 @@ def register(commands: Any) -> None:
         "--calibration-length", type=int, default=128, help="tokens per calibration sequence"
     )
     sub.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="refit the layers reading removed channels on --calibration, a decoder layer at a "
+        "time",
+    )
+    sub.add_argument(
         "--calibration-dtype",
         choices=sorted(DTYPES),
         help="run the calibration forward in this dtype (float32: many times faster than a "
@@ -73,17 +79,21 @@ def run(args: argparse.Namespace) -> int:
     check_ratio(args.ratio)
     calibration = None
     calibrated = " or ".join(CALIBRATED)
-    if args.importance == "magnitude" and args.calibration is not None:
+    calibrating = args.importance != "magnitude" or args.reconstruct
+    if not calibrating and args.calibration is not None:
         raise ValueError(
-            f"--calibration calibrates --importance {calibrated}; magnitude needs no data"
+            f"--calibration calibrates --importance {calibrated} and --reconstruct; magnitude "
+            "needs no data"
         )
-    if args.importance == "magnitude" and args.calibration_dtype is not None:
+    if not calibrating and args.calibration_dtype is not None:
         raise ValueError(
-            f"--calibration-dtype sets the dtype of the calibration of --importance {calibrated}"
+            f"--calibration-dtype sets the dtype of the calibration of --importance {calibrated} "
+            "and --reconstruct"
         )
-    if args.importance != "magnitude":
+    if calibrating:
         if args.calibration is None:
-            raise ValueError(f"--importance {args.importance} needs --calibration TEXT_FILE")
+            needs = "--reconstruct" if args.reconstruct else f"--importance {args.importance}"
+            raise ValueError(f"{needs} needs --calibration TEXT_FILE")
         if min(args.calibration_size, args.calibration_length) < 2:
             raise ValueError("--calibration-size and --calibration-length must be at least 2")
         calibration = text_blocks(
@@ -104,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         max_shard_bytes=int(args.max_shard_size * 1e9),
         trust_pickle=args.trust_pickle,
         calibration_dtype=DTYPES.get(args.calibration_dtype),
+        reconstruct=args.reconstruct,
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rows = [
@@ -116,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         f"{report.seconds:.1f} s ({report.bytes_read / 1e6 / max(report.seconds, 1e-9):.0f} "
         f"MB/s read); peak memory {peak:.2f} GB"
     )
+    if report.reconstruction is not None:
+        print(report.reconstruction)
     loader = "plain from_pretrained" if report.plain_config else "tp.hf.from_pretrained"
     print(f"wrote {args.out}/ ({loader} loads it)")
     return 0
