@@ -338,7 +338,9 @@ class RefitLayer(moments.InputMoments):
         )
         with_bias = config.bias and bias_allowed
         fitted = self.covariance() if with_bias else second
-        before = _relative_error(weight, weight.clone().index_fill_(2, gone, 0.0), second, second)
+        energy = _energy(weight, second).clamp(min=1e-300)
+        removed = weight[:, :, gone]  # dropping them is the only change before the refit
+        before = float(_energy(removed, second[:, gone][:, :, gone]) / energy)
         new_weight = weight.clone()
         new_weight[:, :, gone] = 0.0
         if config.weights and kept.numel():
@@ -346,7 +348,7 @@ class RefitLayer(moments.InputMoments):
         shift = None
         if with_bias:
             shift = torch.einsum("goi,gi->go", weight - new_weight, mean).reshape(-1)
-        after = _relative_error(weight, new_weight, fitted, second)
+        after = float(_energy(weight - new_weight, fitted) / energy)
         self._write(new_weight, shift)
         removed = len(self.removed_channels)
         return LayerResult(
@@ -386,12 +388,8 @@ class RefitLayer(moments.InputMoments):
         )
 
 
-def _relative_error(
-    weight: torch.Tensor, new: torch.Tensor, moments: torch.Tensor, second: torch.Tensor
-) -> float:
-    """``E||(W - W') x||^2 / E||W x||^2`` from the input moments (centred when the bias absorbs
-    the mean)."""
-    delta = weight - new
-    error = torch.einsum("goi,gij,goj->", delta, moments, delta)
-    energy = torch.einsum("goi,gij,goj->", weight, second, weight)
-    return float(error / energy.clamp(min=1e-300))
+def _energy(weight: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """``E||W x||^2`` from the input moments (centred when the bias absorbs the mean): how
+    much output the weights ``[groups, outputs, features]`` make, or, for a change of
+    weights, how far it moves the outputs."""
+    return torch.einsum("goi,gij,goj->", weight, moments, weight)
