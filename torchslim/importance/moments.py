@@ -140,7 +140,3 @@ class InputMoments:
 
     def mean(self) -> torch.Tensor:
         return self.total / self.count
-
-    def covariance(self) -> torch.Tensor:
-        mean = self.mean()
-        return self.second() - mean.unsqueeze(2) * mean.unsqueeze(1)

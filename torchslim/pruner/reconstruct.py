@@ -332,12 +332,13 @@ class RefitLayer(moments.InputMoments):
     def solve(self, config: Reconstruction, add_bias_allowed: bool) -> LayerResult:
         weight = moments.weight_rows(self.module)
         kept, gone = self.kept, self.gone
-        mean, second = self.mean(), self.second()
+        mean = self.mean()
+        second = self.gram.div_(self.count)  # in place: the sums are not needed again
         bias_allowed = self.module.bias is not None or (
             add_bias_allowed and isinstance(self.module, (nn.Linear, nn.modules.conv._ConvNd))
         )
         with_bias = config.bias and bias_allowed
-        fitted = self.covariance() if with_bias else second
+        fitted = second - mean.unsqueeze(2) * mean.unsqueeze(1) if with_bias else second
         energy = _energy(weight, second).clamp(min=1e-300)
         removed = weight[:, :, gone]  # dropping them is the only change before the refit
         before = float(_energy(removed, second[:, gone][:, :, gone]) / energy)
@@ -359,12 +360,13 @@ class RefitLayer(moments.InputMoments):
         """Kept columns minimising ``E||W x - W'_K x_K||^2 + lambda ||W'_K - W_K||^2``: the
         damping pulls towards the unrefit weights, so a large ``ridge`` means plain pruning."""
         kept = self.kept
-        kk = fitted[:, kept][:, :, kept]
-        damping = ridge * kk.diagonal(dim1=1, dim2=2).mean(1).clamp(min=0)
-        system = kk + damping.view(-1, 1, 1) * torch.eye(kept.numel(), dtype=kk.dtype)
+        system = fitted[:, kept][:, :, kept]  # square matrices of the kept features' size:
+        damping = ridge * system.diagonal(dim1=1, dim2=2).mean(1).clamp(min=0)
+        system.diagonal(dim1=1, dim2=2).add_(damping.view(-1, 1))  # no more of them than needed
         rhs = torch.einsum("goi,gik->gok", weight, fitted[:, :, kept])
-        rhs = rhs + damping.view(-1, 1, 1) * weight[:, :, kept]
+        rhs.add_(damping.view(-1, 1, 1) * weight[:, :, kept])
         factor, info = torch.linalg.cholesky_ex(system)
+        del system
         if int(info.max()) != 0:
             raise ReconstructionError(
                 f"{self.name}: the least-squares system is singular (inputs of the kept "
