@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
+import yaml
 from helpers import TINY_LM, WORDS, tiny_llama, tiny_llama_folder
 from torch import nn
 
@@ -516,6 +517,21 @@ def test_the_command_line_streams_a_folder_and_prints_what_changed(tmp_path, cap
     assert [layer.mlp.down_proj.in_features for layer in loaded.model.layers] == [48] * 3
     assert main(["prune-hf", str(src), "--out", str(out)]) == 2
     assert "give --kinds, --ratio or both" in capsys.readouterr().err
+    recipe = tmp_path / "out.recipe.yaml"  # the run's options, beside its output
+    assert yaml.safe_load(recipe.read_text())["kinds"] == "neurons=0.25"
+    again = tmp_path / "again"
+    assert main(["prune-hf", str(src), "--out", str(again), "--recipe", str(recipe)]) == 0
+    assert re.search(r"intermediate_size\s+64\s+48", capsys.readouterr().out)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            loaded.state_dict().values(),
+            transformers.AutoModelForCausalLM.from_pretrained(again).state_dict().values(),
+        )
+    )
+    recipe.write_text("kinds: neurons=0.25\ninput_shape: 1,16\n")  # an option of `prune`
+    assert main(["prune-hf", str(src), "--out", str(again), "--config", str(recipe)]) == 2
+    assert "unknown options input_shape" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("criterion", ["wanda", "fluctuation"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -46,10 +46,16 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def add_command(
-    commands: Any, name: str, help_text: str, run: Run, model: bool = True
+    commands: Any,
+    name: str,
+    help_text: str,
+    run: Run,
+    model: bool = True,
+    recipe: Optional[bool] = None,
 ) -> CommandParser:
-    """Add subcommand ``name`` that runs ``run(args)``; with ``model``, also the shared MODEL,
-    --config, --input-shape and --trust-pickle arguments."""
+    """Add subcommand ``name`` that runs ``run(args)``; with ``recipe`` (by default with
+    ``model``) the --config (--recipe) YAML of its options; with ``model``, also the shared
+    MODEL, --input-shape and --trust-pickle arguments."""
     sub = commands.add_parser(
         name,
         help=help_text,
@@ -57,6 +63,14 @@ def add_command(
         formatter_class=DefaultsShown,
     )
     sub.set_defaults(func=run)
+    if model if recipe is None else recipe:
+        sub.add_argument(
+            "--config",
+            "--recipe",
+            dest="config",
+            type=Path,
+            help="YAML recipe with any of these options",
+        )
     if not model:
         return sub
     sub.add_argument(
@@ -65,7 +79,6 @@ def add_command(
         help="torchvision or timm name, package.module:factory or .pt, optionally followed "
         "by @pruned.safetensors (a checkpoint from `torchslim prune`)",
     )
-    sub.add_argument("--config", type=Path, help="YAML recipe with any of these options")
     sub.add_argument(
         "--input-shape",
         help="example input shape (default: 1,16 token ids for a Hugging Face language model, "

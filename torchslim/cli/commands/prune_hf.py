@@ -12,7 +12,7 @@ import torch
 
 import torchslim as tp
 from torchslim.cli.commands.prune import check_ratio, kind_ratios, text_blocks
-from torchslim.cli.common import add_command, table
+from torchslim.cli.common import add_command, table, write_recipe
 from torchslim.hf.stream import CALIBRATED, STREAMED
 from torchslim.utils.ops_counter import count
 
@@ -27,6 +27,7 @@ def register(commands: Any) -> None:
         "fluctuation), without loading it.",
         run,
         model=False,
+        recipe=True,
     )
     sub.add_argument("src", type=Path, help="a save_pretrained folder (safetensors shards)")
     sub.add_argument("--out", type=Path, required=True, help="the pruned folder to write")
@@ -129,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if report.reconstruction is not None:
         print(report.reconstruction)
+    folder = args.out.resolve()
+    recipe = folder.with_name(f"{folder.name}.recipe.yaml")
+    write_recipe(args, recipe)
     loader = "plain from_pretrained" if report.plain_config else "tp.hf.from_pretrained"
-    print(f"wrote {args.out}/ ({loader} loads it)")
+    print(f"wrote {args.out}/ ({loader} loads it) and {recipe}")
     return 0
