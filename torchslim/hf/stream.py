@@ -281,7 +281,9 @@ def prune_checkpoint(
         def write(folder: Path) -> None:
             step = None
             if refit is not None:  # refit tensors wait beside the output until written
-                scratch = scratches.enter_context(tempfile.TemporaryDirectory(dir=folder.parent))
+                scratch = scratches.enter_context(
+                    tempfile.TemporaryDirectory(prefix=f".{dst.name}.refit.", dir=folder.parent)
+                )
                 store = RefitStore(Path(scratch), layers.drop)
                 layers.replaced = store.get
                 step = StreamedReconstruction(refit, layers.read, store, calibration_dtype)
