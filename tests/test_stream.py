@@ -573,8 +573,9 @@ def test_the_command_line_streams_a_criterion_calibrated_on_a_text_file(
     assert "--reconstruct needs --calibration TEXT_FILE" in capsys.readouterr().err
     refitting = ["prune-hf", str(src), "--out", str(tmp_path / "refit"), "--kinds", kinds]
     assert main([*refitting, *calibrated, *sizes, "--reconstruct"]) == 0
-    printed = capsys.readouterr().out
+    printed, bars = capsys.readouterr()
     assert re.search(r"reconstruction \(deliberate weight change\): \d+ layers refit", printed)
+    assert re.search(r"refitting: .*layer/s", bars)
     expected = _in_memory(dense, recipe, blocks, criterion, Reconstruction([blocks]))
     _same_model(
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "refit").eval(), expected

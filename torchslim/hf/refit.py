@@ -34,6 +34,7 @@ from torchslim.pruner.reconstruct import (
     refit_layers,
     require_inputs,
 )
+from torchslim.utils.progress import progress
 
 Ref = tuple[str, str]
 
@@ -112,7 +113,8 @@ class StreamedReconstruction(Reconstruction):
             ):
                 stack.enter_context(context)
             run = _LayerRun(model, blocks, list(self.batches))
-            for chunk in chunks(layers, self.max_memory):
+            runs = chunks(layers, self.max_memory)
+            for chunk in progress(runs, "refitting", unit="layer", size=len):
                 first = position.get(id(chunk[0].module), len(blocks))
                 last = position.get(id(chunk[-1].module), len(blocks))
                 run.advance(first)
