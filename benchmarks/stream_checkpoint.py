@@ -6,14 +6,17 @@ shards, kept under ``.cache/stream/`` for reruns): a Llama-3-8B-shaped model (32
 heads / 8 KV), whose per-layer cost is extrapolated to 80 layers. Each is pruned by
 ``tp.hf.prune_checkpoint`` in its own process (peak RSS from ``wait4``): 20% of the heads, MLP
 neurons and hidden size by L2 magnitude, and the 8B by Wanda too (recorded on 32 x 128 random
-tokens, one module's weights in memory at a time), and by Wanda with reconstruction (the layers
-reading removed channels refit on the same tokens, a decoder layer at a time). ``cat`` of the shards to ``/dev/null`` is timed in the
-same run, just before each prune: with ``--cold`` (root) the page cache is emptied before each,
+tokens, one module's weights in memory at a time), and, when asked, by Wanda with
+reconstruction (the layers reading removed channels refit on the same tokens, a decoder layer
+at a time: float64 least squares over each layer's inputs, tens of minutes for the 8B shape).
+``cat`` of the shards to ``/dev/null`` is timed in the same run, just before each prune: with ``--cold`` (root) the page cache is emptied before each,
 so both read from the disk, as they must for a checkpoint larger than memory; without it they
 find whatever the cache holds. The output is reloaded with ``from_pretrained`` in another
 process, which generates a few tokens.
 
     .venv/bin/python benchmarks/stream_checkpoint.py --markdown benchmarks/results/stream_checkpoint.md
+    .venv/bin/python benchmarks/stream_checkpoint.py --sizes --wanda --reconstruct 8b --cold \
+        --markdown benchmarks/results/stream_reconstruct.md   # Wanda + reconstruction (slow)
     .venv/bin/python benchmarks/stream_checkpoint.py --sizes 8b --wanda --cold   # from the disk
     .venv/bin/python benchmarks/stream_checkpoint.py --sizes tiny --wanda tiny --reconstruct tiny
 """
@@ -246,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument(
         "--reconstruct",
         nargs="*",
-        default=["8b"],
+        default=[],
         choices=SHAPES,
         help="sizes pruned by Wanda with reconstruction too",
     )
