@@ -17,6 +17,7 @@ from torch import nn
 
 import torchslim as tp
 from tests.helpers import tiny_llama
+from torchslim.pruner import reconstruct as refit
 from torchslim.pruner.reconstruct import Reconstruction, ReconstructionError
 
 
@@ -436,6 +437,27 @@ def test_a_pass_stops_each_batch_once_its_layers_have_seen_it():
     assert [layer.name for layer in report.layers] == ["b1", "a2", "b2"]
     assert report.tokens == 40
     assert model.head_calls == 3  # the first batch of each of the three passes, not all twelve
+
+
+def test_each_layer_releases_its_statistics_once_refit(monkeypatch):
+    """A deep model's refit holds one run's statistics at a time, not every layer's."""
+    model = TwoBlocks().eval()
+    x = _inputs(40, 8)
+    pruner = tp.pruner.MagnitudePruner(
+        model, x[:2], pruning_ratio=0.25, ignored_layers=[model.b2, model.head]
+    )
+    solved, held = [], []
+    solve = refit.RefitLayer.solve
+
+    def solving(layer, *args):
+        solved.append(layer)
+        result = solve(layer, *args)
+        held.append(sum(hasattr(done, "gram") for done in solved))
+        return result
+
+    monkeypatch.setattr(refit.RefitLayer, "solve", solving)
+    pruner.step(reconstruct=Reconstruction(list(x.split(10)), max_memory=1))
+    assert len(solved) == 3 and held == [0, 0, 0]  # the solved ones hold no statistics
 
 
 def test_a_model_with_forward_hooks_runs_every_batch_to_the_end():

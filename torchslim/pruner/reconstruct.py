@@ -351,6 +351,7 @@ class RefitLayer(moments.InputMoments):
             shift = torch.einsum("goi,gi->go", weight - new_weight, mean).reshape(-1)
         after = float(_energy(weight - new_weight, fitted) / energy)
         self._write(new_weight, shift)
+        del self.gram, self.total  # spent: a deep model's refit holds one run's statistics
         removed = len(self.removed_channels)
         return LayerResult(
             self.name, removed, self.channels - removed, before, after, self.added_bias, with_bias
