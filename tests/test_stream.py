@@ -318,6 +318,33 @@ def test_reconstruction_streams_a_decoder_layer_at_a_time_and_refits_as_in_memor
     assert runs == {0: layer_runs, 1: layer_runs, 2: layer_runs}  # not more for early layers
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float32], ids=["in-bf16", "in-float32"])
+def test_a_bfloat16_checkpoint_refits_as_it_does_loaded_in_the_calibration_dtype(
+    dtype, tmp_path, monkeypatch
+):
+    tiny_llama(3).to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
+    calibration = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
+    recipe = {"heads": 0.5, "neurons": 0.25}
+    monkeypatch.setattr(stream, "native_bfloat16", lambda: True)  # no warning: it is tiny
+    tp.hf.prune_checkpoint(
+        tmp_path / "bf16",
+        tmp_path / "out",
+        recipe,
+        importance="wanda",
+        calibration=calibration,
+        reconstruct=True,
+        calibration_dtype=dtype,
+    )
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", dtype=dtype or torch.bfloat16
+    ).eval()
+    expected = _in_memory(loaded, recipe, calibration, "wanda", Reconstruction([calibration]))
+    streamed = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    expected_state = expected.to(torch.bfloat16).state_dict()
+    assert streamed.keys() == expected_state.keys()
+    assert all(torch.equal(streamed[k], expected_state[k]) for k in expected_state)
+
+
 def test_a_streamed_reconstruction_refits_layers_in_or_after_the_decoder_layers():
     class Net(nn.Module):
         def __init__(self) -> None:
