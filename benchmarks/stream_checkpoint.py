@@ -9,9 +9,9 @@ neurons and hidden size by L2 magnitude, and the 8B by Wanda too (recorded on 32
 tokens, one module's weights in memory at a time), and, when asked, by Wanda with
 reconstruction (the layers reading removed channels refit on the same tokens, a decoder layer
 at a time: float64 least squares over each layer's inputs, tens of minutes for the 8B shape).
-``cat`` of the shards to ``/dev/null`` is timed in the same run, just before each prune: with ``--cold`` (root) the page cache is emptied before each,
-so both read from the disk, as they must for a checkpoint larger than memory; without it they
-find whatever the cache holds. The output is reloaded with ``from_pretrained`` in another
+``cat`` of the shards to ``/dev/null`` is timed in the same run, just before each prune: with
+``--cold`` (root) the page cache is emptied before each, so both read from the disk, as they
+must for a checkpoint larger than memory; without it they find whatever the cache holds. The output is reloaded with ``from_pretrained`` in another
 process, which generates a few tokens.
 
     .venv/bin/python benchmarks/stream_checkpoint.py --markdown benchmarks/results/stream_checkpoint.md
@@ -139,7 +139,7 @@ def worker(src: str, dst: str, ratio: float, importance: str) -> None:
         reconstruct=reconstruct,
     )
     result = {**vars(report), "changed": {k: list(v) for k, v in report.changed.items()}}
-    result["reconstruction"] = None if reconstruct is False else str(report.reconstruction)
+    result["reconstruction"] = str(report.reconstruction) if reconstruct else None
     print(json.dumps(result))
 
 

@@ -12,6 +12,7 @@ written, so memory holds one layer's weights, the statistics of one run and the 
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -76,14 +77,8 @@ class StreamedReconstruction(Reconstruction):
         store: RefitStore,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__(
-            config.batches,
-            weights=config.weights,
-            bias=config.bias,
-            add_bias=False,
-            ridge=config.ridge,
-            max_memory=config.max_memory,
-        )
+        options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        super().__init__(**{**options, "add_bias": False})
         self.read, self.store, self.dtype = read, store, dtype
 
     def run(

@@ -3,8 +3,9 @@
 :func:`prune_checkpoint` builds the model from ``config.json`` on ``meta`` (no memory), traces
 it and lets :class:`~torchslim.pruner.MetaPruner` choose and prune there. Calibrated criteria
 (Wanda, FLAP's fluctuation) first record their statistics in a forward that holds one module's
-weights at a time (:mod:`torchslim.hf.onload`). Each tensor a group scores is read from its shard when it is
-scored, with the plan recorded so far replayed on it, so the choice is the one made in memory.
+weights at a time (:mod:`torchslim.hf.onload`). Each tensor a group scores is read from its
+shard when it is scored, with the plan recorded so far replayed on it, so the choice is the one
+made in memory.
 The output's shapes are known before the step (the same step with placeholder scores,
 undone), so each tensor is written into its shard as soon as the plan for it is final, from
 the copy its last group's scores were read into (:mod:`torchslim.hf.output`): a Llama-shaped
@@ -214,8 +215,7 @@ def prune_checkpoint(
     memory; ``"wanda"`` as ``WandaImportance`` and ``"fluctuation"`` as FLAP's
     ``FluctuationImportance``, recorded on ``calibration`` (token ids ``[sequences, length]``,
     or a list of such batches), which runs through the model one module's weights at a time
-    first. ``model_class`` defaults to the class
-    ``config.architectures`` names. ``trust_pickle`` lets pickle (``.bin``) shards be read
+    first. ``model_class`` defaults to the class ``config.architectures`` names. ``trust_pickle`` lets pickle (``.bin``) shards be read
     (mapped by ``torch.load(weights_only=True, mmap=True)``); the output is safetensors.
     ``calibration_dtype`` (``torch.float32``): the calibration forward runs in it instead of
     the checkpoint's dtype, which on a CPU without bfloat16 matrix units is many times faster

@@ -340,8 +340,8 @@ class RefitLayer(moments.InputMoments):
         with_bias = config.bias and bias_allowed
         fitted = second - mean.unsqueeze(2) * mean.unsqueeze(1) if with_bias else second
         energy = _energy(weight, second).clamp(min=1e-300)
-        removed = weight[:, :, gone]  # dropping them is the only change before the refit
-        before = float(_energy(removed, second[:, gone][:, :, gone]) / energy)
+        dropped = weight[:, :, gone]  # dropping them is the only change before the refit
+        before = float(_energy(dropped, second[:, gone][:, :, gone]) / energy)
         new_weight = weight.clone()
         new_weight[:, :, gone] = 0.0
         if config.weights and kept.numel():
