@@ -75,6 +75,25 @@ def tiny_llama(layers: int = 2, **extra: Any) -> nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def tiny_step3p7(layers: int = 3) -> nn.Module:
+    """A random ``Step3p7TextModel`` (dense MLPs), seeded, whose attention layers are built
+    from ``config.per_layer_config[i]``; its sliding-window layer 1 has 2 heads where the others
+    have 4, so its config is heterogeneous before any pruning."""
+    from transformers.models.step3p7 import configuration_step3p7, modeling_step3p7
+
+    config = configuration_step3p7.Step3p7TextConfig(
+        **TINY_LM,
+        head_dim=8,
+        num_hidden_layers=layers,
+        mlp_layer_types=["dense"] * layers,
+        layer_types=["sliding_attention" if i == 1 else "full_attention" for i in range(layers)],
+        sliding_window=4,
+        num_sliding_attention_heads=2,
+    )
+    torch.manual_seed(0)
+    return modeling_step3p7.Step3p7TextModel(config).eval()
+
+
 WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the sun. " * 40
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import pytest
 import torch
 import yaml
-from helpers import TINY_LM, WORDS, tiny_llama, tiny_llama_folder
+from helpers import TINY_LM, WORDS, tiny_llama, tiny_llama_folder, tiny_step3p7
 from torch import nn
 
 import torchslim as tp
@@ -435,6 +435,34 @@ def test_per_layer_widths_stream_into_a_plan_and_bfloat16_stays(tmp_path):
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, expected(IDS).logits)
+
+
+def test_per_layer_head_counts_stream_into_the_per_layer_config_transformers_loads(tmp_path):
+    """A class that builds each layer from ``config.per_layer_config[i]`` (Step3p7) gets its
+    per-layer head counts as overrides in the written config: plain ``from_pretrained`` loads
+    the streamed checkpoint, equal to the model pruned in memory."""
+    dense = tiny_step3p7()
+    with torch.no_grad():
+        for weight in dense.layers[0].self_attn.parameters():
+            weight.mul_(10)
+    dense.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    recipe = {"pruning_ratio_dict": {"heads": 0.4}, "global_pruning": True}
+    report = tp.hf.prune_checkpoint(tmp_path / "src", tmp_path / "out", recipe)
+    assert report.plain_config
+    assert report.changed == {
+        "per_layer_config[0].num_attention_heads": (4, 2),
+        "per_layer_config[0].num_key_value_heads": (2, 1),
+        "per_layer_config[1].num_key_value_heads": (2, 1),
+        "per_layer_config[1].num_attention_heads": (2, 1),
+    }
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "torchslim_plan" not in written and set(written["per_layer_config"]) == {"0", "1"}
+    loaded = type(dense).from_pretrained(tmp_path / "out").eval()
+    expected = _in_memory(dense, recipe)
+    mine, theirs = loaded.state_dict(), expected.state_dict()
+    assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).last_hidden_state, expected(IDS).last_hidden_state)
 
 
 @pytest.mark.parametrize(

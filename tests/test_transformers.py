@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_llama, tiny_step3p7
 from torch import nn
 
 import torchslim as tp
@@ -392,6 +392,56 @@ def test_a_width_the_config_class_refuses_is_kept_as_a_plan_and_saves(tmp_path):
     reloaded = tp.hf.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def _per_layer_heads(model: nn.Module, layers: nn.ModuleList) -> list[int]:
+    """Prunes 40% of the heads ranked across layers (layer 0's weights scaled by 10, so the
+    layers keep different head counts); returns the head count of each layer."""
+    with torch.no_grad():
+        for weight in layers[0].self_attn.parameters():
+            weight.mul_(10)
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+    recipe = {"heads": 0.4}
+    with pytest.warns(UserWarning, match="without calibration data"):
+        tp.pruner.MagnitudePruner(
+            model, ids, pruning_ratio=0.0, pruning_ratio_dict=recipe, global_pruning=True
+        ).step()
+    return [layer.self_attn.q_proj.out_features // 8 for layer in layers]
+
+
+def test_per_layer_head_counts_become_the_per_layer_config_transformers_loads(tmp_path):
+    """Step3p7 builds each layer's attention from ``config.per_layer_config[i]`` (its config is
+    heterogeneous before pruning): head counts that differ per layer are written as per-layer
+    overrides, and plain ``from_pretrained`` loads the pruned model, no plan recorded."""
+    model = tiny_step3p7()
+    heads = _per_layer_heads(model, model.layers)
+    assert heads == [2, 1, 4]
+    config = model.config
+    assert not hasattr(config, tp.hf.RECORD_KEY)
+    assert [c.num_attention_heads for c in config.per_layer_config] == heads
+    assert [c.num_key_value_heads for c in config.per_layer_config] == [1, 1, 2]
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_a_class_that_ignores_per_layer_configs_keeps_the_plan_probed_once(monkeypatch):
+    """Llama builds every layer from the global config (an overridden field does not build):
+    per-layer widths stay a recorded plan, and the probes are not repeated at the next sync."""
+    from torchslim.hf import config as fitting
+
+    model = tiny_llama(3)
+    builds = []
+    build = fitting.build
+    monkeypatch.setattr(fitting, "build", lambda *a, **k: builds.append(a[1]) or build(*a, **k))
+    heads = _per_layer_heads(model, model.model.layers)
+    assert len(set(heads)) > 1 and hasattr(model.config, tp.hf.RECORD_KEY)
+    assert sum(c.is_heterogeneous for c in builds) >= 5  # a probe per numeric field
+    builds.clear()
+    assert not tp.hf.sync_config(model) and builds
+    assert not any(c.is_heterogeneous for c in builds)
 
 
 def test_config_fitting_builds_shapes_without_running_initialisers(monkeypatch):

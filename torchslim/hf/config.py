@@ -38,10 +38,28 @@ OPTIONAL_FIELDS = {
     "n_inner": lambda c: 4 * c.n_embd if isinstance(getattr(c, "n_embd", None), int) else None,
 }
 
+#: How a field of one layer is named (``"per_layer_config[3].num_attention_heads"``) where the
+#: config is heterogeneous (transformers' ``per_layer_config``: layer ``i`` built from its own
+#: overrides of the global fields).
+LAYER_FIELD = "per_layer_config[{}].{}"
+
+
+def field(config: Any, name: str, default: Any = None) -> Any:
+    """A config field's global value. A heterogeneous config refuses to read a field that some
+    layer overrides (``AmbiguousGlobalPerLayerAttributeError``); fitting needs the global one."""
+    read = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    return read(name, default) if read is not None else getattr(config, name, default)
+
+
+def layer_overrides(config: Any) -> dict[int, dict[str, Any]]:
+    """A copy of the per-layer overrides of a heterogeneous config (``{}`` for other configs)."""
+    spec = vars(config).get("_heterogeneity_spec")
+    return copy.deepcopy(spec.per_layer_overrides) if spec is not None else {}
+
 
 def _derived_head_dim(config: Any) -> Optional[int]:
-    hidden = getattr(config, "hidden_size", None)
-    heads = getattr(config, "num_attention_heads", None)
+    hidden = field(config, "hidden_size")
+    heads = field(config, "num_attention_heads")
     if isinstance(hidden, int) and isinstance(heads, int) and heads and hidden % heads == 0:
         return hidden // heads
     return None
@@ -65,7 +83,7 @@ def int_attributes(model: nn.Module) -> dict[str, tuple[int]]:
     }
 
 
-def _pruned_signature(model: nn.Module) -> Shapes:
+def pruned_signature(model: nn.Module) -> Shapes:
     """What a fitting config must reproduce: every tensor shape, and the int attributes the
     forward uses as sizes (which pruning keeps up to date; others may still hold dense values
     until the fitting config's are copied in)."""
@@ -184,7 +202,14 @@ def _fields(config: Any) -> dict[str, Any]:
 
 
 def set_field(config: Any, name: str, value: Any) -> None:
-    """Set a config field, or one element of a list field (``"num_heads[2]"``)."""
+    """Set a config field, one element of a list field (``"num_heads[2]"``), or one layer's
+    field (:data:`LAYER_FIELD`)."""
+    if name.startswith("per_layer_config["):
+        layer, _, attribute = name.removeprefix("per_layer_config[").partition("].")
+        overrides = layer_overrides(config)
+        overrides.setdefault(int(layer), {})[attribute] = value
+        config.per_layer_config = overrides
+        return
     base, index = split_index(name)
     if index is None:
         setattr(config, name, value)
@@ -259,7 +284,7 @@ def _with_optional_fields(model_class: type, config: Any) -> Optional[Any]:
     changed = False
     for name, default in OPTIONAL_FIELDS.items():
         value = default(config)
-        if getattr(config, name, None) is None and value is not None:
+        if field(config, name) is None and value is not None:
             setattr(explicit, name, value)
             changed = True
     same = changed and build_shapes(model_class, explicit) == build_shapes(model_class, config)
@@ -274,16 +299,16 @@ def fitting_config(model: nn.Module, dense_config: Any, max_trials: int = 512) -
     proportions; combinations are tried fewest changes first, first with the config as it is,
     then with optional fields (``head_dim``) made explicit."""
     model_class = type(model)
-    target = _pruned_signature(model)
+    target = pruned_signature(model)
     bases = [dense_config, _with_optional_fields(model_class, dense_config)]
     for number, base in enumerate(b for b in bases if b is not None):
-        fitted = _fit(model, model_class, base, target, max_trials, _probes(model, number, base))
+        fitted = fit(model, model_class, base, target, max_trials, _probes(model, number, base))
         if fitted is not None:
             return fitted
     return None
 
 
-def _fit(
+def fit(
     model: nn.Module,
     model_class: type,
     base: Any,
@@ -291,6 +316,8 @@ def _fit(
     max_trials: int,
     probes: list[FieldProbe],
 ) -> Optional[Any]:
+    """The first change of ``base`` by the probes' suggested values (fewest changes first)
+    under which ``model_class`` builds ``target`` and ``model``'s computed buffers."""
     base_shapes = build_shapes(model_class, base) or {}
     solved = _solve(probes, base_shapes, target)
     options = []

@@ -38,6 +38,7 @@ from torchslim.graph.kinds import KINDS
 from torchslim.hf.checkpoint import built, model_class_of
 from torchslim.hf.conversion import ConvertedReader
 from torchslim.hf.folder import copy_companions, save_pretrained
+from torchslim.hf.layer_config import layer_changes
 from torchslim.hf.onload import computed_buffers, onloaded
 from torchslim.hf.output import (
     PIECE_BYTES,
@@ -303,6 +304,7 @@ def prune_checkpoint(
                 for k, v in before.items()
                 if type(v) is int and after.get(k) != v
             }
+            report.changed.update(layer_changes(config, model.config))
             report.params_after = _count(model)
             report.plain_config = not hasattr(model.config, RECORD_KEY)
 

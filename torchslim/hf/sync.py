@@ -4,7 +4,9 @@ After every pruning step (or once per ``pruner.step()``), :func:`sync_config` lo
 config that builds the pruned model exactly (:mod:`.config`). If there is one (every layer pruned
 alike), its fields are written into ``model.config``: ``save_pretrained`` then writes a
 checkpoint that plain ``AutoModel*.from_pretrained`` loads, without torchslim. If there is none
-(widths differ per layer), ``model.config`` keeps the dense fields and records the pruning plan
+(widths differ per layer), a config with per-layer overrides (transformers'
+``per_layer_config``) is looked for where the model's class builds its layers from one; failing
+that, ``model.config`` keeps the dense fields and records the pruning plan
 under :data:`RECORD_KEY`; :func:`torchslim.hf.from_pretrained` rebuilds such checkpoints.
 """
 
@@ -17,8 +19,16 @@ from typing import Any, Optional
 from torch import nn
 
 from torchslim.graph.record import model_history, model_record, recorded
-from torchslim.hf.config import OPTIONAL_FIELDS, build, fitting_config, int_attributes
+from torchslim.hf.config import (
+    OPTIONAL_FIELDS,
+    build,
+    field,
+    fitting_config,
+    int_attributes,
+    layer_overrides,
+)
 from torchslim.hf.depth import shallower
+from torchslim.hf.layer_config import fitting_layer_config
 from torchslim.persistence import pruning_plan
 
 RECORD_KEY = "torchslim_plan"
@@ -51,15 +61,17 @@ def sync_config(model: nn.Module) -> bool:
     dense depth is recorded with the plan for :func:`torchslim.hf.from_pretrained`."""
     original = dense_config(model)
     dense = shallower(original, model_history(model))
-    fitted = fitting_config(model, dense)
+    fitted = fitting_config(model, dense) or fitting_layer_config(model, dense)
     config = model.config
     source = fitted if fitted is not None else dense
     for name, value in vars(source).items():
-        if type(value) is int and getattr(config, name, None) != value:
+        if type(value) is int and field(config, name) != value:
             setattr(config, name, value)
-    depth = {k: v for k, v in vars(original).items() if getattr(dense, k, None) != v}
+    if hasattr(type(config), "per_layer_config"):
+        config.per_layer_config = layer_overrides(source) or None
+    depth = {k: v for k, v in vars(original).items() if vars(dense).get(k) != v}
     for name in depth:
-        setattr(config, name, copy.deepcopy(getattr(dense, name)))
+        setattr(config, name, copy.deepcopy(vars(dense)[name]))
     for name in OPTIONAL_FIELDS:
         if name in vars(config) and name not in vars(source):
             delattr(config, name)
