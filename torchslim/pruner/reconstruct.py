@@ -339,33 +339,54 @@ class RefitLayer(moments.InputMoments):
         )
         with_bias = config.bias and bias_allowed
         fitted = second - mean.unsqueeze(2) * mean.unsqueeze(1) if with_bias else second
-        energy = _energy(weight, second).clamp(min=1e-300)
         dropped = weight[:, :, gone]  # dropping them is the only change before the refit
-        before = float(_energy(dropped, second[:, gone][:, :, gone]) / energy)
+        before = _energy(dropped, second[:, gone][:, :, gone])
+        # E||W x||^2 = <W, W S>, from the products with the kept and the removed columns (the
+        # first is the refit's right-hand side): two products of W with its moments, not four
+        to_kept = torch.einsum("goi,gik->gok", weight, fitted[:, :, kept])
+        energy = _inner(weight[:, :, kept], to_kept) + _inner(
+            dropped, torch.einsum("goi,gik->gok", weight, fitted[:, :, gone])
+        )
+        centred = energy  # E||W (x - mean)||^2 when the bias absorbs the mean
+        if with_bias:
+            energy = energy + torch.einsum("goi,gi->go", weight, mean).square().sum()
         new_weight = weight.clone()
         new_weight[:, :, gone] = 0.0
         if config.weights and kept.numel():
-            new_weight[:, :, kept] = self._refit(weight, fitted, config.ridge)
+            refit, damping = self._refit(weight, fitted, to_kept, config.ridge)
+            new_weight[:, :, kept] = refit
+            after = _refit_error(centred, refit, to_kept, weight[:, :, kept], damping)
+        else:
+            after = _energy(dropped, fitted[:, gone][:, :, gone])
         shift = None
         if with_bias:
             shift = torch.einsum("goi,gi->go", weight - new_weight, mean).reshape(-1)
-        after = float(_energy(weight - new_weight, fitted) / energy)
+        energy = energy.clamp(min=1e-300)
         self._write(new_weight, shift)
         del self.gram, self.total  # spent: a deep model's refit holds one run's statistics
         removed = len(self.removed_channels)
         return LayerResult(
-            self.name, removed, self.channels - removed, before, after, self.added_bias, with_bias
+            self.name,
+            removed,
+            self.channels - removed,
+            float(before / energy),
+            float(after.clamp(min=0.0) / energy),
+            self.added_bias,
+            with_bias,
         )
 
-    def _refit(self, weight: torch.Tensor, fitted: torch.Tensor, ridge: float) -> torch.Tensor:
-        """Kept columns minimising ``E||W x - W'_K x_K||^2 + lambda ||W'_K - W_K||^2``: the
-        damping pulls towards the unrefit weights, so a large ``ridge`` means plain pruning."""
+    def _refit(
+        self, weight: torch.Tensor, fitted: torch.Tensor, to_kept: torch.Tensor, ridge: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept columns minimising ``E||W x - W'_K x_K||^2 + lambda ||W'_K - W_K||^2`` (the
+        damping ``lambda`` of each group returned with them), given ``W S_K`` (``to_kept``):
+        the damping pulls towards the unrefit weights, so a large ``ridge`` means plain
+        pruning."""
         kept = self.kept
         system = fitted[:, kept][:, :, kept]  # square matrices of the kept features' size:
         damping = ridge * system.diagonal(dim1=1, dim2=2).mean(1).clamp(min=0)
         system.diagonal(dim1=1, dim2=2).add_(damping.view(-1, 1))  # no more of them than needed
-        rhs = torch.einsum("goi,gik->gok", weight, fitted[:, :, kept])
-        rhs.add_(damping.view(-1, 1, 1) * weight[:, :, kept])
+        rhs = to_kept + damping.view(-1, 1, 1) * weight[:, :, kept]
         factor, info = torch.linalg.cholesky_ex(system)
         del system
         if int(info.max()) != 0:
@@ -374,7 +395,7 @@ class RefitLayer(moments.InputMoments):
                 "channels are constant or linearly dependent on the calibration batches); "
                 "use more calibration data or a larger ridge"
             )
-        return torch.cholesky_solve(rhs.transpose(1, 2), factor).transpose(1, 2)
+        return torch.cholesky_solve(rhs.transpose(1, 2), factor).transpose(1, 2), damping
 
     def _write(self, weight: torch.Tensor, shift: Optional[torch.Tensor]) -> None:
         module = self.module
@@ -389,6 +410,25 @@ class RefitLayer(moments.InputMoments):
             (bias.detach().double() + shift.to(bias.device)).to(bias.dtype),
             requires_grad=bias.requires_grad,
         )
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("goi,goi->", a, b)
+
+
+def _refit_error(
+    energy: torch.Tensor,
+    refit: torch.Tensor,
+    to_kept: torch.Tensor,
+    kept: torch.Tensor,
+    damping: torch.Tensor,
+) -> torch.Tensor:
+    """``E||W x - W'_K x_K||^2`` in closed form: with ``S`` the moments, ``R = W S_K`` and
+    ``W'_K (S_KK + lambda) = R + lambda W_K``, it is ``E||W x||^2 - <W'_K, R> + lambda
+    <W'_K, W_K - W'_K>`` (no product with the moments, each of which costs as much as the
+    refit at an 8B model's width)."""
+    correction = torch.einsum("goi,goi->g", refit, kept - refit) @ damping
+    return energy - _inner(refit, to_kept) + correction
 
 
 def _energy(weight: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
