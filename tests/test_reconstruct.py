@@ -484,3 +484,29 @@ def test_a_layer_run_twice_per_forward_is_recorded_on_every_call():
     pruner = tp.pruner.MagnitudePruner(model, x[:2], pruning_ratio=0.25)
     pruner.step(reconstruct=Reconstruction(list(x.split(10)), max_memory=1))
     assert pruner.reconstruction.tokens == 60
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_output_rows_refit_a_block_at_a_time_as_all_at_once(bias, monkeypatch):
+    """The rows of a refit are independent: solved a few at a time (as a 128k-row LM head is,
+    to bound its float64 working set), the weights, the bias moved in and the report are those
+    of one solve."""
+    x = torch.relu(_inputs(256, 6)) + 0.5  # inputs with a mean: the bias takes part of it
+    results = []
+    for block_bytes in (refit.ROW_BLOCK_BYTES, 1):  # all rows, then 1 row per block
+        monkeypatch.setattr(refit, "ROW_BLOCK_BYTES", block_bytes)
+        torch.manual_seed(0)
+        model = ConstantUnit().eval()
+        pruner = tp.pruner.MetaPruner(
+            model, x[:2], importance=Fixed([0, 2]), pruning_ratio=0.4, ignored_layers=[model.b]
+        )
+        pruner.step(reconstruct=Reconstruction([x], bias=bias, add_bias=bias))
+        (layer,) = pruner.reconstruction.layers
+        results.append((model.b.weight.detach(), model.b.bias, layer.before, layer.after))
+    (whole, whole_bias, before, after), (blocks, blocks_bias, *report) = results
+    assert whole.shape == (3, 3)
+    torch.testing.assert_close(blocks, whole, rtol=1e-12, atol=1e-12)
+    assert (whole_bias is None) == (blocks_bias is None) == (not bias)
+    if bias:
+        torch.testing.assert_close(blocks_bias, whole_bias, rtol=1e-12, atol=1e-12)
+    assert report == pytest.approx([before, after], rel=1e-9, abs=1e-15)

@@ -46,11 +46,17 @@ def input_channels(module: nn.Module) -> int:
 
 def weight_rows(module: nn.Module) -> torch.Tensor:
     """The weight as ``[groups, outputs per group, features]`` in float64."""
+    return weight_row_view(module).double()
+
+
+def weight_row_view(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[groups, outputs per group, features]`` in its own dtype (a view where
+    the layout allows: a block of rows can be cast alone)."""
     weight = module.weight.detach()
     weight = weight.T if is_linear_like(module) else weight
     groups = module.groups if isinstance(module, nn.modules.conv._ConvNd) else 1
     features = input_channels(module) * kernel_size(module)
-    return weight.reshape(weight.shape[0], -1).double().view(groups, -1, features)
+    return weight.reshape(weight.shape[0], -1).reshape(groups, -1, features)
 
 
 def write_weight_rows(module: nn.Module, rows: torch.Tensor) -> None:

@@ -312,6 +312,12 @@ def require_inputs(layers: list[RefitLayer]) -> int:
     return layers[-1].count
 
 
+#: float64 working set of one block of output rows of a refit: the rows are refit apart (a
+#: least-squares refit's rows are independent), since a 128k-row LM head held whole in float64
+#: with its products needs over 20 GB
+ROW_BLOCK_BYTES = 256 * 2**20
+
+
 class RefitLayer(moments.InputMoments):
     """One consumer: its input moments and the features its removed channels take away."""
 
@@ -330,7 +336,6 @@ class RefitLayer(moments.InputMoments):
         self.gone = torch.as_tensor(removed_features)
 
     def solve(self, config: Reconstruction, add_bias_allowed: bool) -> LayerResult:
-        weight = moments.weight_rows(self.module)
         kept, gone = self.kept, self.gone
         mean = self.mean()
         second = self.gram.div_(self.count)  # in place: the sums are not needed again
@@ -339,54 +344,50 @@ class RefitLayer(moments.InputMoments):
         )
         with_bias = config.bias and bias_allowed
         fitted = second - mean.unsqueeze(2) * mean.unsqueeze(1) if with_bias else second
-        dropped = weight[:, :, gone]  # dropping them is the only change before the refit
-        before = _energy(dropped, second[:, gone][:, :, gone])
-        # E||W x||^2 = <W, W S>, from the products with the kept and the removed columns (the
-        # first is the refit's right-hand side): two products of W with its moments, not four
-        to_kept = torch.einsum("goi,gik->gok", weight, fitted[:, :, kept])
-        energy = _inner(weight[:, :, kept], to_kept) + _inner(
-            dropped, torch.einsum("goi,gik->gok", weight, fitted[:, :, gone])
-        )
-        centred = energy  # E||W (x - mean)||^2 when the bias absorbs the mean
-        if with_bias:
-            energy = energy + torch.einsum("goi,gi->go", weight, mean).square().sum()
-        new_weight = weight.clone()
-        new_weight[:, :, gone] = 0.0
+        factor, damping = None, None
         if config.weights and kept.numel():
-            refit, damping = self._refit(weight, fitted, to_kept, config.ridge)
-            new_weight[:, :, kept] = refit
-            after = _refit_error(centred, refit, to_kept, weight[:, :, kept], damping)
-        else:
-            after = _energy(dropped, fitted[:, gone][:, :, gone])
-        shift = None
-        if with_bias:
-            shift = torch.einsum("goi,gi->go", weight - new_weight, mean).reshape(-1)
-        energy = energy.clamp(min=1e-300)
-        self._write(new_weight, shift)
+            factor, damping = self._factor(fitted, config.ridge)
+        blocks = _Moments(second[:, gone][:, :, gone], fitted[:, :, kept], fitted[:, :, gone])
+        del second, fitted
+        rows = moments.weight_row_view(self.module)
+        new_rows = torch.empty(rows.shape, dtype=rows.dtype)
+        shift = torch.empty(rows.shape[:2], dtype=torch.float64) if with_bias else None
+        errors = torch.zeros(4, dtype=torch.float64)  # before, centred energy, ||W mean||^2, after
+        step = max(1, ROW_BLOCK_BYTES // (8 * 4 * self.features))
+        for start in range(0, rows.shape[1], step):
+            weight = rows[:, start : start + step].double()
+            new_weight, block_errors = blocks.refit(weight, kept, gone, factor, damping)
+            errors += block_errors
+            if with_bias:
+                shift[:, start : start + step] = torch.einsum(
+                    "goi,gi->go", weight - new_weight, mean
+                )
+                errors[2] += torch.einsum("goi,gi->go", weight, mean).square().sum()
+            new_rows[:, start : start + step] = new_weight
+        before, centred, offset, after = errors.tolist()
+        energy = max(centred + offset, 1e-300)
+        self._write(new_rows, None if shift is None else shift.reshape(-1))
         del self.gram, self.total  # spent: a deep model's refit holds one run's statistics
         removed = len(self.removed_channels)
         return LayerResult(
             self.name,
             removed,
             self.channels - removed,
-            float(before / energy),
-            float(after.clamp(min=0.0) / energy),
+            before / energy,
+            max(after, 0.0) / energy,
             self.added_bias,
             with_bias,
         )
 
-    def _refit(
-        self, weight: torch.Tensor, fitted: torch.Tensor, to_kept: torch.Tensor, ridge: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept columns minimising ``E||W x - W'_K x_K||^2 + lambda ||W'_K - W_K||^2`` (the
-        damping ``lambda`` of each group returned with them), given ``W S_K`` (``to_kept``):
-        the damping pulls towards the unrefit weights, so a large ``ridge`` means plain
-        pruning."""
+    def _factor(self, fitted: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Cholesky factor of the kept features' damped moments and the damping
+        ``lambda`` of each group: the refit minimises ``E||W x - W'_K x_K||^2 + lambda
+        ||W'_K - W_K||^2``, pulled towards the unrefit weights (a large ``ridge`` means plain
+        pruning)."""
         kept = self.kept
         system = fitted[:, kept][:, :, kept]  # square matrices of the kept features' size:
         damping = ridge * system.diagonal(dim1=1, dim2=2).mean(1).clamp(min=0)
         system.diagonal(dim1=1, dim2=2).add_(damping.view(-1, 1))  # no more of them than needed
-        rhs = to_kept + damping.view(-1, 1, 1) * weight[:, :, kept]
         factor, info = torch.linalg.cholesky_ex(system)
         del system
         if int(info.max()) != 0:
@@ -395,7 +396,7 @@ class RefitLayer(moments.InputMoments):
                 "channels are constant or linearly dependent on the calibration batches); "
                 "use more calibration data or a larger ridge"
             )
-        return torch.cholesky_solve(rhs.transpose(1, 2), factor).transpose(1, 2), damping
+        return factor, damping
 
     def _write(self, weight: torch.Tensor, shift: Optional[torch.Tensor]) -> None:
         module = self.module
@@ -410,6 +411,47 @@ class RefitLayer(moments.InputMoments):
             (bias.detach().double() + shift.to(bias.device)).to(bias.dtype),
             requires_grad=bias.requires_grad,
         )
+
+
+@dataclass
+class _Moments:
+    """The input moments a block of output rows is refit with: the uncentred ones among the
+    removed features, the fitted ones (centred when the bias absorbs the mean) of every
+    feature with the kept and with the removed ones."""
+
+    second_gone: torch.Tensor
+    fitted_kept: torch.Tensor
+    fitted_gone: torch.Tensor
+
+    def refit(
+        self,
+        weight: torch.Tensor,
+        kept: torch.Tensor,
+        gone: torch.Tensor,
+        factor: Optional[torch.Tensor],
+        damping: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new rows of ``weight`` (``[groups, rows, features]``, float64): the removed
+        columns zero, the kept ones refit when a ``factor`` is given; and the block's error
+        before, centred energy, (zero) and error after. ``E||W x||^2 = <W, W S>`` comes from
+        the products with the kept and the removed columns (the first is the refit's
+        right-hand side), two products of the rows with the moments, not four."""
+        dropped = weight[:, :, gone]  # dropping them is the only change before the refit
+        before = _energy(dropped, self.second_gone)
+        to_kept = torch.einsum("goi,gik->gok", weight, self.fitted_kept)
+        to_gone = torch.einsum("goi,gik->gok", weight, self.fitted_gone)
+        kept_weight = weight[:, :, kept]
+        centred = _inner(kept_weight, to_kept) + _inner(dropped, to_gone)
+        new_weight = torch.zeros_like(weight)
+        if factor is None:
+            new_weight[:, :, kept] = kept_weight
+            after = _energy(dropped, self.fitted_gone[:, gone])
+        else:
+            rhs = to_kept + damping.view(-1, 1, 1) * kept_weight
+            refit = torch.cholesky_solve(rhs.transpose(1, 2), factor).transpose(1, 2)
+            new_weight[:, :, kept] = refit
+            after = _refit_error(centred, refit, to_kept, kept_weight, damping)
+        return new_weight, torch.stack([before, centred, torch.zeros_like(before), after])
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
