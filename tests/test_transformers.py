@@ -427,21 +427,53 @@ def test_per_layer_head_counts_become_the_per_layer_config_transformers_loads(tm
         assert torch.equal(reloaded(ids).last_hidden_state, model(ids).last_hidden_state)
 
 
-def test_a_class_that_ignores_per_layer_configs_keeps_the_plan_probed_once(monkeypatch):
-    """Llama builds every layer from the global config (an overridden field does not build):
-    per-layer widths stay a recorded plan, and the probes are not repeated at the next sync."""
+@pytest.mark.parametrize("removed", [[0], [1, 2]], ids=["first", "the-overridden-and-last"])
+def test_removing_blocks_renumbers_the_per_layer_config_and_a_plan_reloads(removed, tmp_path):
+    """Blocks removed from a heterogeneous config take their overrides with them and the others
+    move down (a plain reload equals the model); with widths no config can hold too, the plan
+    records the dense overrides and ``tp.hf.from_pretrained`` rebuilds the model."""
+    ids = torch.randint(0, 97, (1, 8))
+    model = tiny_step3p7(4)
+    tp.prune_blocks(
+        model,
+        ids,
+        n=len(removed),
+        ignored_blocks=[layer for i, layer in enumerate(model.layers) if i not in removed],
+    )
+    heads = [layer.self_attn.num_heads for layer in model.layers]
+    assert heads == [4 if i != 1 else 2 for i in range(4) if i not in removed]
+    assert [c.num_attention_heads for c in model.config.per_layer_config] == heads
+    model.save_pretrained(tmp_path / "plain")
+    reloaded = type(model).from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).last_hidden_state, model(ids).last_hidden_state)
+    recipe = {model.layers[0].mlp: 0.25}  # Step3p7 reads intermediate_size globally
+    tp.pruner.MagnitudePruner(model, ids, pruning_ratio=0.0, pruning_ratio_dict=recipe).step()
+    assert model.layers[0].mlp.down_proj.in_features == 48
+    assert hasattr(model.config, tp.hf.RECORD_KEY)
+    model.save_pretrained(tmp_path / "plan")
+    reloaded = tp.hf.from_pretrained(tmp_path / "plan").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_a_class_that_never_reads_per_layer_configs_keeps_the_plan_without_probes(monkeypatch):
+    """Llama's code never names ``per_layer_config``: per-layer widths stay a recorded plan, and
+    no per-layer probe is built; a class whose code names it (Step3p7) is probed."""
+    from torchslim.graph.record import model_record
     from torchslim.hf import config as fitting
 
-    model = tiny_llama(3)
     builds = []
     build = fitting.build
     monkeypatch.setattr(fitting, "build", lambda *a, **k: builds.append(a[1]) or build(*a, **k))
+    model = tiny_llama(3)
     heads = _per_layer_heads(model, model.model.layers)
     assert len(set(heads)) > 1 and hasattr(model.config, tp.hf.RECORD_KEY)
-    assert sum(c.is_heterogeneous for c in builds) >= 5  # a probe per numeric field
-    builds.clear()
-    assert not tp.hf.sync_config(model) and builds
-    assert not any(c.is_heterogeneous for c in builds)
+    assert builds and not any(c.is_heterogeneous for c in builds)
+    assert not model_record(model).get("layer_probes")
+    step3p7 = tiny_step3p7()
+    _per_layer_heads(step3p7, step3p7.layers)
+    assert any(model_record(step3p7)["layer_probes"].values())
 
 
 def test_config_fitting_builds_shapes_without_running_initialisers(monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from torchslim.hf.config import config_value
 from torchslim.hf.sync import DENSE_DEPTH, RECORD_KEY, dense_config
 from torchslim.persistence import CheckpointError, apply_plan
 
@@ -82,7 +83,7 @@ def _planned(config: Any, where: Union[str, os.PathLike]) -> tuple[Any, Optional
             "(a save interrupted before its plan was written?): save the pruned model again"
         )
     delattr(config, RECORD_KEY)
-    pruned_depth = {name: getattr(config, name) for name in record.get(DENSE_DEPTH, {})}
+    pruned_depth = {name: config_value(config, name) for name in record.get(DENSE_DEPTH, {})}
     for name, value in record.get(DENSE_DEPTH, {}).items():
         setattr(config, name, value)  # built at the dense depth, then the plan removes blocks
     return config, record, pruned_depth

@@ -41,7 +41,8 @@ OPTIONAL_FIELDS = {
 #: How a field of one layer is named (``"per_layer_config[3].num_attention_heads"``) where the
 #: config is heterogeneous (transformers' ``per_layer_config``: layer ``i`` built from its own
 #: overrides of the global fields).
-LAYER_FIELD = "per_layer_config[{}].{}"
+LAYER_CONFIG = "per_layer_config"
+LAYER_FIELD = LAYER_CONFIG + "[{}].{}"
 
 
 def field(config: Any, name: str, default: Any = None) -> Any:
@@ -49,6 +50,12 @@ def field(config: Any, name: str, default: Any = None) -> Any:
     layer overrides (``AmbiguousGlobalPerLayerAttributeError``); fitting needs the global one."""
     read = getattr(config, "_getattr_without_heterogeneous_validation", None)
     return read(name, default) if read is not None else getattr(config, name, default)
+
+
+def config_value(config: Any, name: str) -> Any:
+    """A field's global value, or for :data:`LAYER_CONFIG` the per-layer overrides (a value
+    that can be set back, where reading the attribute gives a view of per-layer configs)."""
+    return layer_overrides(config) if name == LAYER_CONFIG else field(config, name)
 
 
 def layer_overrides(config: Any) -> dict[int, dict[str, Any]]:
@@ -315,9 +322,11 @@ def fit(
     target: Shapes,
     max_trials: int,
     probes: list[FieldProbe],
+    buffers: bool = True,
 ) -> Optional[Any]:
     """The first change of ``base`` by the probes' suggested values (fewest changes first)
-    under which ``model_class`` builds ``target`` and ``model``'s computed buffers."""
+    under which ``model_class`` builds ``target`` (and ``model``'s computed buffers, unless
+    ``buffers`` is false: a fit of one layer, whose other layers still differ)."""
     base_shapes = build_shapes(model_class, base) or {}
     solved = _solve(probes, base_shapes, target)
     options = []
@@ -345,7 +354,7 @@ def fit(
         if not _valid(trial):
             continue
         shapes_fit = mismatches(build_shapes(model_class, trial), target) == 0
-        if shapes_fit and same_computed_buffers(model, model_class, trial):
+        if shapes_fit and (not buffers or same_computed_buffers(model, model_class, trial)):
             return trial
     return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from torchslim.hf.config import LAYER_CONFIG, layer_overrides
 from torchslim.pruning.roles import Role
 
 
@@ -21,7 +22,8 @@ def removed_blocks(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def depth_changes(config: Any, of: int, idxs: list[int]) -> dict[str, Any]:
     """The fields of ``config`` that change when blocks ``idxs`` of ``of`` are removed: its
     layer count (``num_hidden_layers``, whatever the class calls it) and its lists with one
-    descriptor per layer (``layer_types``), when they count ``of`` layers."""
+    descriptor per layer (``layer_types``), when they count ``of`` layers, and its per-layer
+    overrides (``per_layer_config``), renumbered."""
     gone = set(idxs)
     changes: dict[str, Any] = {}
     if getattr(config, "num_hidden_layers", None) == of:
@@ -30,6 +32,12 @@ def depth_changes(config: Any, of: int, idxs: list[int]) -> dict[str, Any]:
         per_layer = isinstance(value, (list, tuple)) and len(value) == of and "layer" in name
         if per_layer and not any(type(v) is int for v in value):  # not a list of layer indices
             changes[name] = type(value)(v for i, v in enumerate(value) if i not in gone)
+    overrides = layer_overrides(config)
+    if overrides and "num_hidden_layers" in changes:  # after it: overrides are checked by it
+        kept = [i for i in range(of) if i not in gone]
+        changes[LAYER_CONFIG] = {
+            new: overrides[old] for new, old in enumerate(kept) if old in overrides
+        } or None
     return changes
 
 

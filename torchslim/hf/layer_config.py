@@ -2,17 +2,20 @@
 
 transformers' heterogeneous configs (``config.per_layer_config``: layer ``i`` built from its own
 overrides of the global fields) describe such models for the classes that build each layer from
-``config.per_layer_config[i]`` (Step3p7's attention, ...); plain
-``from_pretrained`` then loads the pruned checkpoint. The overrides are found as the plain config
-is (:mod:`.config`), one layer at a time: each numeric field is doubled for one layer of each
-structure to learn which of that layer's sizes follow it, and every layer whose sizes differ from
-the config's is fitted in turn. A class that ignores ``per_layer_config`` shows no such field, and
-the model keeps its recorded plan.
-"""
+``config.per_layer_config[i]`` (Step3p7's attention, ...): plain ``from_pretrained`` then loads
+the pruned checkpoint. The overrides are found as the plain config is (:mod:`.config`), one layer
+at a time: each numeric field is doubled for one layer of each structure to learn which of that
+layer's sizes follow it, and every layer whose sizes differ from the config's is fitted in turn.
+A field the class reads from the global config does not build once overridden (transformers
+refuses to read it globally), so it is no per-layer field; a model whose code never names
+``per_layer_config`` is not probed at all, and keeps its recorded plan."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import sys
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from torch import nn
@@ -40,7 +43,8 @@ def fitting_layer_config(model: nn.Module, base: Any, max_trials: int = 64) -> O
     """A copy of ``base`` whose ``per_layer_config`` makes ``type(model)`` build exactly
     ``model``'s shapes (the rest of the model as ``base`` builds it), or ``None``."""
     layers = field(base, "num_hidden_layers")
-    if not hasattr(type(base), "per_layer_config") or not isinstance(layers, int):
+    supported = hasattr(type(base), "per_layer_config") and isinstance(layers, int)
+    if not supported or not _reads_layer_configs(model):
         return None
     model_class, target = type(model), pruned_signature(model)
     shapes = build_shapes(model_class, base)
@@ -55,7 +59,7 @@ def fitting_layer_config(model: nn.Module, base: Any, max_trials: int = 64) -> O
                 continue
             probes = _layer_probes(model, current, shapes, prefix, index)
             goal = {k: (v if inside(k) else shapes.get(k, v)) for k, v in target.items()}
-            current = fit(model, model_class, current, goal, max_trials, probes)
+            current = fit(model, model_class, current, goal, max_trials, probes, buffers=False)
             if current is None:
                 return None
             shapes = build_shapes(model_class, current) or {}
@@ -75,6 +79,22 @@ def layer_changes(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:
             if old != value:
                 changes[LAYER_FIELD.format(index, name)] = (old, value)
     return changes
+
+
+def _reads_layer_configs(model: nn.Module) -> bool:
+    """Whether the code of any of the model's classes names ``per_layer_config`` (a model whose
+    code never reads it cannot build a layer from it: no probe is worth building). Their
+    bases are not read: transformers' shared base classes name it for every model."""
+    return any(_mentions_layer_configs(type(m).__module__) for m in model.modules())
+
+
+@functools.cache
+def _mentions_layer_configs(module_name: str) -> bool:
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    try:
+        return "per_layer_config" in Path(path).read_text(encoding="utf-8")
+    except (TypeError, OSError, UnicodeDecodeError):  # no source to read: probe to find out
+        return True
 
 
 def _is_layer_list(module: nn.Module, layers: int) -> bool:
