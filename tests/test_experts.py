@@ -163,6 +163,55 @@ def test_eager_expert_loops_trace_like_the_fused_kernels():
     ]
 
 
+def _step3p7_moe() -> nn.Module:
+    """Step3p7 with a dense layer and a layer of 8 routed experts (and a shared expert)."""
+    from transformers.models.step3p7 import configuration_step3p7, modeling_step3p7
+
+    config = configuration_step3p7.Step3p7TextConfig(
+        **COMMON,
+        intermediate_size=24,
+        moe_intermediate_size=16,
+        share_expert_dim=16,
+        n_routed_experts=8,  # its config copies it into num_local_experts
+        num_experts_per_tok=2,
+        mlp_layer_types=["dense", "sparse"],
+        sliding_window=4,
+    )
+    torch.manual_seed(0)
+    return modeling_step3p7.Step3p7TextModel(config).eval()
+
+
+def test_experts_without_transformers_flags_and_a_router_that_gathers_its_weights(tmp_path):
+    """Step3p7's experts layer follows transformers' fused convention without
+    ``use_experts_implementation`` (its layout is read from its weights), and its router reads
+    its top-k weights back from its sigmoid scores with ``gather``: the model traces on meta,
+    experts are a kind, removing two is exact under verify, and half of them, with a quarter of
+    their neurons, prune into a model whose config transformers reloads."""
+    model = _step3p7_moe()
+    graph = tp.DependencyGraph().build_dependency(model, TOKENS)
+    assert graph.unsupported() == [] and graph.traced_on_meta
+    groups = [g for g in graph.get_all_groups() if group_kind(g) == "experts"]
+    assert [len(g.prunable_idxs) for g in groups] == [8]
+    report = tp.verify(graph, TOKENS, [(g, [1, 5]) for g in groups])
+    assert report.ok and all(c.exact_expected for c in report.checks), str(report)
+
+    model = _step3p7_moe()
+    recipe = {"experts": 0.5, "neurons": 0.25}
+    with pytest.warns(UserWarning, match="without calibration data"):
+        tp.pruner.MagnitudePruner(
+            model, TOKENS, pruning_ratio=0.0, pruning_ratio_dict=recipe
+        ).step()
+    moe = model.layers[1].mlp
+    assert tuple(moe.experts.gate_up_proj.shape) == (4, 24, 32)
+    assert tuple(moe.experts.down_proj.shape) == (4, 32, 12)
+    assert tuple(moe.gate.e_score_correction_bias.shape) == (4,)
+    assert model.config.num_local_experts == 4 and model.config.moe_intermediate_size == 12
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(TOKENS).last_hidden_state, model(TOKENS).last_hidden_state)
+
+
 class _Experts(nn.Module):
     """A user's experts layer in transformers' fused convention."""
 

@@ -1,7 +1,8 @@
 """Routed experts (mixture-of-experts layers) traced as one op.
 
 A Hugging Face experts layer (``Qwen3MoeExperts``, ``MixtralExperts``, ... : any module built by
-transformers' ``use_experts_implementation``) keeps every expert in fused 3-D parameters
+transformers' ``use_experts_implementation``, or written in its convention without it, as
+``Step3p7Experts``) keeps every expert in fused 3-D parameters
 (``gate_up_proj[E, 2I, H]``, ``down_proj[E, H, I]``) and runs only the experts that
 ``top_k_index`` names, through data-dependent kernels (``torch._grouped_mm`` over tokens sorted
 by expert, or a Python loop over the experts hit). While tracing, the layer's forward is one
@@ -14,6 +15,8 @@ removes its slice of every fused tensor and the router row that selects it.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -23,26 +26,85 @@ from torch.overrides import handle_torch_function, has_torch_function
 from torchslim.ops.registry import OpContext, register_rule
 
 _FLAGS = ("num_experts", "has_gate", "has_bias", "is_transposed")
+#: what a routed-experts layer's forward takes, by name
+_ROUTED_ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How a fused experts layer holds its weights: a fused gate (``gate_up_proj``, else
+    ``up_proj``), per-expert biases (``<name>_bias``), weights stored ``[experts, in, out]``."""
+
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+
+
+def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
+    """The layout of a fused experts layer in transformers' convention, ``None`` for any other
+    module: the flags ``use_experts_implementation`` sets, or, for a layer written without it
+    (Step3p7's), the same read from its 3-D weights (a fused ``gate_up_proj`` and
+    ``down_proj``, whose shapes say which dim is the hidden width, with biases for both or
+    neither) and a forward taking ``hidden_states, top_k_index, top_k_weights``."""
+    if all(hasattr(module, flag) for flag in _FLAGS):
+        layout = ExpertsLayout(bool(module.has_gate), bool(module.has_bias), module.is_transposed)
+        first = getattr(module, "gate_up_proj" if layout.has_gate else "up_proj", None)
+        down = getattr(module, "down_proj", None)
+        three_d = all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in (first, down))
+        return layout if three_d else None
+    return _inferred_layout(module)
+
+
+def _inferred_layout(module: nn.Module) -> Optional[ExpertsLayout]:
+    """A gated layer only: without the gate both weights are ``[E, a, b]`` and ``[E, b, a]``
+    whichever way they are stored, so which dim is the hidden width cannot be read."""
+    first, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (
+        isinstance(getattr(module, "num_experts", None), int)
+        and all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in (first, down))
+        and hasattr(module, "_apply_gate")
+        and _takes_routing(module)
+    ):
+        return None
+    stored = first.shape[2] == down.shape[1] and first.shape[1] == 2 * down.shape[2]
+    transposed = first.shape[1] == down.shape[2] and first.shape[2] == 2 * down.shape[1]
+    biases = [
+        isinstance(getattr(module, f"{n}_bias", None), torch.Tensor)
+        for n in ("gate_up_proj", "down_proj")
+    ]
+    if stored == transposed or biases[0] != biases[1]:  # a layout or biases it cannot read
+        return None
+    return ExpertsLayout(True, biases[0], transposed)
+
+
+def _takes_routing(module: nn.Module) -> bool:
+    try:
+        names = list(inspect.signature(type(module).forward).parameters)[1:4]
+    except (TypeError, ValueError):
+        return False
+    return tuple(names) == _ROUTED_ARGUMENTS
 
 
 def is_routed_experts(module: nn.Module) -> bool:
-    """Whether ``module`` is a fused experts layer in transformers' convention (the flags its
-    ``use_experts_implementation`` sets, 3-D expert weights)."""
-    if not all(hasattr(module, flag) for flag in _FLAGS):
-        return False
-    first = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
-    down = getattr(module, "down_proj", None)
-    return all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in (first, down))
+    """Whether ``module`` is a fused experts layer (see :func:`experts_layout`)."""
+    return experts_layout(module) is not None
 
 
 def _weight(module: nn.Module, name: str) -> torch.Tensor:
     """Expert weights as ``[experts, out, in]``."""
     weight = getattr(module, name)
-    return weight.transpose(1, 2) if module.is_transposed else weight
+    return weight.transpose(1, 2) if _layout(module).is_transposed else weight
+
+
+def _layout(module: nn.Module) -> ExpertsLayout:
+    layout = experts_layout(module)
+    if layout is None:
+        raise TypeError(f"{type(module).__name__} is not a fused experts layer")
+    return layout
 
 
 def _check_width(module: nn.Module, hidden_states: torch.Tensor) -> None:
-    first = _weight(module, "gate_up_proj" if module.has_gate else "up_proj")
+    first = _weight(module, "gate_up_proj" if _layout(module).has_gate else "up_proj")
     if hidden_states.shape[-1] != first.shape[-1]:
         raise RuntimeError(
             f"routed experts: hidden states of width {hidden_states.shape[-1]}, "
@@ -80,13 +142,14 @@ def expert_outputs(
     def bias(name: str) -> torch.Tensor:
         return getattr(module, f"{name}_bias")[experts or slice(None)].unsqueeze(1)
 
-    first = "gate_up_proj" if module.has_gate else "up_proj"
+    layout = _layout(module)
+    first = "gate_up_proj" if layout.has_gate else "up_proj"
     out = torch.matmul(hidden_states, weight(first).transpose(1, 2))
-    if module.has_bias:
+    if layout.has_bias:
         out = out + bias(first)
-    out = module._apply_gate(out) if module.has_gate else module.act_fn(out)
+    out = module._apply_gate(out) if layout.has_gate else module.act_fn(out)
     out = torch.matmul(out, weight("down_proj").transpose(1, 2))
-    if module.has_bias:
+    if layout.has_bias:
         out = out + bias("down_proj")
     if getattr(module, "has_post_expert_norm", False):
         out = module.post_expert_norm(out)

@@ -207,9 +207,9 @@ def along_dim_rule(ctx: OpContext) -> None:
 
 @rule_for("topk", "sort", "argsort", "kthvalue")
 def selection_rule(ctx: OpContext) -> None:
-    """The chosen positions depend on the values: the dim is frozen unless only a
-    routed-experts layer reads the indices (it follows the positions, see ``ops.experts``);
-    ``topk`` also needs ``k`` positions to remain."""
+    """The chosen positions depend on the values: the dim is frozen unless only ops that
+    follow the positions read the indices (a routed-experts layer, see ``ops.experts``, or a
+    ``gather``); ``topk`` also needs ``k`` positions to remain."""
     x = ctx.args[0]
     layout = list(ctx.layout(x))
     dim = ctx.kwargs.get("dim", -1)
@@ -230,6 +230,30 @@ def selection_rule(ctx: OpContext) -> None:
         out = list(layout)
         out[dim] = ctx.opaque(tensor.shape[dim], "positions chosen by value")
         ctx.set_out(tensor, out)
+
+
+@rule_for("gather")
+def gather_rule(ctx: OpContext) -> None:
+    """``x.gather(dim, index)``: the values at the positions ``index`` names along ``dim``.
+    Indices a ``topk`` chose from positions coupled with ``x``'s dim (a router's top-k weights
+    read back from its scores) follow them, as the experts layer routed by them does: a
+    removed position is never chosen. Other indices freeze ``x``'s dim. The other dims pair
+    with ``index``'s where their sizes agree."""
+    x, index = ctx.args[0], ctx.arg(2, "index")
+    dim = normalize_dim(ctx.arg(1, "dim"), x.dim())
+    layout = list(ctx.layout(x))
+    if not ctx.claim_selection(index, layout[dim]):
+        ctx.freeze(layout[dim], "positions read by gather")
+    out = list(ctx.layout(index))
+    for d in range(x.dim()):
+        if d == dim:
+            out[d] = ctx.opaque(index.shape[d], "positions chosen by value")
+        elif x.shape[d] == index.shape[d]:
+            ctx.unify(layout[d], out[d])
+        else:
+            ctx.freeze(layout[d], "a dim gather reads in part")
+            ctx.freeze(out[d], "a dim gather reads in part")
+    ctx.set_out(ctx.out, out)
 
 
 # ---------------------------------------------------------------------------------- spatial

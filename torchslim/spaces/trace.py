@@ -86,7 +86,8 @@ class Comparison:
 class ValueSelection:
     """Indices whose values are positions of ``source`` (``topk``/``sort`` indices): the
     positions stay prunable only if every reader of the indices knows what they select (a
-    routed-experts layer, whose experts follow the positions); otherwise they are frozen."""
+    routed-experts layer, whose experts follow the positions, or a ``gather`` from a tensor
+    whose dim does); otherwise they are frozen."""
 
     source: DimLayout
     where: str
@@ -321,9 +322,10 @@ class TraceState:
 
     def claim_selection(self, indices: torch.Tensor, dim: DimLayout, where: str) -> bool:
         """An op that routes by these indices has its own ``dim`` indexed by them: couple it
-        with the positions they were chosen from. False if ``indices`` are not a selection."""
+        with the positions they were chosen from. False if ``indices`` are not a selection, or
+        one of a dim of another size (its positions would not follow the chosen ones)."""
         selection = self.selections.get(indices)
-        if selection is None:
+        if selection is None or selection.source.size != dim.size:
             return False
         unify(self.table, selection.source, dim, f"{where} (indices from {selection.where})")
         selection.claimed = True
