@@ -187,12 +187,12 @@ def markdown(
 ) -> tuple[list[str], str]:
     lines = [
         "| checkpoint | criterion | on disk | prune s | `cat` s | ratio | peak RSS GB | read GB | "
-        "written GB | params | reloads and generates |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "written GB | read / written GB/s | params | reloads and generates |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['importance']} |" + " - |" * 8 + f" {r['error']} |")
+            lines.append(f"| {r['name']} | {r['importance']} |" + " - |" * 9 + f" {r['error']} |")
             continue
         size = sum(p.stat().st_size for p in (CACHE / r["name"]).glob("*.safetensors")) / 1e9
         lines.append(
@@ -200,6 +200,8 @@ def markdown(
             f"{r['read_s']:.0f} | "
             f"{r['seconds'] / max(r['read_s'], 1e-9):.1f}x | {r['peak_gb']:.2f} | "
             f"{r['bytes_read'] / 1e9:.1f} | {r['bytes_written'] / 1e9:.1f} | "
+            f"{r['bytes_read'] / 1e9 / r['seconds']:.2f} / "
+            f"{r['bytes_written'] / 1e9 / r['seconds']:.2f} | "
             f"{r['params_before'] / 1e9:.2f} B -> {r['params_after'] / 1e9:.2f} B | "
             f"{'yes' if r['reloads'] else '**no**'} |"
         )
@@ -209,14 +211,20 @@ def markdown(
         if r["name"].startswith("70b") and r["importance"] == "magnitude" and "error" not in r
     }
     wanda = any(r["importance"] != "magnitude" for r in results)
+    refit = any(r["importance"] == RECONSTRUCTED for r in results)
     footer = (
         f"{ratio:.0%} of heads, MLP neurons and hidden size, by L2 magnitude"
         + (
             f" or by Wanda recorded on {CALIBRATION[0]} x {CALIBRATION[1]} random tokens (one "
             "module's weights in memory at a time, "
             + ("in float32" if calibrated_in() else "in bf16")
-            + "; with reconstruction, the layers reading removed channels refit on them, a "
-            "decoder layer at a time)"
+            + (
+                "; with reconstruction, the layers reading removed channels refit on them, a "
+                "decoder layer at a time"
+                if refit
+                else ""
+            )
+            + ")"
             if wanda
             else ""
         )

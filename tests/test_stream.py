@@ -589,6 +589,20 @@ def test_the_command_line_streams_a_folder_and_prints_what_changed(tmp_path, cap
     assert "unknown options input_shape" in capsys.readouterr().err
 
 
+def test_the_ratios_per_kind_follow_the_folder_on_the_command_line_too(tmp_path, capsys):
+    from torchslim.cli.main import main
+
+    _, src = _checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["prune-hf", str(src), "neurons=0.25", "heads=0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"intermediate_size\s+64\s+48", printed)
+    assert re.search(r"num_attention_heads\s+4\s+2", printed)
+    twice = ["prune-hf", str(src), "neurons=0.25", "--kinds", "neurons=0.5", "--out", str(out)]
+    assert main(twice) == 2
+    assert "the ratio of neurons is given twice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("criterion", ["wanda", "fluctuation"])
 def test_the_command_line_streams_a_criterion_calibrated_on_a_text_file(
     criterion, tmp_path, capsys, monkeypatch

@@ -30,6 +30,13 @@ def register(commands: Any) -> None:
         recipe=True,
     )
     sub.add_argument("src", type=Path, help="a save_pretrained folder (safetensors shards)")
+    sub.add_argument(
+        "kind_ratios",
+        nargs="*",
+        metavar="KIND=RATIO",
+        default=[],
+        help="ratios per kind of channel, as neurons=0.2 heads=0.25 (or --kinds)",
+    )
     sub.add_argument("--out", type=Path, required=True, help="the pruned folder to write")
     sub.add_argument(
         "--kinds", help="ratios per kind of channel, as neurons=0.2,heads=0.25,width=0.1"
@@ -75,6 +82,10 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kinds = kind_ratios(args.kinds)
+    for kind, ratio in kind_ratios(",".join(args.kind_ratios)).items():
+        if kind in kinds:
+            raise ValueError(f"the ratio of {kind} is given twice (--kinds and {kind}=RATIO)")
+        kinds[kind] = ratio
     if args.ratio is None and not kinds:
         raise ValueError("give --kinds, --ratio or both")
     check_ratio(args.ratio)
