@@ -16,7 +16,7 @@ process, which generates a few tokens.
 
     .venv/bin/python benchmarks/stream_checkpoint.py --markdown benchmarks/results/stream_checkpoint.md
     .venv/bin/python benchmarks/stream_checkpoint.py --sizes --wanda --reconstruct 8b --cold \
-        --markdown benchmarks/results/stream_reconstruct.md   # Wanda + reconstruction (slow)
+        --timeout 7200 --markdown benchmarks/results/stream_reconstruct.md   # over an hour
     .venv/bin/python benchmarks/stream_checkpoint.py --sizes 8b --wanda --cold   # from the disk
     .venv/bin/python benchmarks/stream_checkpoint.py --sizes tiny --wanda tiny --reconstruct tiny
 """
