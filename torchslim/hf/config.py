@@ -211,8 +211,8 @@ def _fields(config: Any) -> dict[str, Any]:
 def set_field(config: Any, name: str, value: Any) -> None:
     """Set a config field, one element of a list field (``"num_heads[2]"``), or one layer's
     field (:data:`LAYER_FIELD`)."""
-    if name.startswith("per_layer_config["):
-        layer, _, attribute = name.removeprefix("per_layer_config[").partition("].")
+    if name.startswith(LAYER_CONFIG + "["):
+        layer, _, attribute = name.removeprefix(LAYER_CONFIG + "[").partition("].")
         overrides = layer_overrides(config)
         overrides.setdefault(int(layer), {})[attribute] = value
         config.per_layer_config = overrides
@@ -323,11 +323,14 @@ def fit(
     max_trials: int,
     probes: list[FieldProbe],
     buffers: bool = True,
+    base_shapes: Optional[Shapes] = None,
 ) -> Optional[Any]:
     """The first change of ``base`` by the probes' suggested values (fewest changes first)
     under which ``model_class`` builds ``target`` (and ``model``'s computed buffers, unless
-    ``buffers`` is false: a fit of one layer, whose other layers still differ)."""
-    base_shapes = build_shapes(model_class, base) or {}
+    ``buffers`` is false: a fit of one layer, whose other layers still differ).
+    ``base_shapes``: what ``base`` builds, when the caller has it."""
+    if base_shapes is None:
+        base_shapes = build_shapes(model_class, base) or {}
     solved = _solve(probes, base_shapes, target)
     options = []
     for probe in probes:

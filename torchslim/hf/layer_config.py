@@ -59,7 +59,16 @@ def fitting_layer_config(model: nn.Module, base: Any, max_trials: int = 64) -> O
                 continue
             probes = _layer_probes(model, current, shapes, prefix, index)
             goal = {k: (v if inside(k) else shapes.get(k, v)) for k, v in target.items()}
-            current = fit(model, model_class, current, goal, max_trials, probes, buffers=False)
+            current = fit(
+                model,
+                model_class,
+                current,
+                goal,
+                max_trials,
+                probes,
+                buffers=False,
+                base_shapes=shapes,
+            )
             if current is None:
                 return None
             shapes = build_shapes(model_class, current) or {}
@@ -105,10 +114,15 @@ def _attributes(shapes: Shapes) -> set[str]:
     return {k for k in shapes if ":" in k}
 
 
+def _head(prefix: str, index: int) -> str:
+    """The name of layer ``index`` of the list ``prefix`` (``"model.layers.3"``)."""
+    return f"{prefix}.{index}" if prefix else str(index)
+
+
 def _inside(prefix: str, index: int) -> Callable[[str], bool]:
     """Whether a tensor (``"layers.3.mlp.up_proj.weight"``) or attribute (``"layers.3:size"``,
     ``"layers.3.attn:heads"``) name belongs to layer ``index`` of the list ``prefix``."""
-    head = f"{prefix}.{index}" if prefix else str(index)
+    head = _head(prefix, index)
     return lambda key: key.startswith((f"{head}.", f"{head}:"))
 
 
@@ -118,8 +132,7 @@ def _layer_probes(
     """Probes of the per-layer fields of layer ``index`` at their values in ``config`` (which
     builds ``shapes``); what each field moves is probed once per model for each structure of
     layer (its sizes under ``config``)."""
-    head = f"{prefix}.{index}" if prefix else str(index)
-    inside = _inside(prefix, index)
+    head, inside = _head(prefix, index), _inside(prefix, index)
     relative = {k[len(head) :]: v for k, v in shapes.items() if inside(k)}
     structure = (prefix, tuple(sorted(relative.items())))
     cache = model_record(model).setdefault("layer_probes", {})
@@ -142,8 +155,7 @@ def _probe_layer(
     """Double each scalar field for layer ``index`` alone; keep the fields that change sizes of
     that layer and nothing outside it. A class that reads the field from the global config
     does not build (transformers refuses to read an overridden field globally)."""
-    head = f"{prefix}.{index}" if prefix else str(index)
-    inside = _inside(prefix, index)
+    head, inside = _head(prefix, index), _inside(prefix, index)
     values = config.per_layer_config[index]
     fields = {
         name: value

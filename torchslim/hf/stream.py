@@ -216,8 +216,9 @@ def prune_checkpoint(
     memory; ``"wanda"`` as ``WandaImportance`` and ``"fluctuation"`` as FLAP's
     ``FluctuationImportance``, recorded on ``calibration`` (token ids ``[sequences, length]``,
     or a list of such batches), which runs through the model one module's weights at a time
-    first. ``model_class`` defaults to the class ``config.architectures`` names. ``trust_pickle`` lets pickle (``.bin``) shards be read
-    (mapped by ``torch.load(weights_only=True, mmap=True)``); the output is safetensors.
+    first. ``model_class`` defaults to the class ``config.architectures`` names.
+    ``trust_pickle`` lets pickle (``.bin``) shards be read (mapped by
+    ``torch.load(weights_only=True, mmap=True)``); the output is safetensors.
     ``calibration_dtype`` (``torch.float32``): the calibration forward runs in it instead of
     the checkpoint's dtype, which on a CPU without bfloat16 matrix units is many times faster
     for a bfloat16 checkpoint (warned there), at twice one module's memory; the statistics are

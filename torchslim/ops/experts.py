@@ -49,22 +49,21 @@ def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
     if all(hasattr(module, flag) for flag in _FLAGS):
         layout = ExpertsLayout(bool(module.has_gate), bool(module.has_bias), module.is_transposed)
         first = getattr(module, "gate_up_proj" if layout.has_gate else "up_proj", None)
-        down = getattr(module, "down_proj", None)
-        three_d = all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in (first, down))
-        return layout if three_d else None
+        return layout if _three_d(first, getattr(module, "down_proj", None)) else None
     return _inferred_layout(module)
+
+
+def _three_d(*weights: Any) -> bool:
+    return all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in weights)
 
 
 def _inferred_layout(module: nn.Module) -> Optional[ExpertsLayout]:
     """A gated layer only: without the gate both weights are ``[E, a, b]`` and ``[E, b, a]``
     whichever way they are stored, so which dim is the hidden width cannot be read."""
+    if not isinstance(getattr(module, "num_experts", None), int):
+        return None  # most modules, at once (this runs for every coupled module)
     first, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if not (
-        isinstance(getattr(module, "num_experts", None), int)
-        and all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in (first, down))
-        and hasattr(module, "_apply_gate")
-        and _takes_routing(module)
-    ):
+    if not (_three_d(first, down) and hasattr(module, "_apply_gate") and _takes_routing(module)):
         return None
     stored = first.shape[2] == down.shape[1] and first.shape[1] == 2 * down.shape[2]
     transposed = first.shape[1] == down.shape[2] and first.shape[2] == 2 * down.shape[1]
@@ -90,10 +89,10 @@ def is_routed_experts(module: nn.Module) -> bool:
     return experts_layout(module) is not None
 
 
-def _weight(module: nn.Module, name: str) -> torch.Tensor:
+def _weight(module: nn.Module, name: str, layout: ExpertsLayout) -> torch.Tensor:
     """Expert weights as ``[experts, out, in]``."""
     weight = getattr(module, name)
-    return weight.transpose(1, 2) if _layout(module).is_transposed else weight
+    return weight.transpose(1, 2) if layout.is_transposed else weight
 
 
 def _layout(module: nn.Module) -> ExpertsLayout:
@@ -104,7 +103,8 @@ def _layout(module: nn.Module) -> ExpertsLayout:
 
 
 def _check_width(module: nn.Module, hidden_states: torch.Tensor) -> None:
-    first = _weight(module, "gate_up_proj" if _layout(module).has_gate else "up_proj")
+    layout = _layout(module)
+    first = _weight(module, "gate_up_proj" if layout.has_gate else "up_proj", layout)
     if hidden_states.shape[-1] != first.shape[-1]:
         raise RuntimeError(
             f"routed experts: hidden states of width {hidden_states.shape[-1]}, "
@@ -136,13 +136,14 @@ def expert_outputs(
     ``[experts, tokens, hidden]``: the layer's projections, biases, gate and norm, with the
     expert dim leading. Routing weights are not applied."""
 
+    layout = _layout(module)
+
     def weight(name: str) -> torch.Tensor:
-        return _weight(module, name)[experts or slice(None)]
+        return _weight(module, name, layout)[experts or slice(None)]
 
     def bias(name: str) -> torch.Tensor:
         return getattr(module, f"{name}_bias")[experts or slice(None)].unsqueeze(1)
 
-    layout = _layout(module)
     first = "gate_up_proj" if layout.has_gate else "up_proj"
     out = torch.matmul(hidden_states, weight(first).transpose(1, 2))
     if layout.has_bias:

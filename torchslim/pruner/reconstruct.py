@@ -352,7 +352,8 @@ class RefitLayer(moments.InputMoments):
         rows = moments.weight_row_view(self.module)
         new_rows = torch.empty(rows.shape, dtype=rows.dtype)
         shift = torch.empty(rows.shape[:2], dtype=torch.float64) if with_bias else None
-        errors = torch.zeros(4, dtype=torch.float64)  # before, centred energy, ||W mean||^2, after
+        errors = torch.zeros(3, dtype=torch.float64)  # before, centred energy, after
+        offset = torch.zeros((), dtype=torch.float64)  # ||W mean||^2: uncentred energy - centred
         step = max(1, ROW_BLOCK_BYTES // (8 * 4 * self.features))
         for start in range(0, rows.shape[1], step):
             weight = rows[:, start : start + step].double()
@@ -362,10 +363,10 @@ class RefitLayer(moments.InputMoments):
                 shift[:, start : start + step] = torch.einsum(
                     "goi,gi->go", weight - new_weight, mean
                 )
-                errors[2] += torch.einsum("goi,gi->go", weight, mean).square().sum()
+                offset += torch.einsum("goi,gi->go", weight, mean).square().sum()
             new_rows[:, start : start + step] = new_weight
-        before, centred, offset, after = errors.tolist()
-        energy = max(centred + offset, 1e-300)
+        before, centred, after = errors.tolist()
+        energy = max(centred + float(offset), 1e-300)
         self._write(new_rows, None if shift is None else shift.reshape(-1))
         del self.gram, self.total  # spent: a deep model's refit holds one run's statistics
         removed = len(self.removed_channels)
@@ -433,7 +434,7 @@ class _Moments:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new rows of ``weight`` (``[groups, rows, features]``, float64): the removed
         columns zero, the kept ones refit when a ``factor`` is given; and the block's error
-        before, centred energy, (zero) and error after. ``E||W x||^2 = <W, W S>`` comes from
+        before, centred energy and error after. ``E||W x||^2 = <W, W S>`` comes from
         the products with the kept and the removed columns (the first is the refit's
         right-hand side), two products of the rows with the moments, not four."""
         dropped = weight[:, :, gone]  # dropping them is the only change before the refit
@@ -451,7 +452,7 @@ class _Moments:
             refit = torch.cholesky_solve(rhs.transpose(1, 2), factor).transpose(1, 2)
             new_weight[:, :, kept] = refit
             after = _refit_error(centred, refit, to_kept, kept_weight, damping)
-        return new_weight, torch.stack([before, centred, torch.zeros_like(before), after])
+        return new_weight, torch.stack([before, centred, after])
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
