@@ -386,12 +386,82 @@ def test_a_width_the_config_class_refuses_is_kept_as_a_plan_and_saves(tmp_path):
         tp.pruner.MagnitudePruner(
             model, ids, pruning_ratio=0.0, pruning_ratio_dict={"width": 0.1}
         ).step()
-    assert model.model.embed_tokens.embedding_dim == 29
-    assert hasattr(model.config, tp.hf.RECORD_KEY) and model.config.hidden_size == 32
-    model.save_pretrained(tmp_path)
-    reloaded = tp.hf.from_pretrained(tmp_path).eval()
+    assert model.model.embed_tokens.embedding_dim == 29 and model.config.hidden_size == 32
+    _reloads_from_its_plan(model, ids, tmp_path)
+
+
+def _reloads_from_its_plan(model: nn.Module, ids: torch.Tensor, path) -> None:
+    """``model`` records its widths as a plan, and ``tp.hf.from_pretrained`` rebuilds it."""
+    assert hasattr(model.config, tp.hf.RECORD_KEY)
+    model.save_pretrained(path)
+    reloaded = tp.hf.from_pretrained(path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def _resnet_stages() -> nn.Module:
+    config = T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1])
+    return T.ResNetForImageClassification(config)
+
+
+@pytest.mark.parametrize(
+    "factory, recipe, fitted",
+    [
+        # Swin's MLP width is mlp_ratio (a float) times the stage width
+        (HF_MODELS["swin"][0], {"neurons": 0.25}, {"mlp_ratio": 3.0}),
+        # a ResNet's stage widths are a list of ints
+        (_resnet_stages, {"width": 0.25}, {"hidden_sizes": [12, 24, 36, 48]}),
+    ],
+    ids=["float", "list"],
+)
+def test_every_fitted_field_is_written_into_the_config_plain_transformers_loads(
+    factory, recipe, fitted, tmp_path
+):
+    """The fitted config's fields reach ``model.config`` whatever their type, not only ints."""
+    torch.manual_seed(0)
+    model = factory().eval()
+    tp.pruner.MagnitudePruner(model, PIXELS, pruning_ratio=0.0, pruning_ratio_dict=recipe).step()
+    assert {name: getattr(model.config, name) for name in fitted} == fitted
+    assert not hasattr(model.config, tp.hf.RECORD_KEY)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**PIXELS).logits, model(**PIXELS).logits)
+
+
+def test_a_scale_a_narrower_config_would_change_keeps_the_plan(tmp_path):
+    """BioGPT scales its embeddings by ``sqrt(hidden_size)``, a float attribute: a config with
+    the pruned hidden size builds every shape but another scale, so it is no fit."""
+    config = T.BioGptConfig(**COMMON)
+    torch.manual_seed(0)
+    model = T.BioGptForCausalLM(config).eval()
+    ids = TOKENS["input_ids"]
+    with pytest.warns(UserWarning, match="without calibration data"):
+        tp.pruner.MagnitudePruner(
+            model, ids, pruning_ratio=0.0, pruning_ratio_dict={"heads": 0.25, "width": 0.25}
+        ).step()
+    assert model.biogpt.embed_tokens.embedding_dim == 48 and model.config.hidden_size == 64
+    _reloads_from_its_plan(model, ids, tmp_path)
+
+
+def test_a_config_that_loads_a_fitted_field_back_differently_keeps_the_plan(monkeypatch, tmp_path):
+    """A config class may derive a field from others when it loads: a fit whose saved config
+    would load back to other widths is not a fit, so the plan is recorded instead."""
+    original = T.LlamaConfig.from_dict.__func__
+
+    def from_dict(cls, config_dict, **kwargs):  # the MLP width always follows the hidden size
+        derived = {**config_dict, "intermediate_size": 2 * config_dict["hidden_size"]}
+        return original(cls, derived, **kwargs)
+
+    monkeypatch.setattr(T.LlamaConfig, "from_dict", classmethod(from_dict))
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 8))
+    recipe = {"neurons": 0.5}
+    with pytest.warns(UserWarning, match="without calibration data"):
+        tp.pruner.MagnitudePruner(model, ids, pruning_ratio=0.0, pruning_ratio_dict=recipe).step()
+    assert model.model.layers[0].mlp.down_proj.in_features == 32
+    assert model.config.intermediate_size == 64
+    _reloads_from_its_plan(model, ids, tmp_path)
 
 
 def _per_layer_heads(model: nn.Module, layers: nn.ModuleList) -> list[int]:

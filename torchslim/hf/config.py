@@ -157,22 +157,37 @@ def build_shapes(model_class: type, config: Any) -> Optional[Shapes]:
     return None if built is None else model_shapes(built)
 
 
-def same_computed_buffers(model: nn.Module, model_class: type, config: Any) -> bool:
-    """Whether the buffers a class computes at construction and does not save (rotary
-    frequencies) come out as in ``model``: pruning can remove some of them, which a config
-    cannot express."""
+def same_computed_values(model: nn.Module, model_class: type, config: Any) -> bool:
+    """Whether what a class computes from the config at construction comes out as in
+    ``model``: buffers it does not save (rotary frequencies; pruning can remove some of them,
+    which a config cannot express) and float attributes (BioGPT's embedding scale
+    ``sqrt(hidden_size)``: pruning keeps the dense value, a narrower config would not)."""
     built = build(model_class, config, buffers=True)
     if built is None:
         return False
     saved = set(model.state_dict().keys())
     mine = {n: b for n, b in model.named_buffers() if n not in saved}
     theirs = dict(built.named_buffers())
-    return all(
+    same_buffers = all(
         name in theirs
         and theirs[name].shape == buffer.shape
         and (buffer.device.type == "meta" or torch.equal(theirs[name], buffer.to(theirs[name])))
         for name, buffer in mine.items()
     )
+    floats, built_floats = float_attributes(model), float_attributes(built)
+    return same_buffers and all(
+        floats[key] == built_floats[key] for key in floats.keys() & built_floats.keys()
+    )
+
+
+def float_attributes(model: nn.Module) -> dict[str, float]:
+    """Every module's public float attributes, as ``"layers.0.attn:scaling"``."""
+    return {
+        f"{name}:{attribute}": value
+        for name, module in model.named_modules()
+        for attribute, value in vars(module).items()
+        if type(value) is float and not attribute.startswith("_")
+    }
 
 
 def mismatches(built: Optional[Shapes], target: Shapes) -> float:
@@ -197,14 +212,22 @@ class FieldProbe:
     ratios: dict[tuple[str, int], float]
 
 
+def numeric_field(value: Any) -> bool:
+    """Whether a config value is one a fit may change: a number or a list of ints
+    (``hidden_sizes``, ``num_heads``)."""
+    return type(value) in (int, float) or (
+        isinstance(value, list) and bool(value) and all(type(v) is int for v in value)
+    )
+
+
 def _fields(config: Any) -> dict[str, Any]:
     """Positive numeric fields of a config, list elements included (``"num_heads[2]"``)."""
     fields: dict[str, Any] = {}
     for name, value in vars(config).items():
-        if type(value) in (int, float) and value > 0:
-            fields[name] = value
-        elif isinstance(value, list) and value and all(type(v) is int for v in value):
+        if isinstance(value, list) and numeric_field(value):
             fields.update({f"{name}[{i}]": v for i, v in enumerate(value) if v > 0})
+        elif numeric_field(value) and value > 0:
+            fields[name] = value
     return fields
 
 
@@ -326,7 +349,7 @@ def fit(
     base_shapes: Optional[Shapes] = None,
 ) -> Optional[Any]:
     """The first change of ``base`` by the probes' suggested values (fewest changes first)
-    under which ``model_class`` builds ``target`` (and ``model``'s computed buffers, unless
+    under which ``model_class`` builds ``target`` (and ``model``'s computed values, unless
     ``buffers`` is false: a fit of one layer, whose other layers still differ).
     ``base_shapes``: what ``base`` builds, when the caller has it."""
     if base_shapes is None:
@@ -357,9 +380,29 @@ def fit(
         if not _valid(trial):
             continue
         shapes_fit = mismatches(build_shapes(model_class, trial), target) == 0
-        if shapes_fit and (not buffers or same_computed_buffers(model, model_class, trial)):
+        if (
+            shapes_fit
+            and (not buffers or same_computed_values(model, model_class, trial))
+            and _reloads_alike(model_class, trial, target)
+        ):
             return trial
     return None
+
+
+def as_loaded(config: Any) -> Any:
+    """``config`` as ``from_pretrained`` will read it back: a config class may derive fields
+    from others when it loads (Step3p7 keeps the rotary parameters of the layer types present)."""
+    try:
+        return type(config).from_dict(config.to_dict())
+    except Exception:  # a config class that cannot read its own dict: compare as it is
+        return config
+
+
+def _reloads_alike(model_class: type, config: Any, target: Shapes) -> bool:
+    """Whether ``config``, saved and read back, still builds ``target``: a class that derives
+    a field from another when it loads would otherwise undo a fitted field."""
+    loaded = as_loaded(config)
+    return loaded is config or mismatches(build_shapes(model_class, loaded), target) == 0
 
 
 def _valid(config: Any) -> bool:

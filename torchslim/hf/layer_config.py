@@ -31,7 +31,7 @@ from torchslim.hf.config import (
     layer_overrides,
     mismatches,
     pruned_signature,
-    same_computed_buffers,
+    same_computed_values,
     set_field,
 )
 
@@ -74,7 +74,7 @@ def fitting_layer_config(model: nn.Module, base: Any, max_trials: int = 64) -> O
             shapes = build_shapes(model_class, current) or {}
     if current is base or mismatches(shapes, target):
         return None
-    return current if same_computed_buffers(model, model_class, current) else None
+    return current if same_computed_values(model, model_class, current) else None
 
 
 def layer_changes(before: Any, after: Any) -> dict[str, tuple[Any, Any]]:

@@ -36,6 +36,7 @@ from torch import nn
 
 from torchslim.graph.kinds import KINDS
 from torchslim.hf.checkpoint import built, model_class_of
+from torchslim.hf.config import numeric_field
 from torchslim.hf.conversion import ConvertedReader
 from torchslim.hf.folder import copy_companions, save_pretrained
 from torchslim.hf.layer_config import layer_changes
@@ -303,7 +304,7 @@ def prune_checkpoint(
             report.changed = {
                 k: (v, after.get(k))
                 for k, v in before.items()
-                if type(v) is int and after.get(k) != v
+                if numeric_field(v) and after.get(k) != v
             }
             report.changed.update(layer_changes(config, model.config))
             report.params_after = _count(model)

@@ -22,11 +22,13 @@ from torchslim.graph.record import model_history, model_record, recorded
 from torchslim.hf.config import (
     LAYER_CONFIG,
     OPTIONAL_FIELDS,
+    as_loaded,
     build,
     field,
     fitting_config,
     int_attributes,
     layer_overrides,
+    numeric_field,
 )
 from torchslim.hf.depth import shallower
 from torchslim.hf.layer_config import fitting_layer_config
@@ -66,12 +68,12 @@ def sync_config(model: nn.Module) -> bool:
     config = model.config
     source = fitted if fitted is not None else dense
     for name, value in vars(source).items():
-        if type(value) is int and field(config, name) != value:
-            setattr(config, name, value)
+        if numeric_field(value) and field(config, name) != value:
+            setattr(config, name, copy.copy(value))
     if hasattr(type(config), LAYER_CONFIG):
         config.per_layer_config = layer_overrides(source) or None
     spec = "_heterogeneity_spec"  # the overrides' object: recorded as a plain mapping below
-    loaded = vars(dense if dense is original else _as_loaded(dense))
+    loaded = vars(dense if dense is original else as_loaded(dense))
     depth = {k: v for k, v in vars(original).items() if k != spec and loaded.get(k) != v}
     for name in depth.keys() & vars(dense).keys():
         setattr(config, name, copy.deepcopy(vars(dense)[name]))
@@ -88,16 +90,6 @@ def sync_config(model: nn.Module) -> bool:
     plan = {**pruning_plan(model), "buffers": computed_buffers(model), DENSE_DEPTH: depth}
     setattr(config, RECORD_KEY, plan)
     return False
-
-
-def _as_loaded(config: Any) -> Any:
-    """``config`` as ``from_pretrained`` will read it back: a config class may derive fields
-    from others when it loads (Step3p7 keeps the rotary parameters of the layer types present),
-    so a field the removal of blocks changes that way must be recorded with the dense depth."""
-    try:
-        return type(config).from_dict(config.to_dict())
-    except Exception:  # a config class that cannot read its own dict: compare as it is
-        return config
 
 
 def _copy_attributes(model: nn.Module, built: Optional[nn.Module]) -> None:
