@@ -429,6 +429,38 @@ def test_every_fitted_field_is_written_into_the_config_plain_transformers_loads(
         assert torch.equal(reloaded(**PIXELS).logits, model(**PIXELS).logits)
 
 
+@pytest.mark.parametrize("sequence", [list, tuple])
+def test_a_config_field_the_models_own_forward_reads_stays_pruned_and_the_plan_reloads(
+    sequence, tmp_path
+):
+    """Segformer's classifier reshapes by ``self.config.hidden_sizes[-1]``: pruning sets it on
+    ``model.config`` itself, so the model runs; the stages' widths differ from any config, so
+    the plan is recorded and must be replayed from the dense widths, not the saved ones."""
+    config = T.SegformerConfig(
+        num_labels=3,
+        hidden_sizes=sequence([8, 16, 24, 32]),
+        num_attention_heads=[1, 2, 2, 4],
+        depths=[1, 1, 1, 1],
+        decoder_hidden_size=16,
+    )
+    torch.manual_seed(0)
+    model = T.SegformerForImageClassification(config).eval()
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    recipe = {"heads": 0.25, "neurons": 0.25, "width": 0.25}
+    tp.pruner.MagnitudePruner(
+        model, {"pixel_values": pixels}, pruning_ratio=0.0, pruning_ratio_dict=recipe
+    ).step()
+    assert model.classifier.in_features == model.config.hidden_sizes[-1] == 24
+    assert hasattr(model.config, tp.hf.RECORD_KEY)
+    with torch.no_grad():
+        pruned = model(pixel_values=pixels).logits
+    model.save_pretrained(tmp_path)
+    reloaded = tp.hf.from_pretrained(tmp_path).eval()
+    assert list(reloaded.config.hidden_sizes) == [8, 16, 24, 24]
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).logits, pruned)
+
+
 def test_a_scale_a_narrower_config_would_change_keeps_the_plan(tmp_path):
     """BioGPT scales its embeddings by ``sqrt(hidden_size)``, a float attribute: a config with
     the pruned hidden size builds every shape but another scale, so it is no fit."""

@@ -33,9 +33,12 @@ from torchslim.hf.config import (
 from torchslim.hf.depth import shallower
 from torchslim.hf.layer_config import fitting_layer_config
 from torchslim.persistence import pruning_plan
+from torchslim.spaces.attributes import CONFIG_PREFIX, SHARED_CONFIG, split_index
 
 RECORD_KEY = "torchslim_plan"
-#: Config fields of the dense depth (before blocks were removed), kept in the plan record.
+#: Config fields as the plan's replay starts from them, kept in the plan record: the dense
+#: depth (before blocks were removed) and the dense values of fields the model's own forward
+#: reads, which the saved config holds pruned.
 DENSE_DEPTH = "dense_depth"
 
 
@@ -51,7 +54,7 @@ def dense_config(model: nn.Module) -> Any:
     """The config the model had before its first pruning step (kept on the model)."""
     dense = recorded(model, "dense_config")
     if dense is None:
-        dense = copy.deepcopy(model.config)
+        dense = copy.deepcopy(vars(model).get(SHARED_CONFIG, model.config))
         if hasattr(dense, RECORD_KEY):
             delattr(dense, RECORD_KEY)
         model_record(model)["dense_config"] = dense
@@ -67,8 +70,9 @@ def sync_config(model: nn.Module) -> bool:
     fitted = fitting_config(model, dense) or fitting_layer_config(model, dense)
     config = model.config
     source = fitted if fitted is not None else dense
+    read = _fields_the_forward_reads(model)
     for name, value in vars(source).items():
-        if numeric_field(value) and field(config, name) != value:
+        if numeric_field(value) and name not in read and field(config, name) != value:
             setattr(config, name, copy.copy(value))
     if hasattr(type(config), LAYER_CONFIG):
         config.per_layer_config = layer_overrides(source) or None
@@ -87,9 +91,24 @@ def sync_config(model: nn.Module) -> bool:
             delattr(config, RECORD_KEY)
         _copy_attributes(model, build(type(model), fitted))
         return True
+    for name in read:  # kept pruned for the forward; the plan's replay starts from dense
+        if vars(config).get(name) != vars(original).get(name):
+            depth[name] = copy.deepcopy(vars(original)[name])
     plan = {**pruning_plan(model), "buffers": computed_buffers(model), DENSE_DEPTH: depth}
     setattr(config, RECORD_KEY, plan)
     return False
+
+
+def _fields_the_forward_reads(model: nn.Module) -> set[str]:
+    """Fields of ``model.config`` that pruning set because the model's own forward reads them
+    as sizes (Segformer's ``config.hidden_sizes[-1]``): the pruned model needs their pruned
+    values, whatever the config says of the other widths."""
+    return {
+        split_index(op["attr"].removeprefix(CONFIG_PREFIX))[0]
+        for step in model_history(model)
+        for op in step["ops"]
+        if op["module"] == "" and op.get("attr", "").startswith(CONFIG_PREFIX)
+    }
 
 
 def _copy_attributes(model: nn.Module, built: Optional[nn.Module]) -> None:

@@ -22,7 +22,9 @@ from torch import nn
 from torchslim.spaces.symbolic import TrackedInt
 
 CONFIG_PREFIX = "config."
-OWNS_CONFIG_FLAG = "_torchslim_owns_config"
+#: Where a module that wrote a config field keeps the config it shared before taking its own
+#: copy (for the model itself: its config before pruning).
+SHARED_CONFIG = "_torchslim_shared_config"
 
 
 @dataclass(eq=False)
@@ -131,9 +133,9 @@ def _owner_and_field(module: nn.Module, name: str, writing: bool) -> tuple[dict,
     state = vars(module)
     if not name.startswith(CONFIG_PREFIX):
         return state, name
-    if writing and not state.get(OWNS_CONFIG_FLAG, False):
+    if writing and SHARED_CONFIG not in state:
+        state[SHARED_CONFIG] = state["config"]
         state["config"] = copy.copy(state["config"])
-        state[OWNS_CONFIG_FLAG] = True
     return vars(state["config"]), name[len(CONFIG_PREFIX) :]
 
 
