@@ -429,6 +429,19 @@ def test_every_fitted_field_is_written_into_the_config_plain_transformers_loads(
         assert torch.equal(reloaded(**PIXELS).logits, model(**PIXELS).logits)
 
 
+def _tiny_segformer(hidden_sizes: Any) -> nn.Module:
+    """A seeded Segformer classifier of four one-block stages of ``hidden_sizes`` channels."""
+    config = T.SegformerConfig(
+        num_labels=3,
+        hidden_sizes=hidden_sizes,
+        num_attention_heads=[1, 2, 2, 4],
+        depths=[1, 1, 1, 1],
+        decoder_hidden_size=16,
+    )
+    torch.manual_seed(0)
+    return T.SegformerForImageClassification(config).eval()
+
+
 @pytest.mark.parametrize("sequence", [list, tuple])
 def test_a_config_field_the_models_own_forward_reads_stays_pruned_and_the_plan_reloads(
     sequence, tmp_path
@@ -436,15 +449,7 @@ def test_a_config_field_the_models_own_forward_reads_stays_pruned_and_the_plan_r
     """Segformer's classifier reshapes by ``self.config.hidden_sizes[-1]``: pruning sets it on
     ``model.config`` itself, so the model runs; the stages' widths differ from any config, so
     the plan is recorded and must be replayed from the dense widths, not the saved ones."""
-    config = T.SegformerConfig(
-        num_labels=3,
-        hidden_sizes=sequence([8, 16, 24, 32]),
-        num_attention_heads=[1, 2, 2, 4],
-        depths=[1, 1, 1, 1],
-        decoder_hidden_size=16,
-    )
-    torch.manual_seed(0)
-    model = T.SegformerForImageClassification(config).eval()
+    model = _tiny_segformer(sequence([8, 16, 24, 32]))
     pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     recipe = {"heads": 0.25, "neurons": 0.25, "width": 0.25}
     tp.pruner.MagnitudePruner(
@@ -459,6 +464,39 @@ def test_a_config_field_the_models_own_forward_reads_stays_pruned_and_the_plan_r
     assert list(reloaded.config.hidden_sizes) == [8, 16, 24, 24]
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values=pixels).logits, pruned)
+
+
+def test_a_config_field_the_model_reads_stays_pruned_without_a_recorded_history():
+    """The fields the model's own forward reads are known from the pruning itself, not from
+    the history a standalone ``Group.prune(record_history=False)`` does not write."""
+    model = _tiny_segformer([8, 16, 24, 32])
+    pixels = torch.rand(1, 3, 64, 64)
+    graph = tp.DependencyGraph().build_dependency(model, {"pixel_values": pixels})
+    group = graph.get_pruning_group(model.classifier, tp.prune_linear_in_channels, [0, 1])
+    group.prune(record_history=False)
+    assert model.config.hidden_sizes == [8, 16, 24, 30]
+    with torch.no_grad():
+        assert model(pixel_values=pixels).logits.shape == (1, 3)
+
+
+def test_removing_blocks_keeps_a_plain_config_whatever_the_drop_path_rates():
+    """A shallower config spreads drop-path rates over fewer blocks than the remaining ones
+    were built with; rates used only in training do not stop a plain config from fitting."""
+    config = T.BeitConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        drop_path_rate=0.1,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = T.BeitForImageClassification(config).eval()
+    tp.prune_blocks(model, PIXELS, n=1)
+    assert model.config.num_hidden_layers == 2
+    assert not hasattr(model.config, tp.hf.RECORD_KEY)
 
 
 def test_a_scale_a_narrower_config_would_change_keeps_the_plan(tmp_path):

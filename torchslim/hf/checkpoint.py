@@ -2,7 +2,8 @@
 
 A model pruned alike in every layer saves a plain config: ``AutoModel*.from_pretrained`` loads it
 and so does :func:`from_pretrained` (which then just delegates). A model with per-layer widths
-saves its dense config plus the pruning plan (``config.torchslim_plan``); plain
+saves its dense config (but its depth and the fields its own forward reads as sizes, whose
+dense values the plan records) plus the pruning plan (``config.torchslim_plan``); plain
 ``from_pretrained`` builds the dense model and stops at the first size mismatch, while
 :func:`from_pretrained` builds the dense architecture with parameters on ``meta`` (no memory),
 replays the plan and assigns the saved weights.
@@ -72,8 +73,8 @@ def built(model_class: type, config: Any, where: Union[str, os.PathLike]) -> nn.
 
 def _planned(config: Any, where: Union[str, os.PathLike]) -> tuple[Any, Optional[dict], dict]:
     """``config`` made ready to build the model its recorded plan starts from (the plan taken
-    out, the dense depth back), the plan (``None``: a plain config), and the pruned depth to
-    put back once the model is built."""
+    out, the dense depth and the other dense values it records back), the plan (``None``: a
+    plain config), and the saved values to put back once the model is built."""
     record = getattr(config, RECORD_KEY, None)
     if record is None:
         return config, None, {}

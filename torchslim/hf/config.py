@@ -181,12 +181,15 @@ def same_computed_values(model: nn.Module, model_class: type, config: Any) -> bo
 
 
 def float_attributes(model: nn.Module) -> dict[str, float]:
-    """Every module's public float attributes, as ``"layers.0.attn:scaling"``."""
+    """Every module's public float attributes that the eval forward may use, as
+    ``"layers.0.attn:scaling"``: dropout and drop-path rates are left out (a shallower config
+    spreads drop-path rates over fewer blocks than the ones that stayed were built with)."""
     return {
         f"{name}:{attribute}": value
         for name, module in model.named_modules()
+        if not isinstance(module, nn.modules.dropout._DropoutNd)
         for attribute, value in vars(module).items()
-        if type(value) is float and not attribute.startswith("_")
+        if type(value) is float and not attribute.startswith("_") and "drop" not in attribute
     }
 
 

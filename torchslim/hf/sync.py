@@ -7,7 +7,9 @@ checkpoint that plain ``AutoModel*.from_pretrained`` loads, without torchslim. I
 (widths differ per layer), a config with per-layer overrides (transformers'
 ``per_layer_config``) is looked for where the model's class builds its layers from one; failing
 that, ``model.config`` keeps the dense fields and records the pruning plan
-under :data:`RECORD_KEY`; :func:`torchslim.hf.from_pretrained` rebuilds such checkpoints.
+under :data:`RECORD_KEY`; :func:`torchslim.hf.from_pretrained` rebuilds such checkpoints. Fields
+the model's own forward reads as sizes keep their pruned values even then (the model must run),
+their dense values recorded with the plan, which is replayed from them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torchslim.hf.config import (
 from torchslim.hf.depth import shallower
 from torchslim.hf.layer_config import fitting_layer_config
 from torchslim.persistence import pruning_plan
-from torchslim.spaces.attributes import CONFIG_PREFIX, SHARED_CONFIG, split_index
+from torchslim.spaces.attributes import SHARED_CONFIG, WRITTEN_CONFIG_FIELDS
 
 RECORD_KEY = "torchslim_plan"
 #: Config fields as the plan's replay starts from them, kept in the plan record: the dense
@@ -63,14 +65,17 @@ def dense_config(model: nn.Module) -> Any:
 
 def sync_config(model: nn.Module) -> bool:
     """Update ``model.config`` to the pruned depth and widths; ``True`` if a plain config
-    fits. Without one, the depth still follows (the KV cache is laid out from it), and the
-    dense depth is recorded with the plan for :func:`torchslim.hf.from_pretrained`."""
+    fits. Without one, the depth still follows (the KV cache is laid out from it), as do
+    the fields the model's own forward reads as sizes, and their dense values are recorded
+    with the plan for :func:`torchslim.hf.from_pretrained`."""
     original = dense_config(model)
     dense = shallower(original, model_history(model))
     fitted = fitting_config(model, dense) or fitting_layer_config(model, dense)
     config = model.config
     source = fitted if fitted is not None else dense
-    read = _fields_the_forward_reads(model)
+    # fields the model's own forward reads as sizes (Segformer's config.hidden_sizes[-1])
+    # keep their pruned values when no config fits; the plan's replay starts from dense
+    read = vars(model).get(WRITTEN_CONFIG_FIELDS, set()) if fitted is None else set()
     for name, value in vars(source).items():
         if numeric_field(value) and name not in read and field(config, name) != value:
             setattr(config, name, copy.copy(value))
@@ -91,24 +96,12 @@ def sync_config(model: nn.Module) -> bool:
             delattr(config, RECORD_KEY)
         _copy_attributes(model, build(type(model), fitted))
         return True
-    for name in read:  # kept pruned for the forward; the plan's replay starts from dense
+    for name in read:
         if vars(config).get(name) != vars(original).get(name):
             depth[name] = copy.deepcopy(vars(original)[name])
     plan = {**pruning_plan(model), "buffers": computed_buffers(model), DENSE_DEPTH: depth}
     setattr(config, RECORD_KEY, plan)
     return False
-
-
-def _fields_the_forward_reads(model: nn.Module) -> set[str]:
-    """Fields of ``model.config`` that pruning set because the model's own forward reads them
-    as sizes (Segformer's ``config.hidden_sizes[-1]``): the pruned model needs their pruned
-    values, whatever the config says of the other widths."""
-    return {
-        split_index(op["attr"].removeprefix(CONFIG_PREFIX))[0]
-        for step in model_history(model)
-        for op in step["ops"]
-        if op["module"] == "" and op.get("attr", "").startswith(CONFIG_PREFIX)
-    }
 
 
 def _copy_attributes(model: nn.Module, built: Optional[nn.Module]) -> None:

@@ -25,6 +25,8 @@ CONFIG_PREFIX = "config."
 #: Where a module that wrote a config field keeps the config it shared before taking its own
 #: copy (for the model itself: its config before pruning).
 SHARED_CONFIG = "_torchslim_shared_config"
+#: The names of the config fields written on a module's own copy (``{"hidden_sizes"}``).
+WRITTEN_CONFIG_FIELDS = "_torchslim_written_config_fields"
 
 
 @dataclass(eq=False)
@@ -152,6 +154,8 @@ def set_attribute(module: nn.Module, name: str, value: int) -> None:
     config field (``"config.head_dim"``) of ``module``."""
     holder, key = _owner_and_field(module, name, writing=True)
     key, index = split_index(key)
+    if name.startswith(CONFIG_PREFIX):
+        vars(module).setdefault(WRITTEN_CONFIG_FIELDS, set()).add(key)
     if index is None:
         holder[key] = int(value)
         return
