@@ -387,16 +387,18 @@ def test_a_width_the_config_class_refuses_is_kept_as_a_plan_and_saves(tmp_path):
             model, ids, pruning_ratio=0.0, pruning_ratio_dict={"width": 0.1}
         ).step()
     assert model.model.embed_tokens.embedding_dim == 29 and model.config.hidden_size == 32
-    _reloads_from_its_plan(model, ids, tmp_path)
+    _reloads_from_its_plan(model, {"input_ids": ids}, tmp_path)
 
 
-def _reloads_from_its_plan(model: nn.Module, ids: torch.Tensor, path) -> None:
-    """``model`` records its widths as a plan, and ``tp.hf.from_pretrained`` rebuilds it."""
+def _reloads_from_its_plan(model: nn.Module, inputs: dict, path) -> nn.Module:
+    """``model`` records its widths as a plan, and ``tp.hf.from_pretrained`` rebuilds it (the
+    rebuilt model is returned)."""
     assert hasattr(model.config, tp.hf.RECORD_KEY)
     model.save_pretrained(path)
     reloaded = tp.hf.from_pretrained(path).eval()
     with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+        assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
+    return reloaded
 
 
 def _resnet_stages() -> nn.Module:
@@ -456,14 +458,8 @@ def test_a_config_field_the_models_own_forward_reads_stays_pruned_and_the_plan_r
         model, {"pixel_values": pixels}, pruning_ratio=0.0, pruning_ratio_dict=recipe
     ).step()
     assert model.classifier.in_features == model.config.hidden_sizes[-1] == 24
-    assert hasattr(model.config, tp.hf.RECORD_KEY)
-    with torch.no_grad():
-        pruned = model(pixel_values=pixels).logits
-    model.save_pretrained(tmp_path)
-    reloaded = tp.hf.from_pretrained(tmp_path).eval()
+    reloaded = _reloads_from_its_plan(model, {"pixel_values": pixels}, tmp_path)
     assert list(reloaded.config.hidden_sizes) == [8, 16, 24, 24]
-    with torch.no_grad():
-        assert torch.equal(reloaded(pixel_values=pixels).logits, pruned)
 
 
 def test_a_config_field_the_model_reads_stays_pruned_without_a_recorded_history():
@@ -511,7 +507,7 @@ def test_a_scale_a_narrower_config_would_change_keeps_the_plan(tmp_path):
             model, ids, pruning_ratio=0.0, pruning_ratio_dict={"heads": 0.25, "width": 0.25}
         ).step()
     assert model.biogpt.embed_tokens.embedding_dim == 48 and model.config.hidden_size == 64
-    _reloads_from_its_plan(model, ids, tmp_path)
+    _reloads_from_its_plan(model, {"input_ids": ids}, tmp_path)
 
 
 def test_a_config_that_loads_a_fitted_field_back_differently_keeps_the_plan(monkeypatch, tmp_path):
@@ -531,7 +527,7 @@ def test_a_config_that_loads_a_fitted_field_back_differently_keeps_the_plan(monk
         tp.pruner.MagnitudePruner(model, ids, pruning_ratio=0.0, pruning_ratio_dict=recipe).step()
     assert model.model.layers[0].mlp.down_proj.in_features == 32
     assert model.config.intermediate_size == 64
-    _reloads_from_its_plan(model, ids, tmp_path)
+    _reloads_from_its_plan(model, {"input_ids": ids}, tmp_path)
 
 
 def _per_layer_heads(model: nn.Module, layers: nn.ModuleList) -> list[int]:

@@ -131,14 +131,17 @@ def tracked_attributes(
 def _owner_and_field(module: nn.Module, name: str, writing: bool) -> tuple[dict, str]:
     """The ``__dict__`` holding an attribute, and its key there. Writing a config field gives
     the module its own copy of its config first, so modules sharing the config are not
-    affected."""
+    affected, and names the field among those written."""
     state = vars(module)
     if not name.startswith(CONFIG_PREFIX):
         return state, name
-    if writing and SHARED_CONFIG not in state:
-        state[SHARED_CONFIG] = state["config"]
-        state["config"] = copy.copy(state["config"])
-    return vars(state["config"]), name[len(CONFIG_PREFIX) :]
+    key = name[len(CONFIG_PREFIX) :]
+    if writing:
+        if SHARED_CONFIG not in state:
+            state[SHARED_CONFIG] = state["config"]
+            state["config"] = copy.copy(state["config"])
+        state.setdefault(WRITTEN_CONFIG_FIELDS, set()).add(split_index(key)[0])
+    return vars(state["config"]), key
 
 
 def split_index(key: str) -> tuple[str, Optional[int]]:
@@ -154,8 +157,6 @@ def set_attribute(module: nn.Module, name: str, value: int) -> None:
     config field (``"config.head_dim"``) of ``module``."""
     holder, key = _owner_and_field(module, name, writing=True)
     key, index = split_index(key)
-    if name.startswith(CONFIG_PREFIX):
-        vars(module).setdefault(WRITTEN_CONFIG_FIELDS, set()).add(key)
     if index is None:
         holder[key] = int(value)
         return
