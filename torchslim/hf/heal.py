@@ -53,17 +53,62 @@ class HealingLog:
 def distillation_loss(
     logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """``KL(teacher || student)`` per token, on softened distributions, times ``T^2``."""
-    t = temperature
-    student = nn.functional.log_softmax(logits.float() / t, dim=-1)
-    teacher = nn.functional.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = nn.functional.kl_div(
-        student.reshape(-1, student.shape[-1]),
-        teacher.reshape(-1, teacher.shape[-1]),
-        log_target=True,
-        reduction="batchmean",
-    )
-    return kl * t * t
+    """``KL(teacher || student)`` per token, on softened distributions, times ``T^2``.
+
+    Computed in float32 over chunks of tokens small enough to stay in cache, with the gradient
+    (``T * (softmax(student / T) - softmax(teacher / T))`` per token) written in the same pass:
+    a vocabulary-wide softmax of every token done as whole-tensor operations reads and writes
+    the ``[tokens, vocabulary]`` logits a dozen times (a SmolLM2-135M healing step in bfloat16
+    took a fifth longer). Where the two models agree to about ``1e-6`` the float32 value is
+    dominated by rounding; the gradient is not."""
+    if logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {list(logits.shape)} and teacher logits "
+            f"{list(teacher_logits.shape)} differ in shape"
+        )
+    return _ChunkedKL.apply(logits, teacher_logits.detach(), float(temperature))
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """The distillation loss with its gradient computed in the forward, chunk by chunk: one
+    exponential per logit of each model, ``KL = sum p_t (t - s) - lse(t) + lse(s)`` on the
+    softened logits ``s``, ``t``."""
+
+    ROWS_PER_CHUNK = 16
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+        width = logits.shape[-1]
+        student_rows, teacher_rows = logits.reshape(-1, width), teacher.reshape(-1, width)
+        rows = max(len(student_rows), 1)
+        wanted = ctx.needs_input_grad[0]
+        gradient = torch.empty_like(student_rows) if wanted else None
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for start in range(0, len(student_rows), _ChunkedKL.ROWS_PER_CHUNK):
+            chunk = slice(start, start + _ChunkedKL.ROWS_PER_CHUNK)
+            student, student_probs, student_lse = _softmax(student_rows[chunk], t)
+            teacher_soft, teacher_probs, teacher_lse = _softmax(teacher_rows[chunk], t)
+            kl = (teacher_probs * (teacher_soft - student)).sum(-1) - teacher_lse + student_lse
+            total += kl.sum(dtype=torch.float64)
+            if gradient is not None:
+                gradient[chunk] = student_probs.sub_(teacher_probs).mul_(t / rows)
+        ctx.save_for_backward(gradient)
+        ctx.shape = logits.shape
+        return (total * (t * t / rows)).float()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        (gradient,) = ctx.saved_tensors
+        return (gradient * grad_output.to(gradient.dtype)).view(ctx.shape), None, None
+
+
+def _softmax(rows: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows / t`` in float32, its softmax and its log-sum-exp, with one exponential."""
+    soft = rows.float() if t == 1.0 else rows.float() / t
+    peak = soft.amax(-1, keepdim=True)
+    probs = (soft - peak).exp_()
+    norm = probs.sum(-1, keepdim=True)
+    return soft, probs.div_(norm), (peak + norm.log()).squeeze(-1)
 
 
 def heal(
