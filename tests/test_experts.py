@@ -133,8 +133,32 @@ def test_experts_and_their_neurons_prune_exactly_under_verify():
         if any(m.ref.name == "down_proj" and m.dim == 1 for m in g.coupling.members)
     ]
     assert len(neurons) == 2
-    report = tp.verify(graph, TOKENS, [(g, [0, 3, 7]) for g in neurons])
+    report = tp.verify(graph, TOKENS, [(g, [0, 3, 5, 6, 7, 10, 12, 15]) for g in neurons])
     assert report.ok and all(c.exact_expected for c in report.checks), str(report)
+
+
+@pytest.mark.parametrize("kind, ratio", [("neurons", 0.6), ("width", 0.3)])
+def test_widths_the_grouped_kernel_reads_stay_multiples_of_16_bytes(kind, ratio):
+    """torch._grouped_mm refuses rows that are not a multiple of 16 bytes: 16 expert neurons
+    or 32 hidden channels keep a multiple of 8 (bfloat16), the count asked rounded down."""
+    model = _model("qwen3_moe")
+    graph = tp.DependencyGraph().build_dependency(model, TOKENS)
+    neurons = next(g for g in graph.get_all_groups() if "gate_up_proj[dim 1]" in g.root.label)
+    assert "% 8) == 0" in neurons.refusal([0, 1, 2]) and neurons.refusal(range(8)) is None
+    pruner = tp.pruner.MetaPruner(
+        model,
+        TOKENS,
+        importance=tp.importance.RandomImportance(),
+        pruning_ratio=0.0,
+        pruning_ratio_dict={kind: ratio},
+    )
+    with pytest.warns(UserWarning, match=r"8 of the 9 channels asked removed \(.*% 8\) == 0"):
+        pruner.step()
+    experts = _experts(model)[0]
+    assert tuple(experts.down_proj.shape[1:]) == ((32, 8) if kind == "neurons" else (24, 16))
+    assert model.config._experts_implementation == "grouped_mm"
+    with torch.no_grad():
+        assert model(TOKENS).logits.shape == (2, 12, 64)
 
 
 def test_routing_keeps_top_k_experts():

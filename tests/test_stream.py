@@ -671,7 +671,7 @@ def test_experts_saved_one_by_one_stream_through_transformers_conversions(tmp_pa
     config = transformers.Qwen3MoeConfig(
         **TINY_LM,
         num_hidden_layers=2,
-        moe_intermediate_size=16,
+        moe_intermediate_size=32,  # a quarter off leaves 24: a multiple of 8 (grouped_mm)
         num_experts=8,
         num_experts_per_tok=2,
     )
@@ -687,7 +687,7 @@ def test_experts_saved_one_by_one_stream_through_transformers_conversions(tmp_pa
     experts = {k for k in written["weight_map"] if ".mlp.experts." in k}
     assert "model.layers.1.mlp.experts.5.down_proj.weight" in experts and len(experts) == 36
     expected = _in_memory(dense, recipe)
-    assert expected.model.layers[0].mlp.experts.gate_up_proj.shape == (6, 24, 24)
+    assert expected.model.layers[0].mlp.experts.gate_up_proj.shape == (6, 48, 24)
     _same_model(
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), expected
     )

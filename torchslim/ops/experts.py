@@ -168,7 +168,22 @@ def routed_experts_rule(ctx: OpContext) -> None:
     if not ctx.claim_selection(top_k_index, experts):
         ctx.freeze(experts, "experts chosen by indices that were not traced from a topk")
     ctx.require_size(module.num_experts, experts)
+    if all(hasattr(module, flag) for flag in _FLAGS):
+        down = module.down_proj
+        neurons = ctx.state.tracked_sizes(down)[1 if module.is_transposed else 2]
+        for size in (ctx.state.tracked_sizes(every)[2], neurons):
+            _keep_aligned(ctx, size)
     ctx.set_out(ctx.out, [ctx.layout(hidden_states)[0], width])
+
+
+def _keep_aligned(ctx: OpContext, size: int) -> None:
+    """``torch._grouped_mm``, which transformers' experts layers run by default (and may run
+    once reloaded whatever they run now), needs the hidden width and the experts' neurons to
+    span multiples of 16 bytes: the dense size's multiple of 8 (bfloat16) or else of 4
+    (float32) is kept, so that a pruned layer runs in the dtypes the dense one ran in."""
+    multiple = next((m for m in (8, 4) if int(size) % m == 0), None)
+    if multiple is not None:
+        ctx.keep_true("eq", size % multiple, 0)
 
 
 register_rule([routed_experts], routed_experts_rule)

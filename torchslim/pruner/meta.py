@@ -44,6 +44,8 @@ from torchslim.verify import VerifyReport, verify
 Scope = Union[nn.Module, Sequence[nn.Module]]
 Calibration = Union[None, Reconstruction, Iterable[Any]]
 DEFAULT_ROOTS = ROOT_TYPES
+#: counts below a refused one tried in turn before bisecting (a multiple of 8 is among them)
+NEARBY_COUNTS = 16
 
 
 class MetaPruner:
@@ -500,15 +502,22 @@ class MetaPruner:
 
     def _admissible(self, group: Group, scores: torch.Tensor, idxs: list[int]) -> list[int]:
         """The lowest-scored of ``idxs`` (rounded) that the graph accepts: all of them, or,
-        where it refuses that many (a ``topk`` that needs ``k`` experts left, a size
-        comparison), an accepted count found by bisection: the most it accepts when refusals
-        grow with the count, as for those; a smaller one, or none, where they do not."""
+        where it refuses that many, the largest accepted count among the
+        :data:`NEARBY_COUNTS` below it (a size that must stay a multiple, as the widths a
+        grouped matrix product reads), else one found by bisection: the most it accepts when
+        refusals grow with the count (a ``topk`` that needs ``k`` experts left, a size
+        comparison); a smaller one, or none, where they do not."""
         chosen = _lowest(scores, idxs, self._rounded(group, len(idxs)))
         reason = group.refusal(chosen) if chosen else None
         if reason is None:
             return chosen
         accepted: list[int] = []
-        low, high = 0, len(chosen)
+        for count in range(len(chosen) - 1, max(len(chosen) - NEARBY_COUNTS, 0), -1):
+            trial = _lowest(scores, idxs, self._rounded(group, count))
+            if trial and group.refusal(trial) is None:
+                accepted = trial
+                break
+        low, high = 0, 0 if accepted else len(chosen)
         while high - low > 1:
             middle = (low + high) // 2
             trial = _lowest(scores, idxs, self._rounded(group, middle))
