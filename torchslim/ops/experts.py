@@ -179,8 +179,8 @@ def routed_experts_rule(ctx: OpContext) -> None:
 def _keep_aligned(ctx: OpContext, size: int) -> None:
     """``torch._grouped_mm``, which transformers' experts layers run by default (and may run
     once reloaded whatever they run now), needs the hidden width and the experts' neurons to
-    span multiples of 16 bytes: the dense size's multiple of 8 (bfloat16) or else of 4
-    (float32) is kept, so that a pruned layer runs in the dtypes the dense one ran in."""
+    span multiples of 16 bytes: the traced size's multiple of 8 (bfloat16) or else of 4
+    (float32) is kept, so that a pruned layer runs in the dtypes the traced one ran in."""
     multiple = next((m for m in (8, 4) if int(size) % m == 0), None)
     if multiple is not None:
         ctx.keep_true("eq", size % multiple, 0)

@@ -512,7 +512,7 @@ class MetaPruner:
         if reason is None:
             return chosen
         accepted: list[int] = []
-        for count in range(len(chosen) - 1, max(len(chosen) - NEARBY_COUNTS, 0), -1):
+        for count in range(len(chosen) - 1, max(len(chosen) - 1 - NEARBY_COUNTS, 0), -1):
             trial = _lowest(scores, idxs, self._rounded(group, count))
             if trial and group.refusal(trial) is None:
                 accepted = trial
